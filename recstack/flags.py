@@ -1,0 +1,109 @@
+"""Command-line flags that also read ``RECSTACK_*`` environment variables.
+
+Precedence, stated once for every subcommand: a flag given on the command line wins over
+the environment variable, which wins over the default written here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+ENV_PREFIX = "RECSTACK_"
+
+
+def env_name(flag: str) -> str:
+    """``--max-queue-delay-ms`` -> ``RECSTACK_MAX_QUEUE_DELAY_MS``."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def add_flag(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    *,
+    help: str,
+    default: Any = None,
+    type: Callable[[str], Any] | None = str,
+    nargs: str | None = None,
+    choices: list[str] | None = None,
+    metavar: str | None = None,
+    required: bool = False,
+) -> None:
+    """Add ``flag`` whose default comes from ``RECSTACK_<FLAG>`` when that variable is set.
+
+    Boolean switches are declared with ``type=None`` and ``default=False``: ``--flag`` turns
+    them on, and ``RECSTACK_FLAG=true`` does the same from the environment.
+    """
+    variable = env_name(flag)
+    raw = os.environ.get(variable)
+    if type is None:  # a switch
+        value = default
+        if raw is not None:
+            try:
+                value = _parse_bool(raw)
+            except ValueError as exc:
+                parser.error(f"environment variable {variable}: {exc}")
+        parser.add_argument(flag, action="store_true", default=value, help=f"{help} [env {variable}]")
+        return
+    if raw is not None:
+        try:
+            value = [type(part) for part in raw.split()] if nargs in ("+", "*") else type(raw)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"environment variable {variable}={raw!r} is not valid: {exc}")
+        default, required = value, False
+    shown = "" if default is None else f" (default: {default})"
+    parser.add_argument(
+        flag,
+        default=default,
+        type=type,
+        nargs=nargs,
+        choices=choices,
+        metavar=metavar,
+        required=required,
+        help=f"{help}{shown} [env {variable}]",
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
+    return value
+
+
+def host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(f"expected a redis:// or rediss:// URL, got {text!r}")
+    return text
