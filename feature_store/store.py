@@ -1,0 +1,118 @@
+"""``open_store(redis_url)``: Feast's own ``FeatureStore`` on any Redis database.
+
+The configuration is built in code rather than read from ``feature_store.yaml`` (whose
+``${VAR}`` expansion has no defaults), so the same definitions serve every Redis URL, database
+index included. The file registry lives outside the package, in ``RECSTACK_FEAST_DIR``
+(default ``.run/feast`` under the working directory), and is (re)applied from
+:mod:`feature_store.definitions` whenever it is missing or differs from them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit
+
+from recstack.errors import UserError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from feast import FeatureStore
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_FEAST_DIR = ".run/feast"
+FEAST_DIR_ENV = "RECSTACK_FEAST_DIR"
+
+
+def feast_dir() -> Path:
+    """Where the registry is kept: ``$RECSTACK_FEAST_DIR`` or ``.run/feast`` (created on demand)."""
+    return Path(os.environ.get(FEAST_DIR_ENV) or DEFAULT_FEAST_DIR).resolve()
+
+
+def connection_string(redis_url: str) -> str:
+    """``redis://[user:password@]host:port/db`` -> Feast's ``host:port,db=N[,password=...][,ssl=true]``."""
+    parts = urlsplit(redis_url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise UserError(f"Feast's Redis online store needs a redis:// or rediss:// URL, got {redis_url!r}")
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or 6379
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise UserError(f"the database of a Redis URL must be a number, got {path!r} in {redis_url!r}")
+    pieces = [f"{host}:{port}", f"db={int(path or 0)}"]
+    if parts.username:
+        pieces.append(f"username={unquote(parts.username)}")
+    if parts.password:
+        pieces.append(f"password={unquote(parts.password)}")
+    if parts.scheme == "rediss":
+        pieces.append("ssl=true")
+    return ",".join(pieces)
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    # Several processes (consumer, ranking, tests) may open the store at once; only one applies.
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "apply.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _schema(view) -> list[tuple[str, str]]:
+    return [(f.name, str(f.dtype)) for f in view.features]
+
+
+def _registry_is_current(store: FeatureStore) -> bool:
+    from feature_store import definitions
+
+    try:
+        stored = {fv.name: fv for fv in store.list_feature_views()}
+    except Exception:  # an unreadable or empty registry: apply again
+        return False
+    return all(
+        fv.name in stored and _schema(stored[fv.name]) == _schema(fv) for fv in definitions.FEATURE_VIEWS
+    )
+
+
+def open_store(redis_url: str, directory: str | Path | None = None) -> FeatureStore:
+    """A ``feast.FeatureStore`` (project ``recstack``) whose online store is ``redis_url``.
+
+    ``directory`` holds the registry file (default :func:`feast_dir`). The definitions are
+    applied when the registry is missing or out of date, under a file lock.
+    """
+    from feast import FeatureStore, RepoConfig
+    from feast.infra.online_stores.redis import RedisOnlineStoreConfig
+    from feast.repo_config import RegistryConfig
+
+    from feature_store import definitions
+
+    root = Path(directory).resolve() if directory is not None else feast_dir()
+    config = RepoConfig(
+        project=definitions.PROJECT_NAME,
+        provider="local",
+        registry=RegistryConfig(registry_type="file", path=str(root / "registry.db"), cache_ttl_seconds=60),
+        online_store=RedisOnlineStoreConfig(connection_string=connection_string(redis_url)),
+        offline_store={"type": "file"},
+        entity_key_serialization_version=3,
+    )
+    with _locked(root):
+        store = FeatureStore(repo_path=str(REPO_DIR), config=config)
+        if not _registry_is_current(store):
+            store.apply(
+                [
+                    definitions.project,
+                    *definitions.ENTITIES,
+                    definitions.user_activity_push,
+                    definitions.item_popularity_push,
+                    *definitions.FEATURE_VIEWS,
+                ]
+            )
+            store.refresh_registry()
+    return store

@@ -1,0 +1,81 @@
+"""INT8 storage and the int8 model.
+
+Every weight matrix (item embeddings, projections, MLP layers) is stored as int8 with one
+float32 scale per row (symmetric, per output channel), which makes the served weight file about
+4x smaller than fp32. At load time the item table stays int8 (:class:`~models.model.Int8ItemEmbedding`:
+lookups move a quarter of the bytes) and the dense layers are dequantized to fp32, because on this
+CPU fp32 GEMMs at the batch sizes the server forms beat the int8 kernels we measured
+(``benchmarks/model_bench.py``, figures in docs/MODEL.md). ``dense_runtime="torch-dynamic"`` keeps
+the MLP int8 through ``torch.ao`` dynamic quantization where that ever wins.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.model import Int8ItemEmbedding, RankerConfig, TwoPathRanker
+
+QSUFFIX = ".q"
+SSUFFIX = ".scale"
+DENSE_RUNTIMES = ("fp32", "torch-dynamic")
+
+
+def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """``R x ...`` float -> (int8 same shape, float32 ``R`` scales), symmetric per row."""
+    flat = weight.detach().float().reshape(weight.shape[0], -1)
+    scale = flat.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.clamp(torch.round(flat / safe.unsqueeze(1)), -127, 127).to(torch.int8)
+    return q.reshape(weight.shape), scale.contiguous()
+
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    shape = [q.shape[0]] + [1] * (q.dim() - 1)
+    return q.to(torch.float32) * scale.reshape(shape)
+
+
+def quantize_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """fp32 state dict -> int8 storage form: each tensor of 2+ dims becomes ``name.q`` + ``name.scale``."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and tensor.dim() >= 2:
+            q, scale = quantize_rows(tensor)
+            out[name + QSUFFIX], out[name + SSUFFIX] = q, scale
+        else:
+            out[name] = tensor.detach().clone()
+    return out
+
+
+def dequantize_state_dict(qstate: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of :func:`quantize_state_dict` (up to rounding)."""
+    out: dict[str, Tensor] = {}
+    for name, tensor in qstate.items():
+        if name.endswith(SSUFFIX) and name[: -len(SSUFFIX)] + QSUFFIX in qstate:
+            continue
+        if name.endswith(QSUFFIX):
+            base = name[: -len(QSUFFIX)]
+            out[base] = dequantize_rows(tensor, qstate[base + SSUFFIX])
+        else:
+            out[name] = tensor
+    return out
+
+
+def build_int8_model(config: RankerConfig, qstate: dict[str, Tensor], dense_runtime: str = "fp32") -> TwoPathRanker:
+    """The served int8 model from an int8 state dict: int8 item table, dense layers per ``dense_runtime``."""
+    if dense_runtime not in DENSE_RUNTIMES:
+        raise ValueError(f"dense_runtime must be one of {DENSE_RUNTIMES}, got {dense_runtime!r}")
+    model = TwoPathRanker(config)
+    model.load_state_dict(dequantize_state_dict(qstate), strict=True)
+    model.items = Int8ItemEmbedding(qstate["items.weight" + QSUFFIX], qstate["items.weight" + SSUFFIX],
+                                    qstate["items.bias"])
+    model.eval()
+    if dense_runtime == "torch-dynamic":
+        # Only the interaction MLP: its GEMMs are the only ones big enough for int8 kernels to pay.
+        model.mlp = torch.ao.quantization.quantize_dynamic(model.mlp, {nn.Linear}, dtype=torch.qint8)
+    return model
+
+
+def fake_int8(model: TwoPathRanker) -> TwoPathRanker:
+    """A copy of ``model`` rebuilt through int8 storage (what the served artifact computes)."""
+    return build_int8_model(model.config, quantize_state_dict(model.state_dict()))

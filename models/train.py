@@ -1,0 +1,264 @@
+"""Training loop: both paths learned jointly, single process or under ``torchrun`` with DDP (gloo).
+
+Each step takes ``B`` contexts (:class:`~models.data.Contexts`):
+
+* light path: a softmax over every known item (or, for catalogues above
+  ``full_softmax_max_items``, over the batch's positives plus popularity-sampled items with the
+  log-Q correction), one positive at a time against all non-positives of the context;
+* full path: a softmax over a short list per context: up to ``full_positives`` positives, the
+  light path's ``full_hard_negatives`` best-scored non-positives (what a cascade asks it to
+  re-order) and ``full_random_negatives`` random items (what always-full ranking also meets).
+
+All randomness comes from a seeded numpy generator, so a run is reproducible; under DDP every
+rank walks the same shuffled order, taking every ``world``-th batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from models.data import TrainingData
+from models.model import RankBatch, TwoPathRanker
+from models.vocab import FIRST_ITEM_ROW, ItemVocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    # Online Retail: the validation split (cut 2011-10-09) peaks around 10 epochs.
+    epochs: int = 10
+    batch_size: int = 128  # contexts per step (per process under DDP)
+    lr: float = 3e-3
+    weight_decay: float = 1e-6
+    seed: int = 0
+    full_positives: int = 8
+    full_hard_negatives: int = 24
+    full_random_negatives: int = 32
+    # Exact softmax over the catalogue up to this many items (Online Retail: ~4k); sampled above.
+    full_softmax_max_items: int = 50_000
+    sampled_negatives: int = 4_096
+    full_loss_weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainHistory:
+    step_loss: list[float] = field(default_factory=list)  # light + full, per step (rank 0)
+    step_light: list[float] = field(default_factory=list)
+    step_full: list[float] = field(default_factory=list)
+    epoch_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    world_size: int = 1
+
+
+def multi_positive_softmax(logits: Tensor, positive: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean over contexts of the mean over their positives of ``-log softmax`` of the positive
+    against the context's valid non-positives. ``logits``/``positive``/``valid``: ``B x C``."""
+    blocked = positive if valid is None else positive | ~valid
+    lse_neg = torch.logsumexp(logits.masked_fill(blocked, float("-inf")), dim=1, keepdim=True)
+    per = nn.functional.softplus(lse_neg - logits) * positive
+    n_pos = positive.sum(dim=1)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return logits.sum() * 0.0
+    return (per.sum(dim=1)[has] / n_pos[has]).mean()
+
+
+class TrainStep(nn.Module):
+    """Loss of one batch; a module so DDP can wrap it (its forward is what DDP synchronises)."""
+
+    def __init__(self, model: TwoPathRanker, hard_negatives: int) -> None:
+        super().__init__()
+        self.model = model
+        self.hard_negatives = hard_negatives
+
+    def forward(
+        self,
+        hist: Tensor,  # B x L
+        user_dense: Tensor,  # B x Fu
+        cand_rows: Tensor,  # N shared candidates
+        item_dense: Tensor,  # B x N x Fi
+        log_q: Tensor,  # N sampling correction (zeros for the exact softmax)
+        positive: Tensor,  # B x N bool
+        full_pos: Tensor,  # B x P indices into cand_rows (-1 = none)
+        full_rand: Tensor,  # B x R indices into cand_rows
+    ) -> tuple[Tensor, Tensor]:
+        model = self.model
+        u, hist_emb, mask = model.user_vector(hist, user_dense)
+        light = model._light_scores(u, RankBatch(hist, user_dense, cand_rows, item_dense))  # B x N
+        loss_light = multi_positive_softmax(light - log_q, positive)
+
+        with torch.no_grad():
+            k = min(self.hard_negatives, light.shape[1])
+            hard = torch.topk(light.masked_fill(positive, float("-inf")), k, dim=1).indices
+        idx = torch.cat([full_pos.clamp_min(0), hard, full_rand], dim=1)  # B x Cf
+        pos_f = torch.zeros_like(idx, dtype=torch.bool)
+        pos_f[:, : full_pos.shape[1]] = full_pos >= 0
+        valid = torch.ones_like(pos_f)
+        valid[:, : full_pos.shape[1]] = full_pos >= 0
+        valid[:, full_pos.shape[1] :] = ~positive.gather(1, idx[:, full_pos.shape[1] :])  # never a positive as negative
+        rows_f = cand_rows[idx]
+        item_f = item_dense.gather(1, idx.unsqueeze(2).expand(-1, -1, item_dense.shape[2]))
+        batch_f = RankBatch(hist, user_dense, rows_f, item_f)
+        full = light.gather(1, idx) + model.residual(batch_f, u, hist_emb, mask)
+        loss_full = multi_positive_softmax(full, pos_f, valid)
+        return loss_light, loss_full
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the gloo process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def warm_start(model: TwoPathRanker, vocab: ItemVocab, old_state: dict[str, Tensor], old_vocab: ItemVocab) -> int:
+    """Copy a previous version's weights: item rows matched by item id, other tensors where shapes agree.
+    Returns the number of item rows carried over."""
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, tensor in old_state.items():
+            if name in ("items.weight", "items.bias") or name not in own:
+                continue
+            if own[name].shape == tensor.shape:
+                own[name].copy_(tensor)
+        new_rows, old_rows = [], []
+        for row, item in enumerate(vocab.item_ids, FIRST_ITEM_ROW):
+            old = old_vocab.row(item)
+            if old >= FIRST_ITEM_ROW:
+                new_rows.append(row)
+                old_rows.append(old)
+        for name in ("items.weight", "items.bias"):
+            if name in old_state and name in own:
+                own[name][:FIRST_ITEM_ROW] = old_state[name][:FIRST_ITEM_ROW]
+                if new_rows:
+                    own[name][torch.tensor(new_rows)] = old_state[name][torch.tensor(old_rows)]
+    model.load_state_dict(own)
+    return len(new_rows)
+
+
+class _BatchMaker:
+    """Numpy side of a step: gathers a batch's features and draws its random items."""
+
+    def __init__(self, data: TrainingData, config: TrainConfig) -> None:
+        self.data = data
+        self.config = config
+        V = len(data.vocab)
+        self.exact = V - FIRST_ITEM_ROW <= config.full_softmax_max_items
+        counts = np.bincount(data.train_item, minlength=V).astype(np.float64)[FIRST_ITEM_ROW:]
+        self.sample_p = counts**0.75 / max((counts**0.75).sum(), 1e-12)  # smoothed popularity
+        self.all_rows = np.arange(FIRST_ITEM_ROW, V, dtype=np.int64)
+
+    def make(self, idx: np.ndarray, rng: np.random.Generator) -> dict[str, Tensor]:
+        c, cfg = self.data.contexts, self.config
+        B = len(idx)
+        pos_lists = [c.positives(g) for g in idx]
+        if self.exact:
+            cand_rows = self.all_rows
+            log_q = np.zeros(len(cand_rows), dtype=np.float32)
+        else:
+            sampled = rng.choice(len(self.sample_p), size=cfg.sampled_negatives, p=self.sample_p) + FIRST_ITEM_ROW
+            cand_rows = np.unique(np.concatenate([sampled, *pos_lists]))
+            q = self.sample_p[cand_rows - FIRST_ITEM_ROW] * cfg.sampled_negatives
+            log_q = np.log(np.maximum(q, 1e-12)).astype(np.float32)
+        N = len(cand_rows)
+        positive = np.zeros((B, N), dtype=bool)
+        full_pos = np.full((B, cfg.full_positives), -1, dtype=np.int64)
+        for b, rows in enumerate(pos_lists):
+            cols = rows - FIRST_ITEM_ROW if self.exact else np.searchsorted(cand_rows, rows)
+            positive[b, cols] = True
+            if len(cols) > cfg.full_positives:
+                cols = rng.choice(cols, size=cfg.full_positives, replace=False)
+            full_pos[b, : len(cols)] = cols
+        snaps = self.data.snapshots[c.snapshot[idx]]  # B x V x Fi
+        item_dense = snaps[:, cand_rows]
+        return {
+            "hist": torch.from_numpy(c.hist[idx]),
+            "user_dense": torch.from_numpy(c.user_dense[idx]),
+            "cand_rows": torch.from_numpy(cand_rows),
+            "item_dense": torch.from_numpy(np.ascontiguousarray(item_dense)),
+            "log_q": torch.from_numpy(log_q),
+            "positive": torch.from_numpy(positive),
+            "full_pos": torch.from_numpy(full_pos),
+            "full_rand": torch.from_numpy(rng.integers(0, N, size=(B, cfg.full_random_negatives))),
+        }
+
+
+def fit(
+    model: TwoPathRanker,
+    data: TrainingData,
+    config: TrainConfig,
+    progress: bool = True,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place on ``data``'s contexts. Under torchrun every rank calls this."""
+    import time
+
+    from tqdm import tqdm
+
+    rank, world = _distributed()
+    torch.manual_seed(config.seed)
+    step_module: nn.Module = TrainStep(model, config.full_hard_negatives)
+    if world > 1:
+        step_module = nn.parallel.DistributedDataParallel(step_module)
+        # Every rank starts from rank 0's initial weights (DDP broadcasts them on wrap).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    maker = _BatchMaker(data, config)
+    n_ctx = len(data.contexts)
+    per_rank = n_ctx // world
+    batch_size = max(1, min(config.batch_size, per_rank))
+    steps_per_epoch = max(1, per_rank // batch_size)
+    total = steps_per_epoch * config.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * s / total))
+    )
+    history = TrainHistory(world_size=world)
+    started = time.perf_counter()
+    model.train()
+    bar = tqdm(total=total, desc="train", unit="step", disable=not progress or rank != 0, dynamic_ncols=True)
+    for epoch in range(config.epochs):
+        order = np.random.default_rng([config.seed, epoch]).permutation(n_ctx)
+        shard = order[rank : per_rank * world : world]
+        rng = np.random.default_rng([config.seed, epoch, rank, 1])
+        epoch_losses = []
+        for step in range(steps_per_epoch):
+            idx = shard[step * batch_size : (step + 1) * batch_size]
+            batch = maker.make(idx, rng)
+            loss_light, loss_full = step_module(**batch)
+            loss = loss_light + config.full_loss_weight * loss_full
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                model.items.weight[0].zero_()  # padding row stays empty
+            history.step_loss.append(float(loss.detach()))
+            history.step_light.append(float(loss_light))
+            history.step_full.append(float(loss_full))
+            epoch_losses.append(float(loss))
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(epoch_losses[-50:]):.3f}",
+                            light=f"{float(loss_light):.3f}", full=f"{float(loss_full):.3f}")
+        history.epoch_loss.append(float(np.mean(epoch_losses)))
+        if on_epoch is not None and rank == 0:
+            on_epoch(epoch, history.epoch_loss[-1])
+    bar.close()
+    model.eval()
+    history.seconds = time.perf_counter() - started
+    return history

@@ -1,0 +1,1 @@
+"""The ranking service: gRPC ``Rank``/``Recommend`` over micro-batched feature reads and the served model."""

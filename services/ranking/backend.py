@@ -1,0 +1,125 @@
+"""What serves a validated query: the micro-batched backend (the naive baseline is in :mod:`.naive`).
+
+Both backends own a model slot and its hot-reload watcher (:class:`ModelOwner`); they differ in
+how a call reaches the model. :class:`BatchedBackend` hands calls to the
+:class:`~services.ranking.batcher.MicroBatcher`, whose batches
+:class:`~services.ranking.engine.BatchEngine` computes with one Redis pipeline and one forward
+pass each: int8 model, load-adaptive paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from services.ranking.batcher import MicroBatcher
+from services.ranking.config import RankingConfig
+from services.ranking.engine import BatchEngine, item_stats_of
+from services.ranking.errors import NoModel
+from services.ranking.features import FeatureFetcher
+from services.ranking.lifecycle import ModelSlot, ModelWatcher
+from services.ranking.metrics import RankingMetrics
+from services.ranking.validation import Query
+
+log = logging.getLogger(__name__)
+
+
+def _load_warm(version_dir: Path, *, device: str, quantized: bool) -> Any:
+    from models.artifacts import load_version
+
+    ranker = load_version(version_dir, device=device, quantized=quantized)
+    ranker.warmup()
+    return ranker
+
+
+class ModelOwner:
+    """The model slot and watcher both backends share."""
+
+    def __init__(self, config: RankingConfig, metrics: RankingMetrics, quantized: bool) -> None:
+        from models.artifacts import list_versions
+
+        self.config = config
+        self.metrics = metrics
+        self.models = ModelSlot()
+        # Loading and warming a version is slow; its own thread keeps it off the batch workers.
+        self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        self.watcher = ModelWatcher(
+            Path(config.models_dir),
+            self.models,
+            list_versions=list_versions,
+            load=partial(_load_warm, device=config.device, quantized=quantized),
+            executor=self._load_pool,
+            interval_s=config.model_poll_interval_s,
+            metrics=metrics,
+        )
+
+    async def start_models(self, on_model: Callable[[Any], None] | None) -> None:
+        import torch
+
+        torch.set_num_threads(self.config.torch_threads)
+        self.watcher.on_swap = on_model
+        await self.watcher.check_now()  # serve at once when a valid version is already there
+        if self.models.current is None:
+            log.warning(
+                "no valid model version in %s yet: answering UNAVAILABLE until one appears",
+                self.config.models_dir,
+            )
+        self.watcher.start()
+
+    async def stop_models(self) -> None:
+        await self.watcher.stop()
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+    def require_model(self) -> None:
+        if self.models.current is None:
+            raise NoModel("no model version is loaded yet")
+
+
+class BatchedBackend(ModelOwner):
+    def __init__(self, config: RankingConfig, metrics: RankingMetrics) -> None:
+        super().__init__(config, metrics, quantized=True)
+        self.fetcher = FeatureFetcher(
+            config.redis_url,
+            timeout_s=config.redis_timeout_ms / 1000.0,
+            item_cache_ttl_s=config.item_cache_ttl_s,
+            item_cache_max_items=config.item_cache_max_items,
+            retry_interval_s=config.redis_retry_interval_s,
+            metrics=metrics,
+            item_transform=item_stats_of,
+        )
+        self.engine = BatchEngine(
+            self.fetcher, self.models, recommend_pool=config.recommend_pool, metrics=metrics
+        )
+        self._workers = ThreadPoolExecutor(
+            max_workers=config.max_concurrent_batches, thread_name_prefix="rank-batch"
+        )
+        self.batcher: MicroBatcher[Query, Any] = MicroBatcher(
+            self.engine,
+            self._workers,
+            max_batch_cost=config.max_batch_candidates,
+            max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
+            max_queue=config.max_queue,
+            max_concurrent_batches=config.max_concurrent_batches,
+            metrics=metrics,
+        )
+        self._recommend_cost = max(config.recommend_pool, 1)
+
+    async def start(self, on_model: Callable[[Any], None] | None = None) -> None:
+        self.fetcher.start()
+        await self.batcher.start()
+        await self.start_models(on_model)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        await self.stop_models()
+        await self.fetcher.stop()
+        self._workers.shutdown(wait=True)
+
+    async def serve(self, query: Query, timeout_s: float | None) -> Any:
+        self.require_model()
+        cost = len(query.item_ids) if query.item_ids is not None else max(self._recommend_cost, query.top_k)
+        return await self.batcher.submit(query, cost, timeout_s)

@@ -1,0 +1,222 @@
+"""MicroBatcher: many concurrent calls become one feature read and one forward pass.
+
+A call enters a bounded queue with a future and awaits it. One dispatcher task on the event
+loop forms batches:
+
+* it takes everything waiting, up to ``max_batch_cost`` candidates (a single larger request
+  still goes alone), so a batch grows with the load and no fixed batch size is ever awaited;
+* it never waits when the server is idle: with no batch in flight a lone request is dispatched
+  at once. Only while another batch is being computed anyway (the CPU is busy) does it hold a
+  small batch back, at most ``max_queue_delay`` after its oldest request arrived, to let it fill;
+* requests whose deadline has passed, or whose caller has gone, are dropped before any work;
+* a full queue refuses new requests at once with RESOURCE_EXHAUSTED (:class:`Overloaded`),
+  so overload costs the shed requests a fast error instead of costing everyone the deadline.
+
+The batch itself runs in a worker thread (``compute(items, load)``), up to
+``max_concurrent_batches`` at a time, so the event loop keeps accepting calls meanwhile; torch
+and hiredis release the GIL for most of their work. ``load`` (0-1: how full the queue is) lets
+the model route more requests to its light path before anything is shed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from services.ranking.errors import DeadlineExpired, Overloaded, ShuttingDown
+from services.ranking.metrics import RankingMetrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# compute(items, load) -> one result per item, in order; a result may be an Exception instance,
+# which fails that item's caller alone. Raising fails the whole batch.
+ComputeFn = Callable[[Sequence[Any], float], Sequence[Any]]
+
+
+@dataclass(slots=True)
+class _Job(Generic[T]):
+    item: T
+    cost: int
+    enqueued: float  # loop.time()
+    deadline: float | None  # loop.time() after which the caller no longer waits
+    future: asyncio.Future
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(
+        self,
+        compute: ComputeFn,
+        executor: Executor,
+        *,
+        max_batch_cost: int = 4_096,
+        max_queue_delay_s: float = 0.001,
+        max_queue: int = 64,
+        max_concurrent_batches: int = 2,
+        metrics: RankingMetrics | None = None,
+    ) -> None:
+        self._compute = compute
+        self._executor = executor
+        self._max_cost = max_batch_cost
+        self._max_delay = max_queue_delay_s
+        self._max_queue = max_queue
+        self._max_concurrent = max_concurrent_batches
+        self._metrics = metrics or RankingMetrics()
+        self._queue: collections.deque[_Job[T]] = collections.deque()
+        self._queued_cost = 0
+        self._in_flight = 0
+        self._wakeup: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._dispatcher: asyncio.Task | None = None
+        self._batches: set[asyncio.Task] = set()
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(self._max_concurrent)
+        self._dispatcher = self._loop.create_task(self._dispatch_forever(), name="micro-batcher")
+
+    async def stop(self) -> None:
+        """Refuse new work, finish what is queued and in flight, then end the dispatcher."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        if self._dispatcher is not None:
+            await self._dispatcher
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+
+    # --- state ---------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def load(self) -> float:
+        """How full the queue is, 0 (empty) to 1 (the next request is shed)."""
+        return min(1.0, len(self._queue) / self._max_queue)
+
+    # --- request side --------------------------------------------------------------------------
+    async def submit(self, item: T, cost: int, timeout_s: float | None = None) -> R:
+        """Queue ``item`` (``cost`` = its candidates) and wait for its result.
+
+        ``timeout_s`` is the caller's remaining deadline; past it the item is dropped unworked.
+        Raises :class:`Overloaded` at once when the queue is full.
+        """
+        if self._closing or self._loop is None:
+            self._metrics.shed.labels("shutdown").inc()
+            raise ShuttingDown("the server is shutting down")
+        if len(self._queue) >= self._max_queue:
+            self._metrics.shed.labels("queue_full").inc()
+            raise Overloaded(f"ranking queue is full ({self._max_queue} requests waiting); retry later")
+        loop = self._loop
+        now = loop.time()
+        future = loop.create_future()
+        self._queue.append(_Job(item, cost, now, None if timeout_s is None else now + timeout_s, future))
+        self._queued_cost += cost
+        self._metrics.queue_depth.set(len(self._queue))
+        self._wakeup.set()  # type: ignore[union-attr]
+        return await future
+
+    # --- dispatcher ----------------------------------------------------------------------------
+    async def _dispatch_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        wakeup, slots = self._wakeup, self._slots
+        assert wakeup is not None and slots is not None
+        while True:
+            while not self._queue:
+                if self._closing:
+                    return
+                wakeup.clear()
+                await wakeup.wait()
+            await slots.acquire()
+            if self._in_flight and self._max_delay > 0:
+                await self._gather_company(loop, wakeup)
+            batch = self._take(loop.time())
+            if not batch:
+                slots.release()
+                continue
+            self._in_flight += 1
+            self._metrics.in_flight_batches.set(self._in_flight)
+            # The load the batch saw: itself plus whatever it left waiting.
+            load = min(1.0, (len(batch) + len(self._queue)) / self._max_queue)
+            task = loop.create_task(self._run_batch(batch, load))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _gather_company(self, loop: asyncio.AbstractEventLoop, wakeup: asyncio.Event) -> None:
+        """While another batch runs, let a small batch fill for up to max_queue_delay."""
+        until = self._queue[0].enqueued + self._max_delay
+        while self._in_flight and self._queued_cost < self._max_cost and not self._closing:
+            remaining = until - loop.time()
+            if remaining <= 0:
+                return
+            wakeup.clear()
+            timer = loop.call_later(remaining, wakeup.set)
+            try:
+                await wakeup.wait()
+            finally:
+                timer.cancel()
+
+    def _take(self, now: float) -> list[_Job[T]]:
+        """Pop the next batch: live jobs in arrival order, up to the cost cap (at least one job)."""
+        batch: list[_Job[T]] = []
+        cost = 0
+        queue = self._queue
+        queue_delay = self._metrics.queue_delay
+        while queue:
+            job = queue[0]
+            if batch and cost + job.cost > self._max_cost:
+                break
+            queue.popleft()
+            self._queued_cost -= job.cost
+            if job.future.done():  # the caller went away (cancelled, or its deadline ended the call)
+                self._metrics.shed.labels("cancelled").inc()
+                continue
+            if job.deadline is not None and now >= job.deadline:
+                self._metrics.shed.labels("deadline").inc()
+                job.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
+                continue
+            queue_delay.observe(now - job.enqueued)
+            batch.append(job)
+            cost += job.cost
+        self._metrics.queue_depth.set(len(queue))
+        return batch
+
+    async def _run_batch(self, batch: list[_Job[T]], load: float) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            items = [job.item for job in batch]
+            self._metrics.batch_requests.observe(len(batch))
+            self._metrics.batch_candidates.observe(sum(job.cost for job in batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self._compute, items, load)
+            except Exception as exc:  # the whole batch failed: every caller gets the error
+                log.exception("micro-batch of %d requests failed", len(batch))
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                return
+            for job, result in zip(batch, results, strict=True):
+                if job.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
+        finally:
+            self._in_flight -= 1
+            self._metrics.in_flight_batches.set(self._in_flight)
+            assert self._slots is not None and self._wakeup is not None
+            self._slots.release()
+            self._wakeup.set()  # a waiting small batch need not wait for company any more

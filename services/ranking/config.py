@@ -1,0 +1,137 @@
+"""The ranking server's one configuration object: every knob, its default and why, checked at start-up.
+
+``recstack serve`` builds it from flags (which read ``RECSTACK_*``); tests build it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Contract limits (CONTRACT.md section 5 and section 3's id rule).
+MAX_ID_LENGTH = 128
+DEFAULT_MAX_CANDIDATES = 1_000
+AUTH_TOKEN_ENV = "RECSTACK_AUTH_TOKEN"
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    # --- network -------------------------------------------------------------------------------
+    host: str = "0.0.0.0"  # contract default; use 127.0.0.1 to keep the server off the network
+    port: int = 50051  # 0 = pick a free port (tests)
+    tls_cert: Path | None = None  # PEM certificate chain; TLS is on when both cert and key are given
+    tls_key: Path | None = None
+    # Bearer token clients must send as ``authorization: Bearer <token>``; None = auth off.
+    # Kept out of repr so it never reaches a log line.
+    auth_token: str | None = field(default=None, repr=False)
+    # 1,000 ids of 128 chars is ~135 KB on the wire; 1 MiB leaves room and bounds memory per call.
+    max_message_bytes: int = 1 << 20
+    grace_period_s: float = 5.0  # SIGTERM: in-flight calls get this long to finish
+    metrics_port: int = 9464  # Prometheus HTTP; 0 disables
+
+    # --- request limits ------------------------------------------------------------------------
+    max_candidates: int = DEFAULT_MAX_CANDIDATES  # per Rank request, and the largest Recommend k
+    default_recommend_k: int = 10  # Recommend with k = 0
+    # Recommend ranks this many generated candidates (or k, when larger) and returns the top k:
+    # enough head for the model to reorder, small enough to stay a cheap request.
+    recommend_pool: int = 200
+
+    # --- micro-batcher -------------------------------------------------------------------------
+    # A batch is capped by its total candidates: ~40 requests of 100, which the forward pass
+    # still runs in about a millisecond on one core.
+    max_batch_candidates: int = 4_096
+    # The longest a request waits for company, and only while another batch is already being
+    # computed (an idle server dispatches at once).
+    max_queue_delay_ms: float = 1.0
+    # Requests waiting beyond this are shed with RESOURCE_EXHAUSTED: at the saturation rate a
+    # queue this deep already costs several milliseconds of the 10 ms budget.
+    max_queue: int = 64
+    # Batches in flight at once: 2 lets one batch's Redis round trip overlap another's forward.
+    max_concurrent_batches: int = 2
+
+    # --- features ------------------------------------------------------------------------------
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # A batch never waits on Redis longer than this; past it the batch is served degraded.
+    redis_timeout_ms: float = 20.0
+    # While Redis is down, a background probe retries this often (the hot path never waits on it).
+    redis_retry_interval_s: float = 0.5
+    item_cache_ttl_s: float = 1.0  # item features change slowly; user features are always read fresh
+    item_cache_max_items: int = 200_000  # bounds memory; the cache is cleared when it grows past this
+
+    # --- model ---------------------------------------------------------------------------------
+    models_dir: Path = Path("artifacts/models")
+    model_poll_interval_s: float = 2.0
+    device: str = "cpu"
+    torch_threads: int = 1  # per forward pass; the other core runs the event loop and gRPC
+    naive: bool = False  # the contract's baseline: no batching, Feast reads, fp32, full path
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port < 65536:
+            problems.append(f"port {self.port} is not 0-65535")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("TLS needs both a certificate and a key")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                problems.append(f"{name} {path} is not a file")
+        if self.auth_token is not None and not self.auth_token.strip():
+            problems.append("the auth token is empty")
+        positive = (
+            "max_message_bytes",
+            "max_candidates",
+            "default_recommend_k",
+            "recommend_pool",
+            "max_batch_candidates",
+            "max_queue",
+            "max_concurrent_batches",
+            "item_cache_max_items",
+            "torch_threads",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        non_negative = (
+            "grace_period_s",
+            "max_queue_delay_ms",
+            "redis_timeout_ms",
+            "redis_retry_interval_s",
+            "item_cache_ttl_s",
+            "model_poll_interval_s",
+        )
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be zero or more, got {getattr(self, name)}")
+        if self.max_batch_candidates < self.max_candidates:
+            problems.append(
+                f"max_batch_candidates ({self.max_batch_candidates}) must hold one largest request "
+                f"(max_candidates {self.max_candidates})"
+            )
+        if not 0 <= self.metrics_port < 65536:
+            problems.append(f"metrics_port {self.metrics_port} is not 0-65535")
+        if problems:
+            raise ValueError("invalid ranking configuration: " + "; ".join(problems))
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    def replace(self, **changes: object) -> RankingConfig:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def read_auth_token(token_file: str | Path | None) -> str | None:
+    """The bearer token: from ``token_file`` when given, else ``RECSTACK_AUTH_TOKEN``, else None (auth off).
+
+    A file keeps the secret out of ``ps`` and shell history; surrounding whitespace is ignored.
+    """
+    if token_file:
+        text = Path(token_file).read_text(encoding="utf-8").strip()
+        if not text:
+            raise ValueError(f"auth token file {token_file} is empty")
+        return text
+    env = os.environ.get(AUTH_TOKEN_ENV, "").strip()
+    return env or None

@@ -1,0 +1,132 @@
+"""Model lifecycle: the slot holding the served model, and the watcher that hot-swaps newer versions.
+
+The watcher polls the models folder from a background task. Listing, checksum verification,
+loading and warm-up all run in a worker thread, never on a request's path; the new model
+replaces the old one with a single reference assignment, so a batch computes entirely with
+the model it started with and no call fails during a swap. A version that fails to verify or
+load is refused once (logged and counted) and never retried; the current one keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+from services.ranking.metrics import RankingMetrics
+
+log = logging.getLogger(__name__)
+
+# version_dir -> a warmed-up ranker; raises on a bad version.
+LoadFn = Callable[[Path], Any]
+# models_dir -> version folders, oldest first.
+ListFn = Callable[[Path], list[Path]]
+
+
+class ModelSlot:
+    """The model currently served (``None`` until the first version loads)."""
+
+    def __init__(self, ranker: Any = None) -> None:
+        self.current = ranker
+
+    @property
+    def version(self) -> str | None:
+        return None if self.current is None else self.current.version
+
+
+class ModelWatcher:
+    def __init__(
+        self,
+        models_dir: Path,
+        slot: ModelSlot,
+        *,
+        list_versions: ListFn,
+        load: LoadFn,
+        executor: Executor,
+        interval_s: float = 2.0,
+        metrics: RankingMetrics | None = None,
+        on_swap: Callable[[Any], None] | None = None,
+    ) -> None:
+        self._dir = Path(models_dir)
+        self._slot = slot
+        self._list = list_versions
+        self._load = load
+        self._executor = executor
+        self._interval = interval_s
+        self._metrics = metrics or RankingMetrics()
+        self.on_swap = on_swap
+        self._refused: set[str] = set()
+        self._task: asyncio.Task | None = None
+        self._missing_dir_logged = False
+
+    @property
+    def refused(self) -> frozenset[str]:
+        return frozenset(self._refused)
+
+    def poll_once(self) -> Any | None:
+        """Load the newest valid version newer than the served one; return it, or None. Blocking."""
+        if not self._dir.is_dir():
+            if not self._missing_dir_logged:
+                log.warning("models folder %s does not exist (yet); waiting for a model version", self._dir)
+                self._missing_dir_logged = True
+            return None
+        self._missing_dir_logged = False
+        current = self._slot.version
+        for version_dir in reversed(self._list(self._dir)):
+            name = Path(version_dir).name
+            if name == current:
+                return None  # everything newer was refused
+            if name in self._refused:
+                continue
+            try:
+                ranker = self._load(Path(version_dir))
+            except Exception as exc:  # any failure refuses the version; the current one keeps serving
+                self._refused.add(name)
+                self._metrics.model_reloads.labels("failure").inc()
+                log.error("model version %s refused: %s", name, exc)
+                continue
+            if current is not None and name < current:
+                # Only reached when the served version vanished from the folder; keep the newest valid.
+                log.warning("model version %s is gone from %s; falling back to %s", current, self._dir, name)
+            return ranker
+        return None
+
+    def swap(self, ranker: Any) -> None:
+        previous = self._slot.version
+        self._slot.current = ranker
+        self._metrics.model_reloads.labels("success").inc()
+        self._metrics.model.info({"version": str(ranker.version)})
+        log.info("serving model version %s (was %s)", ranker.version, previous or "none")
+        if self.on_swap is not None:
+            self.on_swap(ranker)
+
+    async def check_now(self) -> bool:
+        """One poll off the event loop; True when a new version was swapped in."""
+        loop = asyncio.get_running_loop()
+        ranker = await loop.run_in_executor(self._executor, self.poll_once)
+        if ranker is None:
+            return False
+        self.swap(ranker)
+        return True
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.check_now()
+            except Exception:  # a listing error must not end hot reload for good
+                log.exception("model watcher poll failed")
+            await asyncio.sleep(self._interval)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="model-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

@@ -1,0 +1,235 @@
+"""The gRPC edge of the ranking service: servicer, boundary interceptor and the server's lifecycle.
+
+``create_server(config)`` builds a server bound to ``config.address`` (port 0 picks a free one,
+as tests do) with ``RankingService``, the standard ``grpc.health.v1`` service and server
+reflection; ``await server.start()`` starts it and its background work (model watcher, Redis
+probe, micro-batcher); ``await server.stop(grace)`` stops accepting calls, lets in-flight ones
+finish, then stops the rest. ``serve(config)`` runs one until SIGTERM or SIGINT.
+
+Every call crosses one interceptor, :class:`_Boundary`: it checks the bearer token, times the
+call, and turns the service's typed errors (:mod:`services.ranking.errors`) into their gRPC
+status. Methods raise; nothing else maps exceptions to codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recstack.v1 import ranking_pb2, ranking_pb2_grpc
+from services.ranking.backend import BatchedBackend
+from services.ranking.config import RankingConfig
+from services.ranking.errors import RankingError, Unauthenticated
+from services.ranking.metrics import RankingMetrics
+from services.ranking.naive import NaiveBackend
+from services.ranking.validation import validate_rank, validate_recommend
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+# Load balancers probe health without credentials; everything else needs the token when auth is on.
+_AUTH_EXEMPT = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    """Validates a call, hands it to the backend (batched or naive) and returns its response."""
+
+    def __init__(self, backend: BatchedBackend | NaiveBackend, config: RankingConfig) -> None:
+        self._backend = backend
+        self._max_candidates = config.max_candidates
+        self._default_k = config.default_recommend_k
+
+    async def Rank(self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext):
+        query = validate_rank(request, self._max_candidates)
+        return await self._backend.serve(query, context.time_remaining())
+
+    async def Recommend(self, request: ranking_pb2.RecommendRequest, context: grpc.aio.ServicerContext):
+        query = validate_recommend(request, self._max_candidates, self._default_k)
+        return await self._backend.serve(query, context.time_remaining())
+
+
+class _Boundary(grpc.aio.ServerInterceptor):
+    """Auth, timing and the one translation of typed errors into gRPC statuses."""
+
+    def __init__(self, metrics: RankingMetrics, auth_token: str | None) -> None:
+        self._metrics = metrics
+        self._expected = None if auth_token is None else f"Bearer {auth_token}".encode()
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._refusals: dict[str, grpc.RpcMethodHandler] = {}
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        if self._expected is None or details.method in _AUTH_EXEMPT:
+            return True
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        if not self._authorized(details):
+            return self._refusal(method, handler)
+        if handler.unary_unary is None or not method.startswith(f"/{SERVICE_NAME}/"):
+            return handler  # health, reflection: standard servicers with their own statuses
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._wrap(method.rsplit("/", 1)[1], handler)
+        return wrapped
+
+    def _wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        inner = handler.unary_unary
+        latency = self._metrics.latency
+        ok = latency.labels(name, "OK")
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            try:
+                response = await inner(request, context)
+            except RankingError as exc:
+                latency.labels(name, exc.code.name).observe(time.perf_counter() - start)
+                await context.abort(exc.code, exc.message)
+            except asyncio.CancelledError:
+                latency.labels(name, "CANCELLED").observe(time.perf_counter() - start)
+                raise
+            except Exception:
+                log.exception("%s failed", name)
+                latency.labels(name, "INTERNAL").observe(time.perf_counter() - start)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{name} failed; see the server log")
+            ok.observe(time.perf_counter() - start)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _refusal(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        refusal = self._refusals.get(method)
+        if refusal is not None:
+            return refusal
+        message = Unauthenticated("missing or wrong bearer token (metadata 'authorization: Bearer <token>')")
+
+        async def refuse(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(message.code, message.message)
+
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        refusal = self._refusals[method] = kind(
+            refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        return refusal
+
+
+class RankingServer:
+    """A grpc.aio server with the ranking service and everything it runs in the background."""
+
+    def __init__(self, config: RankingConfig, metrics: RankingMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or RankingMetrics()
+        self.backend: BatchedBackend | NaiveBackend = (
+            NaiveBackend(config, self.metrics) if config.naive else BatchedBackend(config, self.metrics)
+        )
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        ]
+        self.grpc = grpc.aio.server(
+            interceptors=[_Boundary(self.metrics, config.auth_token)], options=options
+        )
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(
+            RankingServicer(self.backend, config), self.grpc
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
+        )
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())]
+            )
+            self.port = self.grpc.add_secure_port(config.address, credentials)
+        else:
+            self.port = self.grpc.add_insecure_port(config.address)
+        if self.port == 0:
+            raise OSError(f"cannot bind the ranking server to {config.address}")
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.backend.start(on_model=self._model_loaded)
+        await self.grpc.start()
+        log.info(
+            "ranking server on %s (port %d)%s%s%s",
+            self.config.host,
+            self.port,
+            ", naive baseline" if self.config.naive else "",
+            ", TLS" if self.config.tls_cert else "",
+            ", auth on" if self.config.auth_token else "",
+        )
+
+    def _model_loaded(self, ranker: Any) -> None:
+        asyncio.get_running_loop().create_task(
+            self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let in-flight ones finish (up to ``grace`` seconds), stop the rest."""
+        if self._stopped.is_set():
+            return
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(self.config.grace_period_s if grace is None else grace)
+        await self.backend.stop()
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+
+async def create_server(
+    config: RankingConfig, metrics: RankingMetrics | None = None
+) -> tuple[RankingServer, int]:
+    """A ranking server bound to ``config.address`` but not started; returns it and its port."""
+    server = RankingServer(config, metrics)
+    return server, server.port
+
+
+async def serve(config: RankingConfig) -> None:
+    """Run a ranking server until SIGTERM/SIGINT, then shut down gracefully."""
+    server, _ = await create_server(config)
+    if config.metrics_port:
+        server.metrics.serve_http(config.metrics_port)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing in-flight calls (grace %.1f s)", config.grace_period_s)
+    await server.stop()
+    log.info("ranking server stopped")

@@ -1,0 +1,31 @@
+"""Test-suite wide settings. Kept light: no heavy imports here, so unit tests start fast.
+
+The fixtures that talk to the real Kafka broker and Redis server live in
+``tests/integration/conftest.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    kafka = (
+        os.environ.get("RECSTACK_BOOTSTRAP") or f"127.0.0.1:{os.environ.get('RECSTACK_KAFKA_PORT', '9092')}"
+    )
+    redis = (
+        os.environ.get("RECSTACK_REDIS")
+        or f"redis://127.0.0.1:{os.environ.get('RECSTACK_REDIS_PORT', '6379')}"
+    )
+    return [f"recstack integration targets: kafka {kafka}, redis {redis} (start them with `make up`)"]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The checkout's root folder (where pyproject.toml is)."""
+    return REPO_ROOT
