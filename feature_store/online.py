@@ -35,18 +35,47 @@ from feast.protos.feast.types.Value_pb2 import Int64List, StringList
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from feature_store.constants import (
+    DEFAULT_TRENDING_HALF_LIFE_S,
+    EVENT_WEIGHTS,
+    PURCHASED_ITEMS_MAX,
+    RECENT_ITEMS_MAX,
+    TOP_CATEGORIES_MAX,
+)
 from feature_store.definitions import ITEM_VIEW, PROJECT_NAME, USER_VIEW, item_popularity, user_activity
 
 # ------------------------------------------------------------------------------------ constants
 
-RECENT_ITEMS_MAX = 50
-PURCHASED_ITEMS_MAX = 100
-TOP_CATEGORIES_MAX = 16
-# Weight of one event in ``trending`` and in the user's category weights.
-EVENT_WEIGHTS: dict[str, int] = {"view": 1, "add_to_cart": 3, "purchase": 5}
-# Half-life of ``trending``, in event time; the consumer's --trending-half-life-s overrides it,
-# and a reader decaying ``trending`` to "now" should use the same value.
-DEFAULT_TRENDING_HALF_LIFE_S = 6 * 3600.0
+__all__ = [
+    "DEFAULT_TRENDING_HALF_LIFE_S",
+    "EVENT_WEIGHTS",
+    "ITEM_FEATURES",
+    "ITEM_FIELDS",
+    "PURCHASED_ITEMS_MAX",
+    "RECENT_ITEMS_MAX",
+    "TOP_CATEGORIES_MAX",
+    "USER_FEATURES",
+    "USER_FIELDS",
+    "ApplyResult",
+    "BatchGuard",
+    "FeatureWriter",
+    "ItemDelta",
+    "ItemFeatures",
+    "UserDelta",
+    "UserFeatures",
+    "WriteState",
+    "decay_merge",
+    "decode_item",
+    "decode_user",
+    "encode_item",
+    "encode_user",
+    "item_key",
+    "merge_recent",
+    "merge_user",
+    "read_features",
+    "user_key",
+    "write_features",
+]
 
 USER_FEATURES: tuple[str, ...] = (
     "views",
@@ -325,7 +354,7 @@ def write_features(
 
 @dataclass(slots=True)
 class UserDelta:
-    """What one batch adds to a user (see ``docs/FEATURES.md`` for how it merges)."""
+    """What one batch adds to a user (:func:`merge_user` says how)."""
 
     views: int = 0
     add_to_carts: int = 0
@@ -338,7 +367,7 @@ class UserDelta:
 
 @dataclass(slots=True)
 class ItemDelta:
-    """What one batch adds to an item. ``trending`` is the batch's own decayed sum as of ``last_event_ts``."""
+    """What one batch adds to an item; ``trending`` is the batch's own decayed sum as of ``last_event_ts``."""
 
     views: int = 0
     add_to_carts: int = 0
@@ -349,16 +378,61 @@ class ItemDelta:
     price: float | None = None  # last one seen in the batch
 
 
-def decay_merge(score_a: float, ts_a: int, score_b: float, ts_b: int, half_life_ms: float) -> tuple[float, int]:
+def decay_merge(
+    score_a: float, ts_a: int, score_b: float, ts_b: int, half_life_ms: float
+) -> tuple[float, int]:
     """Two decayed sums (each as of its own time) -> their sum as of the later time.
 
     Order-independent: merging events one by one in any order gives the same
     ``sum(weight * 2 ** -((t_ref - t_event) / half_life))`` with ``t_ref`` the newest event time.
-    The Lua merge below implements the same rule.
+    The merge script applies the same rule to the stored ``trending``.
     """
     if ts_b >= ts_a:
         return score_a * 2.0 ** (-(ts_b - ts_a) / half_life_ms) + score_b, ts_b
     return score_a + score_b * 2.0 ** (-(ts_a - ts_b) / half_life_ms), ts_a
+
+
+def merge_recent(new: Sequence[str], old: Sequence[str], cap: int) -> list[str]:
+    """``new`` (newest first) followed by the entries of ``old`` not in it, distinct, at most ``cap``."""
+    out = list(dict.fromkeys(new))[:cap]
+    if len(out) < cap and old:
+        fresh = set(out)
+        for x in old:
+            if x not in fresh:
+                fresh.add(x)
+                out.append(x)
+                if len(out) == cap:
+                    break
+    return out
+
+
+def merge_user(current: UserFeatures | None, delta: UserDelta) -> UserFeatures:
+    """The user's features after one batch's delta (``docs/FEATURES.md``, "update rules")."""
+    base = current if current is not None else UserFeatures()
+    if delta.category_weights:
+        weights = dict(zip(base.top_categories, base.top_category_weights, strict=False))
+        for category, weight in delta.category_weights.items():
+            weights[category] = weights.get(category, 0) + weight
+        ranked = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CATEGORIES_MAX]
+        categories = [c for c, _ in ranked]
+        category_weights = [w for _, w in ranked]
+    else:
+        categories, category_weights = base.top_categories, base.top_category_weights
+    return UserFeatures(
+        views=base.views + delta.views,
+        add_to_carts=base.add_to_carts + delta.add_to_carts,
+        purchases=base.purchases + delta.purchases,
+        last_event_ts=max(base.last_event_ts, delta.last_event_ts),
+        recent_items=merge_recent(delta.recent_items, base.recent_items, RECENT_ITEMS_MAX),
+        purchased_items=(
+            merge_recent(delta.purchased_items, base.purchased_items, PURCHASED_ITEMS_MAX)
+            if delta.purchased_items
+            else base.purchased_items
+        ),
+        top_categories=categories,
+        top_category_weights=category_weights,
+        written_at_ms=base.written_at_ms,
+    )
 
 
 @dataclass(slots=True)
@@ -379,13 +453,22 @@ class BatchGuard:
 
 
 @dataclass(slots=True)
+class WriteState:
+    """The stored values a batch write is computed from, read in one pipeline (:meth:`FeatureWriter.read`)."""
+
+    users: dict[str, list[bytes | None]]  # user id -> HMGET reply for USER_FIELDS
+    seen: list[bytes | None]  # value of each key asked for, None when absent
+
+
+@dataclass(slots=True)
 class ApplyResult:
-    """Outcome of :func:`apply_batch`. ``ok`` False means nothing was written."""
+    """Outcome of :meth:`FeatureWriter.apply`; when ``ok`` is False nothing was written."""
 
     ok: bool
-    fenced_partition: int | None = None  # the partition whose stored offset differed
+    fenced_partition: int | None = None  # a partition whose stored offset differed from the expected one
     stored_offset: int | None = None  # what it held
-    seen_duplicates: list[int] = field(default_factory=list)  # indexes into guard.seen_keys already present
+    seen_duplicates: list[int] = field(default_factory=list)  # indexes into guard.seen_keys already set
+    stale_users: list[str] = field(default_factory=list)  # users written by someone else since the read
 
 
 def _lua_bytes(raw: bytes) -> str:
@@ -393,13 +476,17 @@ def _lua_bytes(raw: bytes) -> str:
 
 
 _MERGE_SCRIPT_TEMPLATE = r"""#!lua
--- Merge one batch of feature deltas into Feast-layout hashes, guarded by offset fence and
--- event-id dedup. Nothing is written unless every check passes; every value is decoded and
--- computed before the first write, so a decoding error cannot leave a half-applied batch.
+-- Apply one stream batch to Feast-layout hashes, guarded by the offset fence, the users'
+-- unchanged-since-read check and the event-id dedup. Every check and every read happens before
+-- the first write, and a failed check writes nothing, so a batch is applied whole or not at all.
+--
+-- Users (one partition owns a user) arrive fully merged by the caller, with the raw bytes of the
+-- three counters it read: equal bytes mean nobody wrote the user since (every applied event
+-- changes one counter). Items are shared by all partitions, so they are merged here.
 local UF = {%(user_fields)s}
 local IF = {%(item_fields)s}
 
-local byte, sub, char, concat, floor = string.byte, string.sub, string.char, table.concat, math.floor
+local byte, char, concat, floor = string.byte, string.char, table.concat, math.floor
 
 local function read_varint(s, pos)
   local result, mult = 0, 1
@@ -426,8 +513,8 @@ local function varint(n)
   return concat(out)
 end
 
--- feast.types.Value: int64_val = 4, float_val = 6, string_val = 2, double_val = 5,
--- string_list_val = 12, int64_list_val = 14. Absent fields (false) decode to defaults.
+-- feast.types.Value: int64_val = 4 (tag 32), float_val = 6 (tag 53), double_val = 5 (tag 41),
+-- string_val = 2 (tag 18). Absent fields (false) decode to defaults.
 local function dec_int(s)
   if not s or byte(s, 1) ~= 32 then return 0 end
   return (read_varint(s, 2))
@@ -441,73 +528,11 @@ local function dec_float(s)
   return 0
 end
 
-local function dec_str_list(s)
-  local out = {}
-  if not s or byte(s, 1) ~= 98 then return out end
-  local n, p = read_varint(s, 2)
-  local stop = p + n
-  while p < stop do
-    local tag = byte(s, p)
-    local len
-    len, p = read_varint(s, p + 1)
-    if tag == 10 then out[#out + 1] = sub(s, p, p + len - 1) end
-    p = p + len
-  end
-  return out
-end
-
-local function dec_int_list(s)
-  local out = {}
-  if not s or byte(s, 1) ~= 114 then return out end
-  local n, p = read_varint(s, 2)
-  local stop = p + n
-  while p < stop do
-    local tag = byte(s, p)
-    p = p + 1
-    if tag == 10 then
-      local len
-      len, p = read_varint(s, p)
-      local e = p + len
-      while p < e do
-        local v
-        v, p = read_varint(s, p)
-        out[#out + 1] = v
-      end
-    elseif tag == 8 then
-      local v
-      v, p = read_varint(s, p)
-      out[#out + 1] = v
-    else
-      error('unexpected field in Int64List')
-    end
-  end
-  return out
-end
-
 local function enc_int(n) return '\32' .. varint(n) end
 local function enc_float(x) return '\53' .. struct.pack('<f', x) end
 local function enc_str(x) return '\18' .. varint(#x) .. x end
 
-local function enc_str_list(list)
-  local parts = {}
-  for i = 1, #list do
-    local x = list[i]
-    parts[i] = '\10' .. varint(#x) .. x
-  end
-  local body = concat(parts)
-  return '\98' .. varint(#body) .. body
-end
-
-local function enc_int_list(list)
-  local parts = {}
-  for i = 1, #list do parts[i] = varint(list[i]) end
-  local packed = concat(parts)
-  local body = ''
-  if #packed > 0 then body = '\10' .. varint(#packed) .. packed end
-  return '\114' .. varint(#body) .. body
-end
-
--- google.protobuf.Timestamp: seconds = 1, nanos = 2.
+-- google.protobuf.Timestamp: seconds = 1 (tag 8), nanos = 2 (tag 16).
 local function dec_ts_ms(s)
   if not s then return nil end
   local secs, nanos, p = 0, 0, 1
@@ -529,35 +554,6 @@ local function enc_ts(ms)
   return out
 end
 
--- The written-at time never moves backwards (several writers, skewed clocks).
-local function written_ts(stored, now_ms)
-  local ms = dec_ts_ms(stored)
-  if ms and ms >= now_ms then return stored end
-  return enc_ts(now_ms)
-end
-
--- new (distinct, newest first) followed by the old entries not in new, at most cap.
-local function merge_recent(new, old, cap)
-  local out, seen = {}, {}
-  for i = 1, #new do
-    if #out >= cap then break end
-    local x = new[i]
-    if not seen[x] then
-      seen[x] = true
-      out[#out + 1] = x
-    end
-  end
-  for i = 1, #old do
-    if #out >= cap then break end
-    local x = old[i]
-    if not seen[x] then
-      seen[x] = true
-      out[#out + 1] = x
-    end
-  end
-  return out
-end
-
 local now_ms = tonumber(ARGV[1])
 local half_life_ms = tonumber(ARGV[2])
 local seen_ttl = tonumber(ARGV[3])
@@ -565,10 +561,7 @@ local n_fence = tonumber(ARGV[4])
 local n_seen = tonumber(ARGV[5])
 local n_users = tonumber(ARGV[6])
 local n_items = tonumber(ARGV[7])
-local recent_max = tonumber(ARGV[8])
-local purchased_max = tonumber(ARGV[9])
-local categories_max = tonumber(ARGV[10])
-local a = 11
+local a = 8
 local offsets_key = KEYS[1]
 
 -- 1. offset fence
@@ -584,75 +577,40 @@ for _ = 1, n_fence do
   offsets[#offsets + 1] = applied
 end
 
--- 2. event-id dedup
-local dups = {}
-for i = 1, n_seen do
-  if redis.call('EXISTS', KEYS[1 + i]) == 1 then dups[#dups + 1] = i - 1 end
-end
-if #dups > 0 then return {'dup', concat(dups, ',')} end
-
--- 3. compute every new hash before writing anything
+-- 2. users unchanged since the caller read them
 local writes = {}
+local stale = {}
 local k = 2 + n_seen
-for _ = 1, n_users do
+for u = 1, n_users do
   local key = KEYS[k]
   k = k + 1
-  local dv, dc, dp, last = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  a = a + 4
-  local n = tonumber(ARGV[a])
-  a = a + 1
-  local recent_new = {}
-  for i = 1, n do recent_new[i] = ARGV[a + i - 1] end
-  a = a + n
-  n = tonumber(ARGV[a])
-  a = a + 1
-  local purchased_new = {}
-  for i = 1, n do purchased_new[i] = ARGV[a + i - 1] end
-  a = a + n
-  n = tonumber(ARGV[a])
-  a = a + 1
-  local cur = redis.call('HMGET', key, UF[1], UF[2], UF[3], UF[4], UF[5], UF[6], UF[7], UF[8], UF[9])
-  local weights = {}
-  local names, ws = dec_str_list(cur[7]), dec_int_list(cur[8])
-  for i = 1, #names do weights[names[i]] = ws[i] or 0 end
-  for _ = 1, n do
-    local c = ARGV[a]
-    weights[c] = (weights[c] or 0) + tonumber(ARGV[a + 1])
-    a = a + 2
+  local cur = redis.call('HMGET', key, UF[1], UF[2], UF[3])
+  if (cur[1] or '') ~= ARGV[a] or (cur[2] or '') ~= ARGV[a + 1] or (cur[3] or '') ~= ARGV[a + 2] then
+    stale[#stale + 1] = u - 1
   end
-  local ranked = {}
-  for c, w in pairs(weights) do ranked[#ranked + 1] = {c, w} end
-  table.sort(ranked, function(x, y)
-    if x[2] ~= y[2] then return x[2] > y[2] end
-    return x[1] < y[1]
-  end)
-  local top, top_w = {}, {}
-  for i = 1, math.min(#ranked, categories_max) do
-    top[i] = ranked[i][1]
-    top_w[i] = ranked[i][2]
+  a = a + 3
+  local w = {}
+  for f = 1, 9 do
+    local v = ARGV[a + f - 1]
+    if v ~= '' then
+      w[#w + 1] = UF[f]
+      w[#w + 1] = v
+    end
   end
-  local old_last = dec_int(cur[4])
-  if old_last > last then last = old_last end
-  writes[#writes + 1] = {key, {
-    UF[1], enc_int(dec_int(cur[1]) + dv),
-    UF[2], enc_int(dec_int(cur[2]) + dc),
-    UF[3], enc_int(dec_int(cur[3]) + dp),
-    UF[4], enc_int(last),
-    UF[5], enc_str_list(merge_recent(recent_new, dec_str_list(cur[5]), recent_max)),
-    UF[6], enc_str_list(merge_recent(purchased_new, dec_str_list(cur[6]), purchased_max)),
-    UF[7], enc_str_list(top),
-    UF[8], enc_int_list(top_w),
-    UF[9], written_ts(cur[9], now_ms),
-  }}
+  a = a + 9
+  writes[#writes + 1] = {key, w}
 end
+if #stale > 0 then return {'stale', concat(stale, ',')} end
 
+-- 3. items: merge counters and trending into what is stored
 for _ = 1, n_items do
   local key = KEYS[k]
   k = k + 1
-  local dv, dc, dp, last = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local trend, category, price = tonumber(ARGV[a + 4]), ARGV[a + 5], ARGV[a + 6]
+  local dv, dc, dp = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local last, trend = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local category, price = ARGV[a + 5], ARGV[a + 6]
   a = a + 7
-  local cur = redis.call('HMGET', key, IF[1], IF[2], IF[3], IF[4], IF[5], IF[6], IF[7], IF[8])
+  local cur = redis.call('HMGET', key, IF[1], IF[2], IF[3], IF[4], IF[5], IF[8])
   local old_s, old_t = dec_float(cur[4]), dec_int(cur[5])
   local s
   if last >= old_t then
@@ -667,8 +625,13 @@ for _ = 1, n_items do
     IF[3], enc_int(dec_int(cur[3]) + dp),
     IF[4], enc_float(s),
     IF[5], enc_int(last),
-    IF[8], written_ts(cur[8], now_ms),
   }
+  -- written-at never moves backwards (several writers, skewed clocks)
+  local ts_ms = dec_ts_ms(cur[6])
+  if not ts_ms or ts_ms < now_ms then
+    w[#w + 1] = IF[8]
+    w[#w + 1] = enc_ts(now_ms)
+  end
   if category ~= '' then
     w[#w + 1] = IF[6]
     w[#w + 1] = enc_str(category)
@@ -680,15 +643,27 @@ for _ = 1, n_items do
   writes[#writes + 1] = {key, w}
 end
 
--- 4. write: dedup keys, hashes, offsets
+-- 4. event-id dedup: set every key; if one was already there, undo and report
+local dups = {}
 for i = 1, n_seen do
-  redis.call('SET', KEYS[1 + i], ARGV[a + i - 1], 'EX', seen_ttl)
+  if not redis.call('SET', KEYS[1 + i], ARGV[a + i - 1], 'NX', 'EX', seen_ttl) then dups[#dups + 1] = i end
 end
+if #dups > 0 then
+  local is_dup = {}
+  for _, i in ipairs(dups) do is_dup[i] = true end
+  for i = 1, n_seen do
+    if not is_dup[i] then redis.call('DEL', KEYS[1 + i]) end
+  end
+  for j = 1, #dups do dups[j] = dups[j] - 1 end
+  return {'dup', concat(dups, ',')}
+end
+
+-- 5. write
 for i = 1, #writes do
-  redis.call('HSET', writes[i][1], unpack(writes[i][2]))
+  if #writes[i][2] > 0 then redis.call('HSET', writes[i][1], unpack(writes[i][2])) end
 end
 if #offsets > 0 then redis.call('HSET', offsets_key, unpack(offsets)) end
-return {'ok', tostring(n_users), tostring(n_items)}
+return {'ok'}
 """
 
 MERGE_SCRIPT = _MERGE_SCRIPT_TEMPLATE % {
@@ -696,24 +671,69 @@ MERGE_SCRIPT = _MERGE_SCRIPT_TEMPLATE % {
     "item_fields": ", ".join(_lua_bytes(f) for f in ITEM_FIELDS),
 }
 
+_UNCHANGED = b""  # a field the merge script leaves as it is (an encoded Value is never empty)
+
 
 class FeatureWriter:
-    """Applies stream batches to the online store through the merge script (one EVALSHA per batch)."""
+    """Applies stream batches to the online store: :meth:`read`, then :meth:`apply` (one script call)."""
 
     def __init__(self, client: Any, half_life_s: float = DEFAULT_TRENDING_HALF_LIFE_S) -> None:
         self._client = client
         self._half_life_ms = half_life_s * 1000.0
         self._script = client.register_script(MERGE_SCRIPT)
 
+    def read(self, user_ids: Sequence[str], seen_keys: Sequence[bytes] = ()) -> WriteState:
+        """The users' stored hashes and the values of ``seen_keys``, in one pipeline."""
+        pipe = self._client.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hmget(user_key(user_id), USER_FIELDS)
+        if seen_keys:
+            pipe.mget(seen_keys)
+        replies = pipe.execute()
+        users = dict(zip(user_ids, replies, strict=False))
+        return WriteState(users=users, seen=replies[-1] if seen_keys else [])
+
     def apply(
         self,
         users: Mapping[str, UserDelta],
         items: Mapping[str, ItemDelta],
         guard: BatchGuard,
+        state: WriteState,
         now_ms: int | None = None,
     ) -> ApplyResult:
-        """Merge ``users`` and ``items`` atomically if ``guard`` passes; see :class:`BatchGuard`."""
-        keys, args = _merge_args(users, items, guard, self._half_life_ms, now_ms)
+        """Merge ``users`` (against ``state``, which must hold them all) and ``items`` atomically if ``guard`` passes."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        keys: list[bytes] = [guard.offsets_key, *guard.seen_keys]
+        args: list[Any] = [
+            now,
+            repr(self._half_life_ms),
+            guard.seen_ttl_s,
+            len(guard.expected),
+            len(guard.seen_keys),
+            len(users),
+            len(items),
+        ]
+        for partition, expected in guard.expected.items():
+            args += (partition, expected, guard.applied[partition])
+        user_ids = list(users)
+        for user_id in user_ids:
+            keys.append(user_key(user_id))
+            args += _user_args(state.users[user_id], users[user_id], now)
+        extend = args.extend
+        for item_id, d in items.items():
+            keys.append(item_key(item_id))
+            extend(
+                (
+                    d.views,
+                    d.add_to_carts,
+                    d.purchases,
+                    d.last_event_ts,
+                    repr(d.trending),
+                    d.category or "",
+                    "" if d.price is None else repr(d.price),
+                )
+            )
+        extend(guard.seen_values)
         reply = self._script(keys=keys, args=args)
         status = reply[0]
         if status == b"ok":
@@ -722,54 +742,31 @@ class FeatureWriter:
             return ApplyResult(ok=False, fenced_partition=int(reply[1]), stored_offset=int(reply[2]))
         if status == b"dup":
             return ApplyResult(ok=False, seen_duplicates=[int(x) for x in reply[1].split(b",")])
+        if status == b"stale":
+            return ApplyResult(ok=False, stale_users=[user_ids[int(x)] for x in reply[1].split(b",")])
         raise RuntimeError(f"unexpected reply from the merge script: {reply!r}")
 
 
-def _merge_args(
-    users: Mapping[str, UserDelta],
-    items: Mapping[str, ItemDelta],
-    guard: BatchGuard,
-    half_life_ms: float,
-    now_ms: int | None,
-) -> tuple[list[bytes], list[Any]]:
-    keys: list[bytes] = [guard.offsets_key]
-    keys.extend(guard.seen_keys)
-    args: list[Any] = [
-        int(time.time() * 1000) if now_ms is None else now_ms,
-        repr(half_life_ms),
-        guard.seen_ttl_s,
-        len(guard.expected),
-        len(guard.seen_keys),
-        len(users),
-        len(items),
-        RECENT_ITEMS_MAX,
-        PURCHASED_ITEMS_MAX,
-        TOP_CATEGORIES_MAX,
-    ]
-    for partition, expected in guard.expected.items():
-        args += (partition, expected, guard.applied[partition])
-    extend = args.extend
-    for user_id, d in users.items():
-        keys.append(user_key(user_id))
-        extend((d.views, d.add_to_carts, d.purchases, d.last_event_ts, len(d.recent_items)))
-        extend(d.recent_items)
-        args.append(len(d.purchased_items))
-        extend(d.purchased_items)
-        args.append(len(d.category_weights))
-        for category, weight in d.category_weights.items():
-            extend((category, weight))
-    for item_id, d in items.items():
-        keys.append(item_key(item_id))
-        extend(
-            (
-                d.views,
-                d.add_to_carts,
-                d.purchases,
-                d.last_event_ts,
-                repr(d.trending),
-                d.category or "",
-                "" if d.price is None else repr(d.price),
-            )
-        )
-    extend(guard.seen_values)
-    return keys, args
+def _user_args(stored: list[bytes | None], delta: UserDelta, now_ms: int) -> list[bytes]:
+    """Expected counter bytes, then the 9 field values (``_UNCHANGED`` where the batch changes nothing)."""
+    merged = merge_user(decode_user(stored), delta)
+    out = [stored[0] or b"", stored[1] or b"", stored[2] or b""]
+    out += (
+        ValueProto(int64_val=merged.views).SerializeToString(),
+        ValueProto(int64_val=merged.add_to_carts).SerializeToString(),
+        ValueProto(int64_val=merged.purchases).SerializeToString(),
+        ValueProto(int64_val=merged.last_event_ts).SerializeToString(),
+        ValueProto(string_list_val=StringList(val=merged.recent_items)).SerializeToString(),
+        ValueProto(string_list_val=StringList(val=merged.purchased_items)).SerializeToString()
+        if delta.purchased_items
+        else _UNCHANGED,
+        ValueProto(string_list_val=StringList(val=merged.top_categories)).SerializeToString()
+        if delta.category_weights
+        else _UNCHANGED,
+        ValueProto(int64_list_val=Int64List(val=merged.top_category_weights)).SerializeToString()
+        if delta.category_weights
+        else _UNCHANGED,
+        # written-at never moves backwards (several writers, skewed clocks)
+        _timestamp_bytes(now_ms) if _timestamp_ms(stored[8]) < now_ms else _UNCHANGED,
+    )
+    return out

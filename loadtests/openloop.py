@@ -255,6 +255,7 @@ class _Client:
         clock = time.monotonic
         timeout = self._timeout_s
         path_index = self._path_index
+        details: dict[int, str] = {}  # status value -> the first error message seen with it
 
         async def one(i: int, call: Any, payload: bytes) -> None:
             sent[i] = clock()
@@ -262,11 +263,14 @@ class _Client:
                 raw = await call(payload, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 done[i] = clock()
-                code[i] = exc.code().value[0]
+                code[i] = value = exc.code().value[0]
+                if value not in details:
+                    details[value] = (exc.details() or "")[:200]
                 return
-            except Exception:  # anything else is the client's fault: recorded as UNKNOWN
+            except Exception as exc:  # anything else is the client's fault: recorded as UNKNOWN
                 done[i] = clock()
-                code[i] = grpc.StatusCode.UNKNOWN.value[0]
+                code[i] = value = grpc.StatusCode.UNKNOWN.value[0]
+                details.setdefault(value, f"client: {exc!r}"[:200])
                 return
             done[i] = clock()
             code[i] = 0
@@ -299,5 +303,12 @@ class _Client:
         for name, idx in path_index.items():
             names[idx] = name
         return StepRecord(
-            scheduled=due, sent=sent, done=done, code=code, path=path, degraded=degraded, path_names=names
+            scheduled=due,
+            sent=sent,
+            done=done,
+            code=code,
+            path=path,
+            degraded=degraded,
+            path_names=names,
+            error_details=details,
         )

@@ -105,6 +105,7 @@ class StepRecord:
     path: np.ndarray
     degraded: np.ndarray
     path_names: list[str] = field(default_factory=list)
+    error_details: dict[int, str] = field(default_factory=dict)  # status value -> first message
 
     @classmethod
     def merge(cls, parts: Sequence[StepRecord]) -> StepRecord:
@@ -121,6 +122,10 @@ class StepRecord:
                     names.append(name)
                 remap[i] = index[name]
             paths.append(remap[part.path])
+        details: dict[int, str] = {}
+        for part in parts:
+            for value, text in part.error_details.items():
+                details.setdefault(value, text)
         order = np.argsort(np.concatenate([p.scheduled for p in parts]), kind="stable") if parts else []
         cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])[order]  # noqa: E731
         return cls(
@@ -131,6 +136,7 @@ class StepRecord:
             path=np.concatenate(paths)[order] if parts else np.empty(0, np.int16),
             degraded=cat("degraded"),
             path_names=names,
+            error_details=details,
         )
 
     def latencies(self) -> np.ndarray:
@@ -169,6 +175,11 @@ def summarize_step(
     send_rate = (len(sent) - 1) / (sent[-1] - sent[0]) if len(sent) > 1 and sent[-1] > sent[0] else None
     lag = np.clip(record.sent - record.scheduled, 0.0, None)
     n_ok = int(ok.sum())
+    # Successful calls per second over the step, stretched to the last answer: a server that
+    # answers a backlog after the step ended did not sustain the offered rate.
+    window = duration_s
+    if n_ok:
+        window = max(duration_s, float(record.done[ok].max() - record.scheduled.min()))
     n_err = n - n_ok
     summary: dict[str, Any] = {
         "offered_rate": round(offered_rate, 3),
@@ -177,11 +188,12 @@ def summarize_step(
         "ok": n_ok,
         "errors_total": n_err,
         "error_rate": round(n_err / n, 6) if n else 0.0,
-        "achieved_rate": round(n_ok / duration_s, 3) if duration_s > 0 else None,
+        "achieved_rate": round(n_ok / window, 3) if window > 0 else None,
         "send_rate": None if send_rate is None else round(float(send_rate), 3),
         "latency_ms": latency_summary_ms(lat[ok]),
         "latency_all_ms": latency_summary_ms(lat[answered]),
         "errors": errors,
+        "error_details": {STATUS_NAMES.get(k, f"CODE_{k}"): v for k, v in sorted(record.error_details.items())},
         "paths": paths,
         "degraded": int((record.degraded & ok).sum()),
         "send_lag_ms": latency_summary_ms(lag),

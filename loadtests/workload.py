@@ -43,14 +43,25 @@ class Workload:
         return cls(users=data["users"], items=data["items"], categories=data["categories"])
 
 
-def from_events(frame: Any) -> Workload:
-    """A workload from an event frame with ``user_id`` and ``item_id`` columns (pandas)."""
+def from_events(frame: Any, *, stock_codes: bool = True) -> Workload:
+    """A workload from an event frame with ``user_id`` and ``item_id`` columns (pandas).
+
+    ``stock_codes``: item ids are Online Retail stock codes (only those starting with a digit are
+    products; categories are their two-digit families). Otherwise every item counts, and the
+    ``category`` column gives the categories where it is filled.
+    """
     user_counts = frame.loc[~frame["user_id"].str.startswith("guest-"), "user_id"].value_counts()
     users = sorted(user_counts[user_counts >= MIN_USER_EVENTS].index.tolist())
-    items = sorted(x for x in frame["item_id"].unique().tolist() if x[:1].isdigit())
+    items = sorted(str(x) for x in frame["item_id"].unique().tolist() if not stock_codes or str(x)[:1].isdigit())
     if not users or not items:
         raise ValueError("the events hold no warm users or no sellable items")
-    return Workload(users=users, items=items, categories=categorize(items))
+    if stock_codes or "category" not in frame or frame["category"].isna().all():
+        return Workload(users=users, items=items, categories=categorize(items))
+    pairs = frame.loc[frame["category"].notna(), ["item_id", "category"]].drop_duplicates("item_id")
+    categories: dict[str, list[str]] = {}
+    for item, category in zip(pairs["item_id"], pairs["category"], strict=True):
+        categories.setdefault(str(category), []).append(str(item))
+    return Workload(users=users, items=items, categories={k: sorted(v) for k, v in sorted(categories.items())})
 
 
 def categorize(items: list[str]) -> dict[str, list[str]]:
@@ -69,7 +80,7 @@ def load(source: str = "onlineretail") -> Workload:
     """``onlineretail`` | ``otto`` | ``synthetic`` | an event log path (see :mod:`recstack.sources`)."""
     from recstack.sources import load_source
 
-    return from_events(load_source(source))
+    return from_events(load_source(source), stock_codes=source == "onlineretail")
 
 
 def rank_requests(

@@ -5,9 +5,9 @@ Each step takes ``B`` contexts (:class:`~models.data.Contexts`):
 * light path: a softmax over every known item (or, for catalogues above
   ``full_softmax_max_items``, over the batch's positives plus popularity-sampled items with the
   log-Q correction), one positive at a time against all non-positives of the context;
-* full path: a softmax over a short list per context: up to ``full_positives`` positives, the
-  light path's ``full_hard_negatives`` best-scored non-positives (what a cascade asks it to
-  re-order) and ``full_random_negatives`` random items (what always-full ranking also meets).
+* full path: the same catalogue-wide cross-entropy for (light + residual), with the residual
+  computed only for up to ``full_positives`` positives and ``full_samples`` items drawn from the
+  light path's softmax (importance sampling, see :class:`TrainStep`).
 
 All randomness comes from a seeded numpy generator, so a run is reproducible; under DDP every
 rank walks the same shuffled order, taking every ``world``-th batch.
@@ -42,9 +42,11 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-6
     seed: int = 0
-    full_positives: int = 8
-    full_hard_negatives: int = 24
-    full_random_negatives: int = 32
+    full_positives: int = 8  # positives per context the full path scores (a random subset)
+    # Items drawn from the light softmax per context to estimate the full path's normaliser.
+    full_samples: int = 64
+    # Weight of the light path's distillation from the full path (see TrainStep).
+    distill: float = 1.0
     # Exact softmax over the catalogue up to this many items (Online Retail: ~4k); sampled above.
     full_softmax_max_items: int = 50_000
     sampled_negatives: int = 4_096
@@ -78,12 +80,19 @@ def multi_positive_softmax(logits: Tensor, positive: Tensor, valid: Tensor | Non
 
 
 class TrainStep(nn.Module):
-    """Loss of one batch; a module so DDP can wrap it (its forward is what DDP synchronises)."""
+    """Loss of one batch; a module so DDP can wrap it (its forward is what DDP synchronises).
 
-    def __init__(self, model: TwoPathRanker, hard_negatives: int) -> None:
+    The full path's loss is a cross-entropy over the whole candidate set, estimated by importance
+    sampling: with ``q = softmax(light)``, ``Z_full = Z_light * E_{j~q}[exp(residual_j)]``, so only
+    the positives and ``M`` items drawn from ``q`` need the costly residual. Training the residual
+    on a short list without that anchor taught it to flatten the light scores, which a short list
+    rewards and a full catalogue punishes.
+    """
+
+    def __init__(self, model: TwoPathRanker, distill: float = 0.0) -> None:
         super().__init__()
         self.model = model
-        self.hard_negatives = hard_negatives
+        self.distill = distill
 
     def forward(
         self,
@@ -94,27 +103,34 @@ class TrainStep(nn.Module):
         log_q: Tensor,  # N sampling correction (zeros for the exact softmax)
         positive: Tensor,  # B x N bool
         full_pos: Tensor,  # B x P indices into cand_rows (-1 = none)
-        full_rand: Tensor,  # B x R indices into cand_rows
+        uniform: Tensor,  # B x M uniform(0, 1) numbers: draws from the light softmax
     ) -> tuple[Tensor, Tensor]:
         model = self.model
         u, hist_emb, mask = model.user_vector(hist, user_dense)
-        light = model._light_scores(u, RankBatch(hist, user_dense, cand_rows, item_dense))  # B x N
-        loss_light = multi_positive_softmax(light - log_q, positive)
+        light = model._light_scores(u, RankBatch(hist, user_dense, cand_rows, item_dense)) - log_q  # B x N
+        loss_light = multi_positive_softmax(light, positive)
 
         with torch.no_grad():
-            k = min(self.hard_negatives, light.shape[1])
-            hard = torch.topk(light.masked_fill(positive, float("-inf")), k, dim=1).indices
-        idx = torch.cat([full_pos.clamp_min(0), hard, full_rand], dim=1)  # B x Cf
-        pos_f = torch.zeros_like(idx, dtype=torch.bool)
-        pos_f[:, : full_pos.shape[1]] = full_pos >= 0
-        valid = torch.ones_like(pos_f)
-        valid[:, : full_pos.shape[1]] = full_pos >= 0
-        valid[:, full_pos.shape[1] :] = ~positive.gather(1, idx[:, full_pos.shape[1] :])  # never a positive as negative
+            cdf = torch.cumsum(torch.softmax(light, dim=1), dim=1)
+            drawn = torch.searchsorted(cdf, uniform.contiguous()).clamp_max(light.shape[1] - 1)  # B x M
+        P = full_pos.shape[1]
+        idx = torch.cat([full_pos.clamp_min(0), drawn], dim=1)  # B x (P + M)
         rows_f = cand_rows[idx]
         item_f = item_dense.gather(1, idx.unsqueeze(2).expand(-1, -1, item_dense.shape[2]))
-        batch_f = RankBatch(hist, user_dense, rows_f, item_f)
-        full = light.gather(1, idx) + model.residual(batch_f, u, hist_emb, mask)
-        loss_full = multi_positive_softmax(full, pos_f, valid)
+        res = model.residual(RankBatch(hist, user_dense, rows_f, item_f), u, hist_emb, mask)
+        valid = full_pos >= 0
+        n_pos = valid.sum(dim=1)
+        has = n_pos > 0
+        pos_logit = (light.gather(1, idx[:, :P]) + res[:, :P]) * valid
+        log_z = torch.logsumexp(light, dim=1) + torch.logsumexp(res[:, P:], dim=1) - math.log(res.shape[1] - P)
+        per_context = log_z - pos_logit.sum(dim=1) / n_pos.clamp_min(1)
+        loss_full = per_context[has].mean() if bool(has.any()) else res.sum() * 0.0
+        if self.distill > 0:
+            # Teach the light path the full path's order over the drawn items: a cascade's head then
+            # holds more of what the full path would have put first.
+            drawn_light = light.gather(1, idx[:, P:])
+            teacher = torch.softmax((drawn_light + res[:, P:]).detach(), dim=1)
+            loss_light = loss_light + self.distill * -(teacher * torch.log_softmax(drawn_light, dim=1)).sum(1).mean()
         return loss_light, loss_full
 
 
@@ -196,7 +212,7 @@ class _BatchMaker:
             "log_q": torch.from_numpy(log_q),
             "positive": torch.from_numpy(positive),
             "full_pos": torch.from_numpy(full_pos),
-            "full_rand": torch.from_numpy(rng.integers(0, N, size=(B, cfg.full_random_negatives))),
+            "uniform": torch.from_numpy(rng.random((B, cfg.full_samples), dtype=np.float32)),
         }
 
 
@@ -214,7 +230,7 @@ def fit(
 
     rank, world = _distributed()
     torch.manual_seed(config.seed)
-    step_module: nn.Module = TrainStep(model, config.full_hard_negatives)
+    step_module: nn.Module = TrainStep(model, config.distill)
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module)
         # Every rank starts from rank 0's initial weights (DDP broadcasts them on wrap).

@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 ONLINERETAIL_FILE = "onlineretail.csv.xz"
 ONLINERETAIL_SHA256 = "99019388963fba5122c95a10524c5c70378cc223f27f33d5ea485e7e312fc22b"
 OTTO_FILE = "otto-sample.jsonl"
-# The shared data folder beside the checkout (``<repo>/../shared/data``).
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The shared data folder beside the checkout (``<repo>/../shared/data``), or RECSTACK_DATA_DIR.
+SHARED_DATA_DIR = Path(
+    os.environ.get("RECSTACK_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 CACHE_DIR = Path(os.environ.get("RECSTACK_CACHE_DIR", Path.home() / ".cache" / "recstack")) / "data"
 _OTTO_TYPES = {"clicks": "view", "carts": "add_to_cart", "orders": "purchase"}
 

@@ -1,0 +1,286 @@
+"""``recstack loadtest``, ``recstack bench`` and ``recstack slo-gate``.
+
+The handlers import only Locust-free modules: Locust runs in a process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+from recstack.errors import UserError
+from recstack.flags import add_flag, host_port, non_negative_float, positive_int, redis_url
+
+log = logging.getLogger(__name__)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def duration(text: str) -> float:
+    """``90``, ``90s``, ``1.5m``, ``500ms`` -> seconds (> 0)."""
+    match = _DURATION.match(text)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 60s, 2m or 500ms, got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than zero, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    _register_loadtest(subparsers)
+    _register_bench(subparsers)
+    _register_slo_gate(subparsers)
+
+
+# --- shared flags --------------------------------------------------------------------------------
+
+
+def _add_generator_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--schedule", default="poisson", choices=["poisson", "uniform"],
+             help="arrival schedule of the open-loop generator")
+    add_flag(parser, "--workers", default=2, type=positive_int, help="generator processes")
+    add_flag(parser, "--channels", default=4, type=positive_int, help="gRPC channels (TCP connections) per generator process")
+    add_flag(parser, "--timeout-ms", default=1000.0, type=positive_float,
+             help="per-call deadline; a call unanswered by then counts as DEADLINE_EXCEEDED")
+    add_flag(parser, "--candidates", default=100, type=positive_int, help="candidates per Rank request")
+    add_flag(parser, "--source", default="onlineretail",
+             help="where users and items come from: onlineretail | otto | synthetic | an event log path")
+    add_flag(parser, "--seed", default=0, type=int, help="seed of the request mix and of the schedules")
+
+
+def _generator_config(args: argparse.Namespace) -> Any:
+    from loadtests.openloop import GeneratorConfig
+
+    return GeneratorConfig(workers=args.workers, channels=args.channels, timeout_s=args.timeout_ms / 1000.0)
+
+
+# --- recstack loadtest ---------------------------------------------------------------------------
+
+
+def _register_loadtest(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "loadtest",
+        help="storefront user journeys with Locust (headless), CSV and HTML reports",
+        description=(
+            "Run Locust headless in its own process: shoppers who call Recommend on the home page, Rank "
+            "50-200 items on category pages and a few on product pages, and publish their events to Kafka. "
+            "Writes locust_stats.csv (and the other --csv files), locust.html and summary.md to --out."
+        ),
+    )
+    add_flag(parser, "--host", default="127.0.0.1:50051", type=host_port, help="ranking server HOST:PORT")
+    add_flag(parser, "--users", default=20, type=positive_int, help="simulated shoppers")
+    add_flag(parser, "--spawn-rate", default=5.0, type=positive_float, help="shoppers started per second")
+    add_flag(parser, "--duration", default=60.0, type=duration, help="how long to run (e.g. 60s, 5m)")
+    add_flag(parser, "--out", default="artifacts/loadtest", help="folder for the reports")
+    add_flag(parser, "--bootstrap", default="127.0.0.1:9092", help="Kafka HOST:PORT for the shoppers' events")
+    add_flag(parser, "--topic", default="user-events", help="Kafka topic for events")
+    add_flag(parser, "--no-events", type=None, default=False, help="publish no events to Kafka")
+    add_flag(parser, "--wait", default="0.2,1.0", help="think time between pages, MIN,MAX seconds")
+    add_flag(parser, "--timeout-ms", default=1000.0, type=positive_float, help="per-call gRPC deadline")
+    add_flag(parser, "--source", default="onlineretail", help="where shoppers and items come from")
+    add_flag(parser, "--processes", default=1, type=positive_int, help="Locust processes (forked by Locust)")
+    parser.set_defaults(handler=_loadtest)
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from loadtests.locust_runner import LocustRun, run_locust
+
+    try:
+        low, high = (float(x) for x in args.wait.split(","))
+    except ValueError:
+        raise UserError(f"--wait: expected MIN,MAX seconds, got {args.wait!r}") from None
+    if not 0 <= low <= high:
+        raise UserError(f"--wait: need 0 <= MIN <= MAX, got {args.wait!r}")
+    run = LocustRun(
+        host=args.host,
+        users=args.users,
+        spawn_rate=args.spawn_rate,
+        duration_s=args.duration,
+        out=Path(args.out),
+        bootstrap="" if args.no_events else args.bootstrap,
+        topic=args.topic,
+        source=args.source,
+        wait=f"{low:g},{high:g}",
+        timeout_s=args.timeout_ms / 1000.0,
+        processes=args.processes,
+    )
+    return run_locust(run)
+
+
+# --- recstack bench ------------------------------------------------------------------------------
+
+
+def _register_bench(subparsers: Any) -> None:
+    from loadtests.saturation import SERVER_NAMES
+
+    parser = subparsers.add_parser(
+        "bench",
+        help="saturation benchmark: echo vs naive vs real server, open loop, in one run",
+        description=(
+            "Start each server in its own process on a free port (the bare gRPC echo server, "
+            "'recstack serve --naive' and 'recstack serve'), step the offered Rank rate up until the p99 SLO "
+            "is missed and throughput saturates, bisect for the highest rate within the SLO, then overload "
+            "the real server at --overload-factor times that rate. The ranking servers need a model in "
+            "--models and features in --redis (see docs/LOADTESTS.md). Writes results.json, summary.md and "
+            "PNG plots to --out. Search flags left unset take the full or the --quick defaults."
+        ),
+    )
+    add_flag(parser, "--out", default="artifacts/bench", help="folder for results.json, summary.md and plots")
+    add_flag(parser, "--servers", default=list(SERVER_NAMES), nargs="+", choices=list(SERVER_NAMES),
+             help="servers to measure, in this order")
+    add_flag(parser, "--models", default="artifacts/models", help="model folder for the ranking servers")
+    add_flag(parser, "--redis", default="redis://127.0.0.1:6379/0", type=redis_url,
+             help="Redis holding the features, for the ranking servers")
+    add_flag(parser, "--serve-args", default="", help="extra flags for both 'recstack serve' runs (one string)")
+    for name in SERVER_NAMES:
+        add_flag(parser, f"--{name}-cmd", default="",
+                 help=f"command that starts the {name} server instead of the built-in one; '{{port}}' is "
+                      "replaced by the port to bind")
+    add_flag(parser, "--quick", type=None, default=False, help="a few short steps (under a minute), for make demo")
+    add_flag(parser, "--p99-ms", default=10.0, type=positive_float, help="latency SLO: p99 bound in ms")
+    add_flag(parser, "--max-error-rate", default=0.01, type=fraction, help="SLO: highest share of failed calls")
+    add_flag(parser, "--start-rate", default=None, type=positive_float, help="first offered rate, calls/s "
+             "(full: 100, quick: 200)")
+    add_flag(parser, "--step-factor", default=None, type=positive_float,
+             help="multiplier between coarse steps (full: 1.5, quick: 2)")
+    add_flag(parser, "--step-duration", default=None, type=duration, help="length of one step (full: 5s, quick: 1.5s)")
+    add_flag(parser, "--fine-steps", default=None, type=int, help="bisection steps after the coarse search "
+             "(full: 3, quick: 1)")
+    add_flag(parser, "--max-rate", default=20_000.0, type=positive_float, help="never offer more than this, calls/s")
+    add_flag(parser, "--overload-factor", default=1.5, type=positive_float,
+             help="overload step at this multiple of the real server's highest rate within the SLO")
+    add_flag(parser, "--start-timeout", default=180.0, type=duration, help="how long a server may take to be healthy")
+    add_flag(parser, "--request-pool", default=2000, type=positive_int, help="distinct prepared Rank requests")
+    _add_generator_flags(parser)
+    parser.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from loadtests.saturation import QUICK_SEARCH, BenchConfig, SearchConfig, run_bench, server_specs
+
+    base = QUICK_SEARCH if args.quick else SearchConfig()
+    overrides = {
+        "start_rate": args.start_rate,
+        "step_factor": args.step_factor,
+        "step_s": args.step_duration,
+        "fine_steps": args.fine_steps,
+    }
+    search = replace(
+        base,
+        **{k: v for k, v in overrides.items() if v is not None},
+        max_rate=args.max_rate,
+        slo_p99_ms=args.p99_ms,
+        max_error_rate=args.max_error_rate,
+        schedule=args.schedule,
+    )
+    if search.step_factor <= 1:
+        raise UserError("--step-factor must be greater than 1")
+    cfg = BenchConfig(
+        out=Path(args.out),
+        servers=tuple(args.servers),
+        models=args.models,
+        redis=args.redis,
+        serve_args=tuple(shlex.split(args.serve_args)),
+        candidates=args.candidates,
+        source=args.source,
+        request_pool=args.request_pool,
+        overload_factor=args.overload_factor,
+        start_timeout_s=args.start_timeout,
+        seed=args.seed,
+        quick=args.quick,
+        search=search,
+        generator=_generator_config(args),
+    )
+    commands = {name: getattr(args, f"{name}_cmd") for name in cfg.servers}
+    if any(name != "echo" and not commands.get(name) for name in cfg.servers) and not Path(cfg.models).is_dir():
+        raise UserError(f"--models {cfg.models} is not a folder: train a model first (see docs/LOADTESTS.md)")
+    specs = server_specs(cfg)
+    for name, command in commands.items():
+        if command:
+            specs[name] = replace(specs[name], argv=tuple(shlex.split(command)))
+    results = run_bench(cfg, specs=specs)
+    print((cfg.out / "summary.md").read_text())
+    failed = [name for name, server in results["servers"].items() if server.get("status") != "ok"]
+    if failed:
+        print(f"recstack bench: could not measure {', '.join(failed)} (see summary.md)")
+        return 1
+    return 0
+
+
+# --- recstack slo-gate ---------------------------------------------------------------------------
+
+
+def _register_slo_gate(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "slo-gate",
+        help="offer a fixed rate to a running server; exit 1 when p99 or errors exceed the SLO",
+        description=(
+            "One open-loop step at --rate for --duration against a running ranking server (after a short "
+            "warm-up). Prints p50/p95/p99/p99.9, throughput, error and path mix; exits 0 when p99 of "
+            "successful calls <= --p99-ms and the share of failed calls <= --max-error-rate, else 1."
+        ),
+    )
+    add_flag(parser, "--target", default="127.0.0.1:50051", type=host_port, help="ranking server HOST:PORT")
+    add_flag(parser, "--rate", default=None, type=positive_float, required=True, help="offered rate, calls/s")
+    add_flag(parser, "--duration", default=10.0, type=duration, help="length of the measured step")
+    add_flag(parser, "--p99-ms", default=10.0, type=positive_float, help="p99 bound in ms")
+    add_flag(parser, "--max-error-rate", default=0.01, type=fraction, help="highest share of failed calls")
+    add_flag(parser, "--warmup", default=1.0, type=non_negative_float, help="warm-up seconds before measuring")
+    add_flag(parser, "--method", default="rank", choices=["rank", "recommend"], help="which RPC to call")
+    add_flag(parser, "--k", default=20, type=positive_int, help="k of Recommend requests")
+    add_flag(parser, "--json", default="", help="also write the figures to this JSON file")
+    _add_generator_flags(parser)
+    parser.set_defaults(handler=_slo_gate)
+
+
+def _slo_gate(args: argparse.Namespace) -> int:
+    from loadtests import workload
+    from loadtests.openloop import GeneratorError
+    from loadtests.slo_gate import Gate, format_gate, run_gate
+
+    gate = Gate(
+        target=args.target,
+        rate=args.rate,
+        duration_s=args.duration,
+        p99_ms=args.p99_ms,
+        max_error_rate=args.max_error_rate,
+        warmup_s=args.warmup,
+        method="Rank" if args.method == "rank" else "Recommend",
+        schedule=args.schedule,
+        seed=args.seed,
+    )
+    mix = workload.load(args.source)
+    if gate.method == "Rank":
+        requests = workload.rank_requests(mix, 2000, args.candidates, args.seed)
+    else:
+        requests = workload.recommend_requests(mix, 2000, args.k, args.seed)
+    try:
+        step = run_gate(gate, requests, _generator_config(args))
+    except GeneratorError as exc:
+        raise UserError(f"cannot load {args.target}: {exc}") from None
+    print(format_gate(gate, step))
+    if args.json:
+        step.pop("histogram_ms", None)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"gate": vars(gate), "step": step}, indent=1))
+    return 0 if step["passed"] else 1

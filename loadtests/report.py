@@ -1,0 +1,317 @@
+"""The saturation benchmark's report: ``summary.md`` and PNG plots, from ``results.json`` alone.
+
+Plots: latency percentiles against the offered rate with the SLO line (one panel per server),
+the latency histogram at the target rate, and the path mix and shed rate against load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from loadtests.stats import HISTOGRAM_EDGES_MS, error_mix, path_mix
+
+SEARCH_PHASES = ("coarse", "descend", "fine")
+PERCENTILE_KEYS = ("p50", "p95", "p99", "p99.9")
+PLOT_FILES = ("latency_vs_rate.png", "latency_histogram.png", "path_mix.png")
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(Path(path).read_text())
+    return data
+
+
+def all_steps(server: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every step of a server (search, then target, naive-peak and overload)."""
+    steps = list(server.get("steps") or [])
+    for key in ("target", "at_naive_peak", "overload"):
+        if server.get(key):
+            steps.append(server[key])
+    return steps
+
+
+def step_at(server: dict[str, Any], rate: float | None) -> dict[str, Any] | None:
+    """The step whose offered rate is closest to ``rate`` (its target step when there is one)."""
+    if rate is None:
+        return None
+    if server.get("target") and abs(server["target"]["offered_rate"] - rate) < 1e-6:
+        return server["target"]
+    steps = [s for s in all_steps(server) if s.get("phase") != "overload"]
+    return min(steps, key=lambda s: abs(s["offered_rate"] - rate), default=None)
+
+
+def target_rate(results: dict[str, Any]) -> tuple[str | None, float | None]:
+    """The rate the histogram is drawn at: the real server's SLO rate, else the first server's."""
+    servers = results.get("servers", {})
+    for name in ("real", *servers):
+        server = servers.get(name) or {}
+        if server.get("status") == "ok" and server.get("slo_rate"):
+            return name, float(server["slo_rate"])
+    return None, None
+
+
+# --- summary.md ----------------------------------------------------------------------------------
+
+
+def write_summary(results: dict[str, Any], path: str | Path) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_summary(results))
+    return out
+
+
+def render_summary(results: dict[str, Any]) -> str:
+    slo = results.get("slo_p99_ms", 10.0)
+    cfg = results.get("config", {})
+    search = cfg.get("search", {})
+    machine = results.get("machine", {})
+    servers: dict[str, Any] = results.get("servers", {})
+    lines = [
+        "# Saturation benchmark",
+        "",
+        f"Run {results.get('started_at', '?')} on {machine.get('cpu', '?')} ({machine.get('cpus', '?')} CPUs, "
+        f"load average {_load(machine.get('load_average_start'))} at start, "
+        f"{_load(machine.get('load_average_end'))} at end; the generator shares the machine with the server).",
+        f"Rank with {cfg.get('candidates', '?')} candidates from `{cfg.get('source', '?')}`, "
+        f"{search.get('schedule', '?')} arrivals, open loop, {search.get('step_s', '?')} s per step"
+        f"{' (quick mode)' if cfg.get('quick') else ''}. "
+        f"SLO: p99 <= {slo:g} ms over successful calls and errors <= {100 * search.get('max_error_rate', 0.01):g}%; "
+        "latency is timed from each call's scheduled send time.",
+        "",
+        "## Servers",
+        "",
+        "| server | max rate at p99 <= {0:g} ms | p50 / p99 there (ms) | peak throughput | start-up | status |".format(
+            slo
+        ),
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, server in servers.items():
+        if server.get("status") != "ok":
+            lines.append(f"| {name} | - | - | - | - | failed: {_one_line(server.get('error'))} |")
+            continue
+        rate = server.get("slo_rate")
+        at = step_at(server, rate)
+        bound = " (lower bound)" if server.get("slo_rate_is_lower_bound") and rate else ""
+        lines.append(
+            f"| {name} | {_rate(rate)}{bound} | {_lat(at, 'p50')} / {_lat(at, 'p99')} | "
+            f"{_rate(server.get('peak_rate'))} | {server.get('startup_s', '-')} s | ok |"
+        )
+    lines += ["", "## Targets", "", "| figure | this run | target | met |", "|---|---:|---:|---|"]
+    comparison = results.get("comparison", {})
+    r_echo = comparison.get("real_over_echo_slo_rate")
+    r_naive = comparison.get("real_over_naive_peak")
+    lines.append(
+        f"| real / echo, max rate at p99 <= {slo:g} ms | {_num(r_echo)} | >= 0.6 | {_met(r_echo, 0.6)} |"
+    )
+    lines.append(f"| real / naive, peak throughput | {_num(r_naive)} | >= 5 | {_met(r_naive, 5.0)} |")
+    real = servers.get("real") or {}
+    at_naive = real.get("at_naive_peak")
+    if at_naive:
+        p99 = at_naive["latency_ms"].get("p99")
+        lines.append(
+            f"| real p99 at the naive server's peak rate ({_rate(at_naive['offered_rate'])}) | {_ms(p99)} | "
+            f"<= {slo:g} ms | {_met_below(p99, slo)} |"
+        )
+    overload = real.get("overload")
+    if overload:
+        p99 = overload["latency_ms"].get("p99")
+        factor = cfg.get("overload_factor", 1.5)
+        errors = set(overload.get("errors", {}))
+        only_shed = errors <= {"RESOURCE_EXHAUSTED"}
+        lines += [
+            f"| overload at {factor:g}x the real server's {real.get('overload_basis', 'slo_rate')} "
+            f"({_rate(overload['offered_rate'])}): p99 of served calls | {_ms(p99)} | <= {slo:g} ms | "
+            f"{_met_below(p99, slo)} |",
+            f"| overload: error mix | {error_mix(overload)} | only RESOURCE_EXHAUSTED | {'yes' if only_shed else 'no'} |",
+            f"| overload: path mix of served calls | {path_mix(overload)} | | |",
+            f"| overload: served / shed | {_rate(overload.get('achieved_rate'))} served, "
+            f"{100 * overload.get('errors', {}).get('RESOURCE_EXHAUSTED', 0) / max(overload['scheduled'], 1):.1f}% shed"
+            f" | | |",
+        ]
+    lines += ["", "## Steps", ""]
+    for name, server in servers.items():
+        if server.get("status") != "ok":
+            continue
+        lines += [
+            f"### {name}",
+            "",
+            "| phase | offered /s | ok /s | p50 | p95 | p99 | p99.9 ms | errors | paths | degraded | "
+            "generator lag p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|",
+        ]
+        for step in all_steps(server):
+            lat = step["latency_ms"]
+            lines.append(
+                f"| {step.get('phase', '')} | {step['offered_rate']:.0f} | {step.get('achieved_rate') or 0:.0f} | "
+                + " | ".join(_ms(lat.get(k)) for k in PERCENTILE_KEYS)
+                + f" | {error_mix(step)} | {path_mix(step)} | {step.get('degraded', 0)} | "
+                f"{_ms(step.get('send_lag_ms', {}).get('p99'))} |"
+            )
+        lines.append("")
+    lines += [
+        "Generator lag is how late calls left the generator against their schedule; that time is "
+        "counted in the latencies, and a large lag means the machine, not only the server, was saturated.",
+        "",
+        "Plots: " + ", ".join(f"[{f}]({f})" for f in PLOT_FILES),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def write_plots(results: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write the three PNG plots into ``out_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, draw in zip(PLOT_FILES, (_plot_latency_vs_rate, _plot_histogram, _plot_path_mix), strict=True):
+        fig = draw(results, plt)
+        path = out / filename
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _ok_servers(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(n, s) for n, s in results.get("servers", {}).items() if s.get("status") == "ok" and s.get("steps")]
+
+
+def _plot_latency_vs_rate(results: dict[str, Any], plt: Any) -> Any:
+    slo = results.get("slo_p99_ms", 10.0)
+    servers = _ok_servers(results)
+    fig, axes = plt.subplots(1, max(len(servers), 1), figsize=(5.2 * max(len(servers), 1), 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    if not servers:
+        _no_data(axes[0])
+    for ax, (name, server) in zip(axes, servers, strict=False):
+        steps = sorted((s for s in server["steps"] if s.get("phase") in SEARCH_PHASES), key=lambda s: s["offered_rate"])
+        rates = [s["offered_rate"] for s in steps]
+        for key, style in zip(PERCENTILE_KEYS, ("-o", "-s", "-^", "-v"), strict=True):
+            values = [s["latency_ms"].get(key) for s in steps]
+            pts = [(r, v) for r, v in zip(rates, values, strict=True) if v is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, markersize=4, label=key)
+        overload = server.get("overload")
+        if overload and overload["latency_ms"].get("p99") is not None:
+            ax.plot([overload["offered_rate"]], [overload["latency_ms"]["p99"]], "rX", markersize=10, label="p99 overload")
+        ax.axhline(slo, color="red", linestyle="--", linewidth=1, label=f"SLO {slo:g} ms")
+        if server.get("slo_rate"):
+            ax.axvline(server["slo_rate"], color="gray", linestyle=":", linewidth=1, label="max rate in SLO")
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: max {_rate(server.get('slo_rate'))} in SLO")
+        ax.set_xlabel("offered rate (calls/s)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("latency (ms, from scheduled send)")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("Rank latency percentiles vs offered rate (open loop)")
+    return fig
+
+
+def _plot_histogram(results: dict[str, Any], plt: Any) -> Any:
+    slo = results.get("slo_p99_ms", 10.0)
+    owner, rate = target_rate(results)
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    drawn = False
+    for name, server in _ok_servers(results):
+        step = step_at(server, rate)
+        if step is None or not sum(step.get("histogram_ms", [])):
+            continue
+        counts = step["histogram_ms"]
+        total = float(sum(counts))
+        ax.stairs([c / total for c in counts], HISTOGRAM_EDGES_MS, label=f"{name} at {step['offered_rate']:.0f}/s")
+        drawn = True
+    if not drawn:
+        _no_data(ax)
+    ax.axvline(slo, color="red", linestyle="--", linewidth=1, label=f"SLO {slo:g} ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency (ms, from scheduled send)")
+    ax.set_ylabel("share of successful calls")
+    title = f"Latency histogram at the target rate {_rate(rate)}" + (f" ({owner}'s max rate in SLO)" if owner else "")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def _plot_path_mix(results: dict[str, Any], plt: Any) -> Any:
+    servers = _ok_servers(results)
+    with_paths = [(n, s) for n, s in servers if any(set(st.get("paths", {})) - {"echo"} for st in all_steps(s))]
+    shown = with_paths or servers
+    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(5.5 * max(len(shown), 1), 4.2), sharey=True, squeeze=False)
+    axes = axes[0]
+    if not shown:
+        _no_data(axes[0])
+    for ax, (name, server) in zip(axes, shown, strict=False):
+        steps = sorted(all_steps(server), key=lambda s: s["offered_rate"])
+        names = sorted({p for s in steps for p in s.get("paths", {})})
+        labels = [f"{s['offered_rate']:.0f}" + ("\noverload" if s.get("phase") == "overload" else "") for s in steps]
+        x = list(range(len(steps)))
+        bottom = [0.0] * len(steps)
+        for path_name in names:
+            share = [s.get("paths", {}).get(path_name, 0) / max(s["scheduled"], 1) for s in steps]
+            ax.bar(x, share, bottom=bottom, label=f"served: {path_name}")
+            bottom = [b + v for b, v in zip(bottom, share, strict=True)]
+        shed = [s.get("errors", {}).get("RESOURCE_EXHAUSTED", 0) / max(s["scheduled"], 1) for s in steps]
+        ax.bar(x, shed, bottom=bottom, color="black", label="shed (RESOURCE_EXHAUSTED)")
+        bottom = [b + v for b, v in zip(bottom, shed, strict=True)]
+        other = [max(0.0, 1.0 - b) for b in bottom]
+        ax.bar(x, other, bottom=bottom, color="lightgray", hatch="//", label="other errors")
+        degraded = [s.get("degraded", 0) / max(s["scheduled"], 1) for s in steps]
+        if any(degraded):
+            ax.plot(x, degraded, "k^--", markersize=5, label="degraded")
+        ax.set_xticks(x, labels, fontsize=7, rotation=45)
+        ax.set_xlabel("offered rate (calls/s)")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(name)
+    axes[0].set_ylabel("share of calls")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("Compute path mix and shed rate vs load")
+    return fig
+
+
+def _no_data(ax: Any) -> None:
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+# --- formatting ----------------------------------------------------------------------------------
+
+
+def _rate(value: float | None) -> str:
+    return "-" if not value else f"{value:,.0f}/s"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _lat(step: dict[str, Any] | None, key: str) -> str:
+    return "-" if step is None else _ms(step["latency_ms"].get(key))
+
+
+def _met(value: float | None, at_least: float) -> str:
+    return "-" if value is None else ("yes" if value >= at_least else "no")
+
+
+def _met_below(value: float | None, at_most: float) -> str:
+    return "-" if value is None else ("yes" if value <= at_most else "no")
+
+
+def _load(values: list[float] | None) -> str:
+    return "?" if not values else "/".join(f"{v:.2f}" for v in values)
+
+
+def _one_line(text: str | None) -> str:
+    return (text or "").splitlines()[0][:120].replace("|", "/") if text else ""

@@ -1,0 +1,500 @@
+"""The stream consumer: Kafka ``user-events`` -> features in Redis, each valid event applied exactly once.
+
+How exactly-once works (the full argument is in ``docs/FEATURES.md``):
+
+* **Offset fence.** Redis holds, per partition, the last offset whose effects are in the features
+  (``recstack:stream:<topic>:applied``). Each batch is ONE Lua script call
+  (:class:`feature_store.online.FeatureWriter`) that checks those offsets still hold what this
+  consumer expects, checks and sets the event-id dedup keys, merges the batch into the feature
+  hashes and stores the new offsets, atomically. A record at or below the stored offset is never
+  applied again, whoever reads it and however often.
+* **Dedup.** ``recstack:eid:<digest of event_id>`` (TTL = dedup window) marks an applied event id;
+  its value names the record that applied it (``topic:partition:offset``).
+* **Event log.** Applied events are buffered and rolled into Parquet files. Redis also keeps, per
+  partition, the last offset whose events are in rolled files (``...:logged``); a consumer taking
+  a partition over starts reading right after it, so events applied but lost from a crashed
+  buffer are read again: the fence stops them from being applied twice, and they are logged if
+  their dedup key says this very record applied them. Kafka offsets are committed at each roll.
+* **Dead letters** are sent and acknowledged before the batch's offsets are stored, so a crash
+  can repeat a dead letter (at least once, identified by its source headers) but never lose one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import prometheus_client  # noqa: F401  (before Feast, see services/stream/cli.py)
+import redis
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from feature_store.online import ApplyResult, BatchGuard, FeatureWriter
+from recstack.events import Event, InvalidEvent, parse_events
+from services.stream.aggregate import aggregate
+from services.stream.config import StreamConfig
+from services.stream.eventlog import EventLog
+from services.stream.metrics import StreamMetrics
+
+log = logging.getLogger(__name__)
+
+SEEN_PREFIX = b"recstack:eid:"
+_BACKOFF_START_S = 0.1
+_BACKOFF_MAX_S = 5.0
+_DLQ_ACK_TIMEOUT_S = 30.0
+
+
+def seen_key(event_id: str) -> bytes:
+    """The dedup key of an event id (a 128-bit digest keeps keys short whatever the id's length)."""
+    return SEEN_PREFIX + hashlib.blake2b(event_id.encode(), digest_size=16).digest()
+
+
+def applied_key(topic: str) -> bytes:
+    """Hash partition -> last offset applied to the features."""
+    return f"recstack:stream:{topic}:applied".encode()
+
+
+def logged_key(topic: str) -> bytes:
+    """Hash partition -> last offset whose events are in rolled event-log files."""
+    return f"recstack:stream:{topic}:logged".encode()
+
+
+# Raise a partition's logged offset, never lower it (a late writer must not move it back).
+_RAISE_LOGGED = """
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
+  if tonumber(ARGV[i + 1]) > cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+
+class _Stopping(Exception):
+    """Stop was requested while a batch was still waiting for Redis or Kafka: abandon it uncommitted."""
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One attempt at applying a batch: which records do what."""
+
+    apply: list[int] = field(default_factory=list)  # indexes of events to apply
+    dead: list[int] = field(default_factory=list)  # indexes of malformed records past the fence
+    duplicates: int = 0
+    fenced: list[int] = field(default_factory=list)  # valid records at or below the fence, not yet logged
+    replayed: int = 0
+    last_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset past the fence
+
+
+class _Listener(AsyncConsumerRebalanceListener):
+    # kafka-python runs these on its IO thread while the main thread waits inside poll(), so the
+    # consumer's state is not touched concurrently. Blocking Kafka calls are not allowed here.
+    def __init__(self, owner: StreamConsumer) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._owner._on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._owner._on_assigned(assigned)
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self._owner._on_revoked(lost, lost=True)
+
+
+class StreamConsumer:
+    """Runs until :meth:`stop` (or SIGTERM/SIGINT through :func:`run`); see the module docstring."""
+
+    def __init__(self, config: StreamConfig, metrics: StreamMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or StreamMetrics()
+        self._stop = threading.Event()
+        self._redis = redis.Redis.from_url(config.redis, socket_timeout=10, socket_connect_timeout=5)
+        self._writer = FeatureWriter(self._redis, config.trending_half_life_s)
+        self._raise_logged = self._redis.register_script(_RAISE_LOGGED)
+        self._half_life_ms = config.trending_half_life_s * 1000.0
+        self._applied_key = applied_key(config.topic)
+        self._logged_key = logged_key(config.topic)
+        self._event_log = (
+            EventLog(config.event_log, config.log_roll_rows, config.log_roll_s) if config.event_log else None
+        )
+        self._applied: dict[int, int] = {}  # partition -> last applied offset, as last seen in Redis
+        self._logged: dict[int, int] = {}  # partition -> last offset in rolled event-log files
+        self._position: dict[int, int] = {}  # partition -> next offset after what was processed
+        self._unpositioned: set[TopicPartition] = set()  # assigned, paused until positioned
+        self._consumer: KafkaConsumer | None = None
+        self._producer: KafkaProducer | None = None
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, roll the event log, commit and leave the group."""
+        self._stop.set()
+
+    def run(self) -> None:
+        cfg = self.config
+        self._connect()
+        assert self._consumer is not None
+        self._consumer.subscribe([cfg.topic], listener=_Listener(self))
+        log.info("consuming %s as group %s (redis %s)", cfg.topic, cfg.group, cfg.redis)
+        try:
+            while not self._stop.is_set():
+                try:
+                    batch = self._consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=cfg.max_batch)
+                except KafkaError as exc:
+                    log.warning("poll failed (%s); retrying", exc)
+                    self._stop.wait(1.0)
+                    continue
+                self._position_assigned()
+                batch = {tp: recs for tp, recs in batch.items() if tp not in self._unpositioned and recs}
+                if batch:
+                    self._process(batch)
+                if self._event_log is not None and self._event_log.due():
+                    self._roll(main_thread=True)
+                self._update_lag()
+        except _Stopping:
+            log.info("stopping with a batch not applied; it will be read again")
+        finally:
+            self._shutdown()
+
+    def _connect(self) -> None:
+        cfg = self.config
+        delay = _BACKOFF_START_S
+        while True:
+            try:
+                self._consumer = KafkaConsumer(
+                    bootstrap_servers=cfg.bootstrap,
+                    group_id=cfg.group,
+                    client_id=cfg.client_id,
+                    enable_auto_commit=False,
+                    auto_offset_reset="earliest",
+                    max_poll_records=cfg.max_batch,
+                    session_timeout_ms=cfg.session_timeout_ms,
+                    heartbeat_interval_ms=max(1_000, cfg.session_timeout_ms // 3),
+                    max_partition_fetch_bytes=4 * 1024 * 1024,
+                    fetch_max_bytes=64 * 1024 * 1024,
+                    # CRC32C in pure Python costs ~40 us per record (a 7x slowdown); the broker
+                    # verifies CRCs when records are written and TCP protects them in transit.
+                    check_crcs=False,
+                )
+                self._producer = KafkaProducer(
+                    bootstrap_servers=cfg.bootstrap,
+                    client_id=f"{cfg.client_id}-dlq",
+                    acks="all",
+                    retries=10,
+                    linger_ms=5,
+                )
+                return
+            except KafkaError as exc:
+                if self._consumer is not None:
+                    self._consumer.close(autocommit=False)
+                    self._consumer = None
+                if self._stop.wait(delay):
+                    raise _Stopping from exc
+                log.warning("Kafka at %s not available (%s); retrying", cfg.bootstrap, exc)
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+
+    def _shutdown(self) -> None:
+        try:
+            if self._event_log is not None:
+                self._roll(main_thread=True)
+            elif self._consumer is not None:
+                self._commit(sync=True)
+        except (_Stopping, redis.RedisError, KafkaError) as exc:
+            log.warning("final roll/commit failed (%s); the next owner re-reads from the last one", exc)
+        if self._consumer is not None:
+            self._consumer.close(autocommit=False)  # leaves the group: partitions move at once
+        if self._producer is not None:
+            self._producer.close(timeout=10)
+        self._redis.close()
+        log.info("stream consumer stopped")
+
+    # ------------------------------------------------------------------------------ rebalance
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        # Redis reads may need retries, which must not stall the IO thread's heartbeats: pause the
+        # partitions here and position them on the main thread right after poll returns.
+        fresh = {tp for tp in assigned if tp.partition not in self._position}
+        if fresh and self._consumer is not None:
+            self._consumer.pause(*fresh)
+            self._unpositioned |= fresh
+        log.info("assigned partitions %s", sorted(tp.partition for tp in assigned))
+
+    def _on_revoked(self, revoked: set[TopicPartition], lost: bool = False) -> None:
+        log.info("%s partitions %s", "lost" if lost else "revoked", sorted(tp.partition for tp in revoked))
+        if self._event_log is not None:
+            try:
+                self._roll(main_thread=False)
+            except (_Stopping, redis.RedisError, OSError) as exc:
+                log.warning("roll before revoke failed (%s); the next owner re-reads from the last one", exc)
+        elif not lost:
+            self._commit(sync=False)
+        for tp in revoked:
+            self._applied.pop(tp.partition, None)
+            self._logged.pop(tp.partition, None)
+            self._position.pop(tp.partition, None)
+            self._unpositioned.discard(tp)
+            with warnings.catch_warnings():  # Feast's import claims multi-process mode; not ours
+                warnings.simplefilter("ignore")
+                try:
+                    self.metrics.lag.remove(str(tp.partition))
+                except KeyError:
+                    pass
+
+    def _position_assigned(self) -> None:
+        """Seek newly assigned partitions: after the logged offset (event log on) or the applied one."""
+        if not self._unpositioned or self._consumer is None:
+            return
+        tps = sorted(self._unpositioned, key=lambda tp: tp.partition)
+        parts = [tp.partition for tp in tps]
+        applied, logged = self._with_retries(lambda: self._read_offsets(parts))
+        for tp in tps:
+            p = tp.partition
+            self._applied[p] = applied[p]
+            self._logged[p] = logged[p]
+            start = (logged[p] if self._event_log is not None else applied[p]) + 1
+            if start > 0:
+                self._consumer.seek(tp, start)
+                self._position[p] = start
+            else:  # nothing known in Redis: the committed offset, or the beginning
+                self._position[p] = self._consumer.position(tp)
+            log.info("partition %d: applied %d, logged %d, reading from %d", p, applied[p], logged[p], self._position[p])
+        self._consumer.resume(*tps)
+        self._unpositioned.clear()
+
+    def _read_offsets(self, partitions: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hmget(self._applied_key, partitions)
+        pipe.hmget(self._logged_key, partitions)
+        applied_raw, logged_raw = pipe.execute()
+        applied = {p: int(v) if v is not None else -1 for p, v in zip(partitions, applied_raw, strict=True)}
+        logged = {p: int(v) if v is not None else -1 for p, v in zip(partitions, logged_raw, strict=True)}
+        return applied, logged
+
+    # ------------------------------------------------------------------------------ batches
+
+    def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        started = time.perf_counter()
+        records = [rec for recs in batch.values() for rec in recs]
+        parsed = parse_events([rec.value for rec in records])
+        dlq_sent: set[int] = set()
+        known_duplicates: set[int] = set()
+        attempt = 0
+        while True:
+            plan = self._plan(records, parsed, known_duplicates)
+            try:
+                self._dead_letter(records, parsed, plan.dead, dlq_sent)
+                result, to_log = self._write(records, parsed, plan)
+            except (redis.RedisError, KafkaError, OSError) as exc:
+                attempt += 1
+                self.metrics.redis_retries.inc()
+                delay = min(_BACKOFF_START_S * 2 ** min(attempt, 10), _BACKOFF_MAX_S)
+                log.warning("batch write failed (%s: %s); retry %d in %.1fs", type(exc).__name__, exc, attempt, delay)
+                if self._stop.wait(delay):
+                    raise _Stopping from exc
+                continue
+            if result is None or result.ok:
+                break
+            if result.fenced_partition is not None:
+                # Another writer moved the partition (or our last write went through unacknowledged):
+                # reread the fence and plan again. Records now at or below it are not applied.
+                self.metrics.fence_conflicts.inc()
+                parts = sorted(plan.last_offsets)
+                applied, logged = self._with_retries(lambda parts=parts: self._read_offsets(parts))
+                self._applied.update(applied)
+                self._logged.update(logged)
+            elif result.seen_duplicates:  # applied meanwhile through another partition
+                known_duplicates.update(plan.apply[i] for i in result.seen_duplicates)
+            else:  # result.stale_users: written by someone else since the read; read again
+                self.metrics.stale_users.inc(len(result.stale_users))
+        now = time.time()
+        applied_events: list[Event] = [parsed[i] for i in plan.apply]  # type: ignore[misc]
+        for p, offset in plan.last_offsets.items():
+            self._applied[p] = offset
+        for rec in records:
+            if rec.offset + 1 > self._position.get(rec.partition, -1):
+                self._position[rec.partition] = rec.offset + 1
+        if self._event_log is not None:
+            self._event_log.append(applied_events)
+            self._event_log.append(to_log)
+            self.metrics.logged.inc(len(applied_events) + len(to_log))
+        elif plan.last_offsets:
+            self._commit(sync=False)
+        m = self.metrics
+        m.consumed.inc(len(records))
+        m.applied.inc(len(applied_events))
+        m.duplicate.inc(plan.duplicates)
+        m.dead_lettered.inc(len(plan.dead))
+        m.replayed.inc(plan.replayed)
+        m.batch_size.observe(len(records))
+        m.batch_seconds.observe(time.perf_counter() - started)
+        observe = m.freshness.observe
+        for i in plan.apply:
+            observe(max(0.0, now - records[i].timestamp / 1000.0))
+
+    def _plan(self, records: list[Any], parsed: list[Event | InvalidEvent], known_duplicates: set[int]) -> _Plan:
+        plan = _Plan()
+        applied = self._applied
+        logged = self._logged
+        seen_ids: set[str] = set()
+        for i, rec in enumerate(records):
+            p = rec.partition
+            ev = parsed[i]
+            if rec.offset <= applied.get(p, -1):  # behind the fence: already applied
+                plan.replayed += 1
+                if type(ev) is Event and rec.offset > logged.get(p, -1):
+                    plan.fenced.append(i)
+                continue
+            plan.last_offsets[p] = rec.offset
+            if type(ev) is not Event:
+                plan.dead.append(i)
+            elif i in known_duplicates or ev.event_id in seen_ids:
+                plan.duplicates += 1
+            else:
+                seen_ids.add(ev.event_id)
+                plan.apply.append(i)
+        return plan
+
+    def _write(self, records: list[Any], parsed: list[Any], plan: _Plan) -> tuple[ApplyResult | None, list[Event]]:
+        """One attempt: read what the write depends on, drop known event ids, apply. Returns the
+        result (None: nothing to apply) and the fenced events to log."""
+        topic = self.config.topic
+        events: list[Event] = [parsed[i] for i in plan.apply]
+        fenced = plan.fenced if self._event_log is not None else []
+        keys = [seen_key(ev.event_id) for ev in events]
+        keys += [seen_key(parsed[i].event_id) for i in fenced]
+        state = self._writer.read(list(dict.fromkeys(ev.user_id for ev in events)), keys)
+        n = len(events)
+        # Behind the fence, log a record again only if it applied itself (not a duplicate of
+        # another); no key at all means it aged out of the dedup window: log rather than lose it.
+        to_log = []
+        for i, owner in zip(fenced, state.seen[n:], strict=True):
+            rec = records[i]
+            if owner is None or owner == f"{topic}:{rec.partition}:{rec.offset}".encode():
+                to_log.append(parsed[i])
+        if any(owner is not None for owner in state.seen[:n]):  # ids applied by earlier records
+            keep = [j for j in range(n) if state.seen[j] is None]
+            plan.duplicates += n - len(keep)
+            plan.apply = [plan.apply[j] for j in keep]
+            events = [events[j] for j in keep]
+            keys = [keys[j] for j in keep]
+        else:
+            del keys[n:]
+        if not plan.last_offsets:
+            return None, to_log
+        users, items = aggregate(events, self._half_life_ms)
+        guard = BatchGuard(
+            offsets_key=self._applied_key,
+            expected={p: self._applied.get(p, -1) for p in plan.last_offsets},
+            applied=dict(plan.last_offsets),
+            seen_keys=keys,
+            seen_values=[f"{topic}:{records[i].partition}:{records[i].offset}".encode() for i in plan.apply],
+            seen_ttl_s=self.config.dedup_window_s,
+        )
+        return self._writer.apply(users, items, guard, state), to_log
+
+    def _dead_letter(self, records: list[Any], parsed: list[Any], dead: list[int], sent: set[int]) -> None:
+        """Send malformed records to the DLQ and wait for the acknowledgements (once per record)."""
+        todo = [i for i in dead if i not in sent]
+        if not todo:
+            return
+        assert self._producer is not None
+        topic = self.config.topic
+        futures = []
+        for i in todo:
+            rec = records[i]
+            headers = [
+                ("error", str(parsed[i]).encode()),
+                ("source-topic", topic.encode()),
+                ("source-partition", str(rec.partition).encode()),
+                ("source-offset", str(rec.offset).encode()),
+            ]
+            futures.append((i, self._producer.send(self.config.dlq_topic, key=rec.key, value=rec.value, headers=headers)))
+        self._producer.flush(timeout=_DLQ_ACK_TIMEOUT_S)
+        for i, future in futures:
+            future.get(timeout=_DLQ_ACK_TIMEOUT_S)
+            sent.add(i)
+
+    # ------------------------------------------------------------------------------ roll & commit
+
+    def _roll(self, main_thread: bool) -> None:
+        """Roll the event log, then record (Redis) and commit (Kafka) what is now durable in it."""
+        assert self._event_log is not None
+        files = self._event_log.roll()
+        marks = {p: pos - 1 for p, pos in self._position.items() if pos - 1 > self._logged.get(p, -1)}
+        if marks:
+            args = [x for p, offset in sorted(marks.items()) for x in (p, offset)]
+            if main_thread:
+                self._with_retries(lambda: self._raise_logged(keys=[self._logged_key], args=args))
+            else:  # on the IO thread: one attempt, do not stall heartbeats
+                self._raise_logged(keys=[self._logged_key], args=args)
+            self._logged.update(marks)
+        if files:
+            log.info("event log: rolled %d file(s)", len(files))
+        if self._consumer is not None:
+            self._commit(sync=main_thread)
+
+    def _commit(self, sync: bool) -> None:
+        assert self._consumer is not None
+        offsets = {
+            TopicPartition(self.config.topic, p): OffsetAndMetadata(pos, "", -1)
+            for p, pos in self._position.items()
+            if pos >= 0
+        }
+        if not offsets:
+            return
+        try:
+            if sync:
+                self._consumer.commit(offsets)
+            else:
+                self._consumer.commit_async(offsets)
+        except KafkaError as exc:  # Redis holds the authoritative offsets; Kafka's are a convenience
+            log.warning("offset commit failed (%s); continuing", exc)
+
+    # ------------------------------------------------------------------------------ helpers
+
+    def _with_retries(self, call):
+        delay = _BACKOFF_START_S
+        while True:
+            try:
+                return call()
+            except (redis.RedisError, OSError) as exc:
+                self.metrics.redis_retries.inc()
+                log.warning("Redis call failed (%s); retrying in %.1fs", exc, delay)
+                if self._stop.wait(delay):
+                    raise _Stopping from exc
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+
+    def _update_lag(self) -> None:
+        if self._consumer is None:
+            return
+        for p, pos in self._position.items():
+            high = self._consumer.highwater(TopicPartition(self.config.topic, p))
+            if high is not None:
+                self.metrics.lag.labels(str(p)).set(max(0, high - pos))
+
+
+def run(config: StreamConfig) -> int:
+    """Run a consumer in this process until SIGTERM/SIGINT; exit code 0 after a clean stop."""
+    metrics = StreamMetrics()
+    if config.metrics_port:
+        metrics.serve(config.metrics_port)
+    consumer = StreamConsumer(config, metrics)
+
+    def request_stop(signum: int, _frame: Any) -> None:
+        log.info("signal %d: finishing the batch, then stopping", signum)
+        consumer.stop()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        consumer.run()
+    except _Stopping:
+        pass
+    return 0

@@ -1,0 +1,128 @@
+"""The event log for retraining: applied events as Parquet files, one folder per event date.
+
+``DIR/date=YYYY-MM-DD/part-<time>-<writer>-<n>.parquet`` with the columns of
+:data:`recstack.events.COLUMNS` (``ts`` in epoch milliseconds). Events are buffered in memory and
+written when the buffer is rolled: each file is written under a hidden temporary name, flushed to
+disk and renamed, so a reader never sees a partial file. What makes the log complete after a
+crash (re-reading from the last rolled offset) is in ``services/stream/consumer.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recstack.events import Event
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("event_type", pa.string()),
+        ("ts", pa.int64()),
+        ("price", pa.float64()),
+        ("quantity", pa.int64()),
+        ("category", pa.string()),
+        ("session_id", pa.string()),
+    ]
+)
+_DAY_MS = 86_400_000
+_STALE_TEMP_S = 3600.0
+
+
+class EventLog:
+    """Buffer of applied events, rolled into Parquet part files by size, by age, or on demand."""
+
+    def __init__(self, directory: str | Path, roll_rows: int = 200_000, roll_s: float = 30.0) -> None:
+        self.directory = Path(directory)
+        self.roll_rows = roll_rows
+        self.roll_s = roll_s
+        self._writer_id = uuid.uuid4().hex[:8]
+        self._seq = 0
+        self._columns: dict[int, list[list]] = {}  # day number -> one list per column
+        self._rows = 0
+        self._opened = time.monotonic()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
+
+    @property
+    def rows(self) -> int:
+        """Events buffered and not yet in a file."""
+        return self._rows
+
+    def append(self, events: list[Event]) -> None:
+        for ev in events:
+            day = ev.ts_ms // _DAY_MS
+            cols = self._columns.get(day)
+            if cols is None:
+                cols = self._columns[day] = [[] for _ in SCHEMA]
+            cols[0].append(ev.event_id)
+            cols[1].append(ev.user_id)
+            cols[2].append(ev.item_id)
+            cols[3].append(ev.event_type)
+            cols[4].append(ev.ts_ms)
+            cols[5].append(ev.price)
+            cols[6].append(ev.quantity)
+            cols[7].append(ev.category)
+            cols[8].append(ev.session_id)
+        self._rows += len(events)
+
+    def due(self) -> bool:
+        """True once the buffer is big or old enough to be rolled."""
+        return self._rows >= self.roll_rows or time.monotonic() - self._opened >= self.roll_s
+
+    def roll(self) -> list[Path]:
+        """Write the buffer to new part files (one per event date), durably; return their paths."""
+        written = []
+        for day, cols in sorted(self._columns.items()):
+            table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, SCHEMA, strict=True)], schema=SCHEMA)
+            written.append(self._write(day, table))
+        self._columns = {}
+        self._rows = 0
+        self._opened = time.monotonic()
+        return written
+
+    def _write(self, day: int, table: pa.Table) -> Path:
+        date = datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%d")
+        folder = self.directory / f"date={date}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self._seq += 1
+        stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%S")
+        name = f"part-{stamp}-{self._writer_id}-{self._seq:06d}.parquet"
+        temporary = folder / f".{name}.tmp"
+        pq.write_table(table, temporary)
+        with open(temporary, "rb") as fh:
+            os.fsync(fh.fileno())
+        final = folder / name
+        os.replace(temporary, final)
+        _fsync_dir(folder)
+        log.debug("event log: %d rows -> %s", table.num_rows, final)
+        return final
+
+    def _remove_stale_temporaries(self) -> None:
+        # Left by a writer that crashed mid-roll; its events are re-read from Kafka and logged again.
+        cutoff = time.time() - _STALE_TEMP_S
+        for path in self.directory.glob("date=*/.part-*.parquet.tmp"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                pass
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
