@@ -200,7 +200,13 @@ def measure_freshness(args, client, topic: str, metrics_port: int) -> dict:
         if i % args.probe_every == 0:
             user = f"probe-{run}-{i}"
             value = json.dumps(
-                {"event_id": f"probe-{run}-{i}", "user_id": user, "item_id": "probe", "event_type": "view", "ts": int(time.time() * 1000)}
+                {
+                    "event_id": f"probe-{run}-{i}",
+                    "user_id": user,
+                    "item_id": "probe",
+                    "event_type": "view",
+                    "ts": int(time.time() * 1000),
+                }
             ).encode()
             with lock:
                 pending[user_key(user)] = time.perf_counter()
@@ -254,7 +260,9 @@ def _histogram_quantiles(port: int, name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--bootstrap", default=os.environ.get("RECSTACK_BOOTSTRAP", "127.0.0.1:9092"))
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/3", help="flushed before and after")
     parser.add_argument("--events", type=int, default=200_000, help="backlog for the throughput run")
@@ -287,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         frame = synthetic(args.events, seed=3)
         print(f"publishing {len(frame):,} events to {topic} ...", file=sys.stderr)
-        publish(frame_to_events(frame), total=len(frame), bootstrap=args.bootstrap, topic=topic, progress=False)
+        publish(
+            frame_to_events(frame), total=len(frame), bootstrap=args.bootstrap, topic=topic, progress=False
+        )
         proc = _start_consumer(args, topic, metrics_port, log_dir)
         throughput = measure_throughput(args, client, topic, len(frame), proc)
         print(f"consumer: {throughput['events_per_s']:,.0f} events/s", file=sys.stderr)
@@ -326,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     for label, key in (("p50", "p50_s"), ("p99", "p99_s"), ("max", "max_s")):
         value = fr[key]
         shown = f"{value * 1000:,.0f} ms" if value is not None else "n/a"
-        print(f"{'freshness ' + label + ' (publish -> readable)':<44}{shown:>16}  {'<= 1,000 ms' if label == 'p99' else ''}")
+        print(
+            f"{'freshness ' + label + ' (publish -> readable)':<44}{shown:>16}"
+            f"  {'<= 1,000 ms' if label == 'p99' else ''}"
+        )
     print(f"{'freshness probes (lost)':<44}{fr['probes']:>16} ({fr['probes_lost']})")
     hist = fr.get("consumer_histogram") or {}
     if "p99_le_s" in hist:

@@ -23,6 +23,7 @@ today still changes them, and Feast must see our latest write as the newest row.
 
 from __future__ import annotations
 
+import itertools
 import struct
 import time
 from collections.abc import Mapping, Sequence
@@ -35,14 +36,21 @@ from feast.protos.feast.types.Value_pb2 import Int64List, StringList
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from feature_store.constants import (
+from feature_store.definitions import ITEM_VIEW, PROJECT_NAME, USER_VIEW, item_popularity, user_activity
+from feature_store.values import (
     DEFAULT_TRENDING_HALF_LIFE_S,
     EVENT_WEIGHTS,
     PURCHASED_ITEMS_MAX,
     RECENT_ITEMS_MAX,
     TOP_CATEGORIES_MAX,
+    ItemDelta,
+    ItemFeatures,
+    UserDelta,
+    UserFeatures,
+    decay_merge,
+    merge_recent,
+    merge_user,
 )
-from feature_store.definitions import ITEM_VIEW, PROJECT_NAME, USER_VIEW, item_popularity, user_activity
 
 # ------------------------------------------------------------------------------------ constants
 
@@ -96,8 +104,12 @@ ITEM_FEATURES: tuple[str, ...] = (
     "category",
     "price",
 )
-assert [f.name for f in user_activity.features] == list(USER_FEATURES), "definitions.py and online.py disagree"
-assert [f.name for f in item_popularity.features] == list(ITEM_FEATURES), "definitions.py and online.py disagree"
+assert [f.name for f in user_activity.features] == list(USER_FEATURES), (
+    "definitions.py and online.py disagree"
+)
+assert [f.name for f in item_popularity.features] == list(ITEM_FEATURES), (
+    "definitions.py and online.py disagree"
+)
 
 # Hash fields for HMGET, in the order of USER_FEATURES / ITEM_FEATURES, then the timestamp field.
 USER_FIELDS: list[bytes] = [_mmh3(f"{USER_VIEW}:{name}") for name in USER_FEATURES] + [
@@ -144,50 +156,18 @@ def item_key(item_id: str) -> bytes:
 # Building keys by concatenation is ~10x faster than Feast's proto round trip; refuse to start if
 # the two ever disagree (e.g. a Feast upgrade changed the serialization).
 for _sample in ("u42", "é-ünïcode-ид", "x" * 128):
-    if user_key(_sample) != _feast_key("user_id", _sample) or item_key(_sample) != _feast_key("item_id", _sample):
-        raise RuntimeError("feature_store.online: entity key layout differs from Feast's serialize_entity_key v3")
-
-# ------------------------------------------------------------------------------------- features
-
-
-@dataclass(slots=True)
-class UserFeatures:
-    """The ``user_activity`` view of one user; the defaults are what an unknown user has."""
-
-    views: int = 0
-    add_to_carts: int = 0
-    purchases: int = 0
-    last_event_ts: int = 0  # epoch ms of the newest applied event
-    recent_items: list[str] = field(default_factory=list)  # newest first, <= RECENT_ITEMS_MAX
-    purchased_items: list[str] = field(default_factory=list)  # newest first, <= PURCHASED_ITEMS_MAX
-    top_categories: list[str] = field(default_factory=list)  # highest weight first
-    top_category_weights: list[int] = field(default_factory=list)  # aligned with top_categories
-    written_at_ms: int = 0  # when the stream last wrote this hash (Feast's event timestamp)
-
-
-@dataclass(slots=True)
-class ItemFeatures:
-    """The ``item_popularity`` view of one item; the defaults are what an unknown item has."""
-
-    views: int = 0
-    add_to_carts: int = 0
-    purchases: int = 0
-    trending: float = 0.0  # decayed weighted event count as of last_event_ts
-    last_event_ts: int = 0  # epoch ms of the newest applied event
-    category: str = ""  # "" = never seen
-    price: float = 0.0  # 0.0 = never seen
-    written_at_ms: int = 0
-
-    def trending_at(self, now_ms: int, half_life_s: float = DEFAULT_TRENDING_HALF_LIFE_S) -> float:
-        """``trending`` decayed from ``last_event_ts`` to ``now_ms`` (never grown: ``now_ms`` before it is a no-op)."""
-        if now_ms <= self.last_event_ts:
-            return self.trending
-        return self.trending * 2.0 ** (-(now_ms - self.last_event_ts) / (half_life_s * 1000.0))
-
+    if user_key(_sample) != _feast_key("user_id", _sample) or item_key(_sample) != _feast_key(
+        "item_id", _sample
+    ):
+        raise RuntimeError(
+            "feature_store.online: entity key layout differs from Feast's serialize_entity_key v3"
+        )
 
 # ------------------------------------------------------------------------------------- decoding
 
-_LIST_KINDS = frozenset({"string_list_val", "int64_list_val", "float_list_val", "double_list_val", "int32_list_val"})
+_LIST_KINDS = frozenset(
+    {"string_list_val", "int64_list_val", "float_list_val", "double_list_val", "int32_list_val"}
+)
 # raw Value bytes -> Python value. A Value's bytes carry their own type tag, so one cache serves
 # every field. Unchanged hashes (most items between two writes) then decode by dictionary lookup.
 _decoded: dict[bytes, Any] = {}
@@ -319,7 +299,9 @@ def encode_item(features: ItemFeatures, written_at_ms: int | None = None) -> dic
         ValueProto(string_val=f.category) if f.category else None,
         ValueProto(float_val=f.price) if f.price else None,
     ]
-    mapping = {name: v.SerializeToString() for name, v in zip(ITEM_FIELDS, values, strict=False) if v is not None}
+    mapping = {
+        name: v.SerializeToString() for name, v in zip(ITEM_FIELDS, values, strict=False) if v is not None
+    }
     mapping[ITEM_FIELDS[-1]] = _timestamp_bytes(_written_at(written_at_ms, f.written_at_ms))
     return mapping
 
@@ -336,7 +318,10 @@ def write_features(
     items: Mapping[str, ItemFeatures] | None = None,
     written_at_ms: int | None = None,
 ) -> None:
-    """Overwrite whole entities in one transaction (seeding tests and demos; the stream uses :func:`apply_batch`)."""
+    """Overwrite whole entities in one transaction (for seeding tests and demos).
+
+    The stream consumer never does this: it merges batches through :class:`FeatureWriter`.
+    """
     pipe = client.pipeline(transaction=True)
     for user_id, uf in (users or {}).items():
         key = user_key(user_id)
@@ -349,90 +334,7 @@ def write_features(
     pipe.execute()
 
 
-# ------------------------------------------------------------------------------- stream updates
-
-
-@dataclass(slots=True)
-class UserDelta:
-    """What one batch adds to a user (:func:`merge_user` says how)."""
-
-    views: int = 0
-    add_to_carts: int = 0
-    purchases: int = 0
-    last_event_ts: int = 0
-    recent_items: list[str] = field(default_factory=list)  # distinct, newest (last applied) first
-    purchased_items: list[str] = field(default_factory=list)  # distinct, newest first
-    category_weights: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class ItemDelta:
-    """What one batch adds to an item; ``trending`` is the batch's own decayed sum as of ``last_event_ts``."""
-
-    views: int = 0
-    add_to_carts: int = 0
-    purchases: int = 0
-    trending: float = 0.0
-    last_event_ts: int = 0
-    category: str | None = None  # last one seen in the batch
-    price: float | None = None  # last one seen in the batch
-
-
-def decay_merge(
-    score_a: float, ts_a: int, score_b: float, ts_b: int, half_life_ms: float
-) -> tuple[float, int]:
-    """Two decayed sums (each as of its own time) -> their sum as of the later time.
-
-    Order-independent: merging events one by one in any order gives the same
-    ``sum(weight * 2 ** -((t_ref - t_event) / half_life))`` with ``t_ref`` the newest event time.
-    The merge script applies the same rule to the stored ``trending``.
-    """
-    if ts_b >= ts_a:
-        return score_a * 2.0 ** (-(ts_b - ts_a) / half_life_ms) + score_b, ts_b
-    return score_a + score_b * 2.0 ** (-(ts_a - ts_b) / half_life_ms), ts_a
-
-
-def merge_recent(new: Sequence[str], old: Sequence[str], cap: int) -> list[str]:
-    """``new`` (newest first) followed by the entries of ``old`` not in it, distinct, at most ``cap``."""
-    out = list(dict.fromkeys(new))[:cap]
-    if len(out) < cap and old:
-        fresh = set(out)
-        for x in old:
-            if x not in fresh:
-                fresh.add(x)
-                out.append(x)
-                if len(out) == cap:
-                    break
-    return out
-
-
-def merge_user(current: UserFeatures | None, delta: UserDelta) -> UserFeatures:
-    """The user's features after one batch's delta (``docs/FEATURES.md``, "update rules")."""
-    base = current if current is not None else UserFeatures()
-    if delta.category_weights:
-        weights = dict(zip(base.top_categories, base.top_category_weights, strict=False))
-        for category, weight in delta.category_weights.items():
-            weights[category] = weights.get(category, 0) + weight
-        ranked = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CATEGORIES_MAX]
-        categories = [c for c, _ in ranked]
-        category_weights = [w for _, w in ranked]
-    else:
-        categories, category_weights = base.top_categories, base.top_category_weights
-    return UserFeatures(
-        views=base.views + delta.views,
-        add_to_carts=base.add_to_carts + delta.add_to_carts,
-        purchases=base.purchases + delta.purchases,
-        last_event_ts=max(base.last_event_ts, delta.last_event_ts),
-        recent_items=merge_recent(delta.recent_items, base.recent_items, RECENT_ITEMS_MAX),
-        purchased_items=(
-            merge_recent(delta.purchased_items, base.purchased_items, PURCHASED_ITEMS_MAX)
-            if delta.purchased_items
-            else base.purchased_items
-        ),
-        top_categories=categories,
-        top_category_weights=category_weights,
-        written_at_ms=base.written_at_ms,
-    )
+# ------------------------------------------------------------------------------- stream writes
 
 
 @dataclass(slots=True)
@@ -675,23 +577,44 @@ _UNCHANGED = b""  # a field the merge script leaves as it is (an encoded Value i
 
 
 class FeatureWriter:
-    """Applies stream batches to the online store: :meth:`read`, then :meth:`apply` (one script call)."""
+    """Applies stream batches to the online store: :meth:`read`, then :meth:`apply` (one script call).
 
-    def __init__(self, client: Any, half_life_s: float = DEFAULT_TRENDING_HALF_LIFE_S) -> None:
+    Users written through this writer are remembered (up to ``user_cache`` of them, least recently
+    used out first) so that the next batch needs neither their read nor their decoding. A
+    remembered user written meanwhile by someone else is caught by the script's unchanged-since-read
+    check (``stale_users``), forgotten, and read again by the caller's retry.
+    """
+
+    def __init__(
+        self, client: Any, half_life_s: float = DEFAULT_TRENDING_HALF_LIFE_S, user_cache: int = 50_000
+    ) -> None:
         self._client = client
         self._half_life_ms = half_life_s * 1000.0
         self._script = client.register_script(MERGE_SCRIPT)
+        self._cache_size = user_cache
+        # user id -> (features as stored, raw bytes of the three counters as stored)
+        self._known: dict[str, tuple[UserFeatures, tuple[bytes, bytes, bytes]]] = {}
 
     def read(self, user_ids: Sequence[str], seen_keys: Sequence[bytes] = ()) -> WriteState:
-        """The users' stored hashes and the values of ``seen_keys``, in one pipeline."""
+        """The stored hashes of the users not remembered, and the values of ``seen_keys``, in one pipeline."""
+        known = self._known
+        to_read = [u for u in user_ids if u not in known]
         pipe = self._client.pipeline(transaction=False)
-        for user_id in user_ids:
+        for user_id in to_read:
             pipe.hmget(user_key(user_id), USER_FIELDS)
         if seen_keys:
             pipe.mget(seen_keys)
-        replies = pipe.execute()
-        users = dict(zip(user_ids, replies, strict=False))
+        replies = pipe.execute() if to_read or seen_keys else []
+        users = dict(zip(to_read, replies, strict=False))
         return WriteState(users=users, seen=replies[-1] if seen_keys else [])
+
+    def forget(self, user_ids: Sequence[str] | None = None) -> None:
+        """Drop remembered users (all of them by default), e.g. when a partition changes owner."""
+        if user_ids is None:
+            self._known.clear()
+        else:
+            for user_id in user_ids:
+                self._known.pop(user_id, None)
 
     def apply(
         self,
@@ -701,7 +624,10 @@ class FeatureWriter:
         state: WriteState,
         now_ms: int | None = None,
     ) -> ApplyResult:
-        """Merge ``users`` (against ``state``, which must hold them all) and ``items`` atomically if ``guard`` passes."""
+        """Merge ``users`` and ``items`` atomically if ``guard`` passes.
+
+        ``state`` comes from :meth:`read` for these users (remembered users need not be in it).
+        """
         now = int(time.time() * 1000) if now_ms is None else now_ms
         keys: list[bytes] = [guard.offsets_key, *guard.seen_keys]
         args: list[Any] = [
@@ -716,9 +642,23 @@ class FeatureWriter:
         for partition, expected in guard.expected.items():
             args += (partition, expected, guard.applied[partition])
         user_ids = list(users)
+        written: list[tuple[str, UserFeatures, tuple[bytes, bytes, bytes]]] = []
+        known = self._known
+        stored_users = state.users
         for user_id in user_ids:
             keys.append(user_key(user_id))
-            args += _user_args(state.users[user_id], users[user_id], now)
+            reply = stored_users.get(user_id)
+            if reply is not None:
+                current, expected_counters = (
+                    decode_user(reply),
+                    (reply[0] or b"", reply[1] or b"", reply[2] or b""),
+                )
+            else:
+                current, expected_counters = known[user_id]
+            merged, values = _merge_user_values(current, users[user_id], now)
+            args += expected_counters
+            args += values
+            written.append((user_id, merged, (values[0], values[1], values[2])))
         extend = args.extend
         for item_id, d in items.items():
             keys.append(item_key(item_id))
@@ -737,21 +677,38 @@ class FeatureWriter:
         reply = self._script(keys=keys, args=args)
         status = reply[0]
         if status == b"ok":
+            self._remember(written)
             return ApplyResult(ok=True)
         if status == b"fence":
             return ApplyResult(ok=False, fenced_partition=int(reply[1]), stored_offset=int(reply[2]))
         if status == b"dup":
             return ApplyResult(ok=False, seen_duplicates=[int(x) for x in reply[1].split(b",")])
         if status == b"stale":
-            return ApplyResult(ok=False, stale_users=[user_ids[int(x)] for x in reply[1].split(b",")])
+            stale = [user_ids[int(x)] for x in reply[1].split(b",")]
+            self.forget(stale)
+            return ApplyResult(ok=False, stale_users=stale)
         raise RuntimeError(f"unexpected reply from the merge script: {reply!r}")
 
+    def _remember(self, written: list[tuple[str, UserFeatures, tuple[bytes, bytes, bytes]]]) -> None:
+        known = self._known
+        for user_id, features, counters in written:
+            known.pop(user_id, None)  # re-inserting keeps the dict in least-recently-written order
+            known[user_id] = (features, counters)
+        excess = len(known) - self._cache_size
+        if excess > 0:
+            for user_id in list(itertools.islice(known, excess)):
+                del known[user_id]
 
-def _user_args(stored: list[bytes | None], delta: UserDelta, now_ms: int) -> list[bytes]:
-    """Expected counter bytes, then the 9 field values (``_UNCHANGED`` where the batch changes nothing)."""
-    merged = merge_user(decode_user(stored), delta)
-    out = [stored[0] or b"", stored[1] or b"", stored[2] or b""]
-    out += (
+
+def _merge_user_values(
+    current: UserFeatures | None, delta: UserDelta, now_ms: int
+) -> tuple[UserFeatures, list[bytes]]:
+    """The merged user and the 9 encoded field values for the script (``_UNCHANGED``: left as stored)."""
+    merged = merge_user(current, delta)
+    written_at = merged.written_at_ms
+    if written_at < now_ms:  # written-at never moves backwards (several writers, skewed clocks)
+        merged.written_at_ms = now_ms
+    values = [
         ValueProto(int64_val=merged.views).SerializeToString(),
         ValueProto(int64_val=merged.add_to_carts).SerializeToString(),
         ValueProto(int64_val=merged.purchases).SerializeToString(),
@@ -766,7 +723,6 @@ def _user_args(stored: list[bytes | None], delta: UserDelta, now_ms: int) -> lis
         ValueProto(int64_list_val=Int64List(val=merged.top_category_weights)).SerializeToString()
         if delta.category_weights
         else _UNCHANGED,
-        # written-at never moves backwards (several writers, skewed clocks)
-        _timestamp_bytes(now_ms) if _timestamp_ms(stored[8]) < now_ms else _UNCHANGED,
-    )
-    return out
+        _timestamp_bytes(now_ms) if written_at < now_ms else _UNCHANGED,
+    ]
+    return merged, values

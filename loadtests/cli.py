@@ -54,15 +54,35 @@ def register(subparsers: Any) -> None:
 
 
 def _add_generator_flags(parser: argparse.ArgumentParser) -> None:
-    add_flag(parser, "--schedule", default="poisson", choices=["poisson", "uniform"],
-             help="arrival schedule of the open-loop generator")
+    add_flag(
+        parser,
+        "--schedule",
+        default="poisson",
+        choices=["poisson", "uniform"],
+        help="arrival schedule of the open-loop generator",
+    )
     add_flag(parser, "--workers", default=2, type=positive_int, help="generator processes")
-    add_flag(parser, "--channels", default=4, type=positive_int, help="gRPC channels (TCP connections) per generator process")
-    add_flag(parser, "--timeout-ms", default=1000.0, type=positive_float,
-             help="per-call deadline; a call unanswered by then counts as DEADLINE_EXCEEDED")
+    add_flag(
+        parser,
+        "--channels",
+        default=4,
+        type=positive_int,
+        help="gRPC channels (TCP connections) per generator process",
+    )
+    add_flag(
+        parser,
+        "--timeout-ms",
+        default=1000.0,
+        type=positive_float,
+        help="per-call deadline; a call unanswered by then counts as DEADLINE_EXCEEDED",
+    )
     add_flag(parser, "--candidates", default=100, type=positive_int, help="candidates per Rank request")
-    add_flag(parser, "--source", default="onlineretail",
-             help="where users and items come from: onlineretail | otto | synthetic | an event log path")
+    add_flag(
+        parser,
+        "--source",
+        default="onlineretail",
+        help="where users and items come from: onlineretail | otto | synthetic | an event log path",
+    )
     add_flag(parser, "--seed", default=0, type=int, help="seed of the request mix and of the schedules")
 
 
@@ -144,31 +164,92 @@ def _register_bench(subparsers: Any) -> None:
         ),
     )
     add_flag(parser, "--out", default="artifacts/bench", help="folder for results.json, summary.md and plots")
-    add_flag(parser, "--servers", default=list(SERVER_NAMES), nargs="+", choices=list(SERVER_NAMES),
-             help="servers to measure, in this order")
+    add_flag(
+        parser,
+        "--servers",
+        default=list(SERVER_NAMES),
+        nargs="+",
+        choices=list(SERVER_NAMES),
+        help="servers to measure, in this order",
+    )
     add_flag(parser, "--models", default="artifacts/models", help="model folder for the ranking servers")
-    add_flag(parser, "--redis", default="redis://127.0.0.1:6379/0", type=redis_url,
-             help="Redis holding the features, for the ranking servers")
-    add_flag(parser, "--serve-args", default="", help="extra flags for both 'recstack serve' runs (one string)")
+    add_flag(
+        parser,
+        "--redis",
+        default="redis://127.0.0.1:6379/0",
+        type=redis_url,
+        help="Redis holding the features, for the ranking servers",
+    )
+    add_flag(
+        parser, "--serve-args", default="", help="extra flags for both 'recstack serve' runs (one string)"
+    )
     for name in SERVER_NAMES:
-        add_flag(parser, f"--{name}-cmd", default="",
-                 help=f"command that starts the {name} server instead of the built-in one; '{{port}}' is "
-                      "replaced by the port to bind")
-    add_flag(parser, "--quick", type=None, default=False, help="a few short steps (under a minute), for make demo")
+        add_flag(
+            parser,
+            f"--{name}-cmd",
+            default="",
+            help=f"command that starts the {name} server instead of the built-in one; '{{port}}' is "
+            "replaced by the port to bind",
+        )
+    add_flag(
+        parser, "--quick", type=None, default=False, help="a few short steps (under a minute), for make demo"
+    )
     add_flag(parser, "--p99-ms", default=10.0, type=positive_float, help="latency SLO: p99 bound in ms")
-    add_flag(parser, "--max-error-rate", default=0.01, type=fraction, help="SLO: highest share of failed calls")
-    add_flag(parser, "--start-rate", default=None, type=positive_float, help="first offered rate, calls/s "
-             "(full: 100, quick: 200)")
-    add_flag(parser, "--step-factor", default=None, type=positive_float,
-             help="multiplier between coarse steps (full: 1.5, quick: 2)")
-    add_flag(parser, "--step-duration", default=None, type=duration, help="length of one step (full: 5s, quick: 1.5s)")
-    add_flag(parser, "--fine-steps", default=None, type=int, help="bisection steps after the coarse search "
-             "(full: 3, quick: 1)")
-    add_flag(parser, "--max-rate", default=20_000.0, type=positive_float, help="never offer more than this, calls/s")
-    add_flag(parser, "--overload-factor", default=1.5, type=positive_float,
-             help="overload step at this multiple of the real server's highest rate within the SLO")
-    add_flag(parser, "--start-timeout", default=180.0, type=duration, help="how long a server may take to be healthy")
-    add_flag(parser, "--request-pool", default=2000, type=positive_int, help="distinct prepared Rank requests")
+    add_flag(
+        parser, "--max-error-rate", default=0.01, type=fraction, help="SLO: highest share of failed calls"
+    )
+    add_flag(
+        parser,
+        "--start-rate",
+        default=None,
+        type=positive_float,
+        help="first offered rate, calls/s (full: 100, quick: 200)",
+    )
+    add_flag(
+        parser,
+        "--step-factor",
+        default=None,
+        type=positive_float,
+        help="multiplier between coarse steps (full: 1.5, quick: 2)",
+    )
+    add_flag(
+        parser,
+        "--step-duration",
+        default=None,
+        type=duration,
+        help="length of one step (full: 5s, quick: 1.5s)",
+    )
+    add_flag(
+        parser,
+        "--fine-steps",
+        default=None,
+        type=int,
+        help="bisection steps after the coarse search (full: 3, quick: 1)",
+    )
+    add_flag(
+        parser,
+        "--max-rate",
+        default=20_000.0,
+        type=positive_float,
+        help="never offer more than this, calls/s",
+    )
+    add_flag(
+        parser,
+        "--overload-factor",
+        default=1.5,
+        type=positive_float,
+        help="overload step at this multiple of the real server's highest rate within the SLO",
+    )
+    add_flag(
+        parser,
+        "--start-timeout",
+        default=180.0,
+        type=duration,
+        help="how long a server may take to be healthy",
+    )
+    add_flag(
+        parser, "--request-pool", default=2000, type=positive_int, help="distinct prepared Rank requests"
+    )
     _add_generator_flags(parser)
     parser.set_defaults(handler=_bench)
 
@@ -212,7 +293,10 @@ def _bench(args: argparse.Namespace) -> int:
         generator=_generator_config(args),
     )
     commands = {name: getattr(args, f"{name}_cmd") for name in cfg.servers}
-    if any(name != "echo" and not commands.get(name) for name in cfg.servers) and not Path(cfg.models).is_dir():
+    if (
+        any(name != "echo" and not commands.get(name) for name in cfg.servers)
+        and not Path(cfg.models).is_dir()
+    ):
         raise UserError(f"--models {cfg.models} is not a folder: train a model first (see docs/LOADTESTS.md)")
     specs = server_specs(cfg)
     for name, command in commands.items():
@@ -245,7 +329,9 @@ def _register_slo_gate(subparsers: Any) -> None:
     add_flag(parser, "--duration", default=10.0, type=duration, help="length of the measured step")
     add_flag(parser, "--p99-ms", default=10.0, type=positive_float, help="p99 bound in ms")
     add_flag(parser, "--max-error-rate", default=0.01, type=fraction, help="highest share of failed calls")
-    add_flag(parser, "--warmup", default=1.0, type=non_negative_float, help="warm-up seconds before measuring")
+    add_flag(
+        parser, "--warmup", default=1.0, type=non_negative_float, help="warm-up seconds before measuring"
+    )
     add_flag(parser, "--method", default="rank", choices=["rank", "recommend"], help="which RPC to call")
     add_flag(parser, "--k", default=20, type=positive_int, help="k of Recommend requests")
     add_flag(parser, "--json", default="", help="also write the figures to this JSON file")

@@ -117,12 +117,19 @@ async def serve(host: str, port: int, delay_ms: float, max_inflight: int) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.echo_server", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.echo_server", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind, 0 = any free port (default: 0)")
-    parser.add_argument("--delay-ms", type=float, default=0.0, help="sleep this long in every call (default: 0)")
     parser.add_argument(
-        "--max-inflight", type=int, default=0, help="answer RESOURCE_EXHAUSTED above this many calls (0 = no cap)"
+        "--delay-ms", type=float, default=0.0, help="sleep this long in every call (default: 0)"
+    )
+    parser.add_argument(
+        "--max-inflight",
+        type=int,
+        default=0,
+        help="answer RESOURCE_EXHAUSTED above this many calls (0 = no cap)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio event loop")
     args = parser.parse_args(argv)

@@ -47,6 +47,7 @@ def locust_command(run: LocustRun, workload_file: Path) -> list[str]:
         "--stop-timeout", "5",
         "--csv", str(out / CSV_PREFIX),
         "--html", str(out / "locust.html"),
+        "--json-file", str(out / CSV_PREFIX),
         "--only-summary",
         "--recstack-workload", str(workload_file),
         "--recstack-topic", run.topic,
@@ -72,12 +73,78 @@ def run_locust(run: LocustRun) -> int:
     cmd = locust_command(run, workload_file)
     print("running:", " ".join(cmd), flush=True)
     status = subprocess.run(cmd, check=False).returncode
-    stats_file = run.out / f"{CSV_PREFIX}_stats.csv"
-    if stats_file.is_file():
-        summary = render_summary(run, read_stats(stats_file), read_path_counts(run.out), status)
+    rows = read_final_stats(run.out / f"{CSV_PREFIX}.json") or read_csv_stats(
+        run.out / f"{CSV_PREFIX}_stats.csv"
+    )
+    if rows:
+        summary = render_summary(run, rows, read_path_counts(run.out), status)
         (run.out / "summary.md").write_text(summary)
         print(summary)
     return status
+
+
+def read_final_stats(path: Path) -> list[dict[str, Any]]:
+    """Rows for the summary from Locust's ``--json-file`` (its final figures; the CSV files are
+    rewritten once a second during the run, so their last version may miss the last second).
+
+    Percentiles are nearest-rank over Locust's response-time buckets (whole milliseconds below
+    100 ms, coarser above).
+    """
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    rows = [_row_from_entry(e["method"], e["name"], [e]) for e in entries]
+    if len(entries) > 1:
+        rows.append(_row_from_entry("", "Aggregated", entries))
+    return rows
+
+
+def _row_from_entry(kind: str, name: str, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    import numpy as np
+
+    from loadtests.stats import percentiles
+
+    times: dict[float, int] = {}
+    for entry in entries:
+        for bucket, count in entry.get("response_times", {}).items():
+            times[float(bucket)] = times.get(float(bucket), 0) + int(count)
+    values: Any = (
+        np.repeat(np.fromiter(times.keys(), float), np.fromiter(times.values(), int)) if times else []
+    )
+    requests = sum(e["num_requests"] for e in entries)
+    start = min(e["start_time"] for e in entries)
+    end = max(e.get("last_request_timestamp") or start for e in entries)
+    return {
+        "type": kind,
+        "name": name,
+        "requests": requests,
+        "failures": sum(e["num_failures"] for e in entries),
+        "rps": requests / (end - start) if end > start else None,
+        **percentiles(values),
+        "max": max((e.get("max_response_time") or 0.0) for e in entries),
+    }
+
+
+def read_csv_stats(path: Path) -> list[dict[str, Any]]:
+    """Rows for the summary from ``locust_stats.csv`` (used when the JSON file is missing)."""
+    if not path.is_file():
+        return []
+    return [
+        {
+            "type": row.get("Type", ""),
+            "name": row.get("Name", ""),
+            "requests": row.get("Request Count", ""),
+            "failures": row.get("Failure Count", ""),
+            "rps": _float(row.get("Requests/s")),
+            "p50": _float(row.get("50%")),
+            "p95": _float(row.get("95%")),
+            "p99": _float(row.get("99%")),
+            "p99.9": _float(row.get("99.9%")),
+            "max": _float(row.get("Max Response Time")),
+        }
+        for row in read_stats(path)
+    ]
 
 
 def read_stats(path: Path) -> list[dict[str, str]]:
@@ -106,8 +173,9 @@ def render_summary(run: LocustRun, rows: list[dict[str, str]], paths: dict[str, 
     lines = [
         "# Locust storefront load test",
         "",
-        f"{run.users} shoppers (spawn rate {run.spawn_rate:g}/s) against {run.host} for {run.duration_s:g} s, "
-        f"think time {run.wait} s; events to Kafka: {run.bootstrap or 'off'}. Locust exit status {status}.",
+        f"{run.users} shoppers (spawn rate {run.spawn_rate:g}/s) against {run.host} "
+        f"for {run.duration_s:g} s, think time {run.wait} s; events to Kafka: {run.bootstrap or 'off'}. "
+        f"Locust exit status {status}.",
         "Locust times calls in a closed loop and rounds to whole milliseconds: use `recstack bench` and "
         "`recstack slo-gate` for open-loop SLO figures.",
         "",
@@ -116,34 +184,38 @@ def render_summary(run: LocustRun, rows: list[dict[str, str]], paths: dict[str, 
     ]
     for row in rows:
         lines.append(
-            "| {t} | {n} | {r} | {f} | {rps} | {p50} | {p95} | {p99} | {p999} | {mx} |".format(
-                t=row.get("Type", ""),
-                n=row.get("Name", ""),
-                r=row.get("Request Count", ""),
-                f=row.get("Failure Count", ""),
-                rps=_num(row.get("Requests/s")),
-                p50=row.get("50%", ""),
-                p95=row.get("95%", ""),
-                p99=row.get("99%", ""),
-                p999=row.get("99.9%", ""),
-                mx=_num(row.get("Max Response Time")),
-            )
+            f"| {row['type']} | {row['name']} | {row['requests']} | {row['failures']} | {_num(row['rps'])} | "
+            + " | ".join(_num(row[k]) for k in ("p50", "p95", "p99", "p99.9", "max"))
+            + " |"
         )
     if paths:
         served = paths.get("paths", {})
         total = sum(served.values()) or 1
-        mix = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in sorted(served.items(), key=lambda kv: -kv[1]))
+        mix = ", ".join(
+            f"{k} {100 * v / total:.0f}%" for k, v in sorted(served.items(), key=lambda kv: -kv[1])
+        )
         lines += [
             "",
             f"Served paths: {mix or '-'}; degraded answers: {paths.get('degraded', 0)}; "
             f"events acknowledged: {paths.get('events_sent', 0)}, failed: {paths.get('events_failed', 0)}.",
         ]
-    lines += ["", "Files: `locust_stats.csv`, `locust_stats_history.csv`, `locust_failures.csv`, `locust.html`.", ""]
+    lines += [
+        "",
+        "Files: `locust_stats.csv`, `locust_stats_history.csv`, `locust_failures.csv`, `locust.html`, "
+        "`locust.json` (final figures, used above).",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def _num(text: str | None) -> str:
+def _float(text: str | None) -> float | None:
     try:
-        return f"{float(text or ''):.1f}"
+        return float(text or "")
     except ValueError:
-        return text or ""
+        return None
+
+
+def _num(value: float | int | str | None) -> str:
+    if value is None or value == "":
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)

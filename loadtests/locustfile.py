@@ -23,10 +23,10 @@ import time
 import uuid
 from typing import Any
 
-from locust import User, between, events, task  # first: Locust patches the standard library
-
+import gevent
 import grpc  # noqa: I001 (must follow locust)
 import grpc.experimental.gevent as grpc_gevent
+from locust import User, between, events, task  # first: Locust patches the standard library
 
 from loadtests.workload import Workload
 from recstack.events import Event
@@ -63,7 +63,9 @@ class _Shared:
 def _add_arguments(parser: Any) -> None:
     group = parser.add_argument_group("recstack")
     group.add_argument("--recstack-workload", default="", help="workload JSON (users, items, categories)")
-    group.add_argument("--recstack-source", default="onlineretail", help="data set when no workload file is given")
+    group.add_argument(
+        "--recstack-source", default="onlineretail", help="data set when no workload file is given"
+    )
     group.add_argument("--recstack-bootstrap", default="", help="Kafka HOST:PORT for events ('' = no events)")
     group.add_argument("--recstack-topic", default="user-events", help="Kafka topic for events")
     group.add_argument("--recstack-timeout", type=float, default=1.0, help="per-call gRPC deadline, seconds")
@@ -90,6 +92,9 @@ def _on_init(environment: Any, **_: Any) -> None:
     _Shared.paths_out = options.recstack_paths_out
     if options.recstack_bootstrap:
         _Shared.producer = _make_producer(options.recstack_bootstrap)
+    # Locust's --run-time timer starts from the event loop's cached clock, which went stale while
+    # the above blocked the loop: refresh it, or the run ends early by that much.
+    gevent.get_hub().loop.update_now()
 
 
 def _make_producer(bootstrap: str) -> Any:
@@ -111,7 +116,7 @@ def _on_quitting(environment: Any, **_: Any) -> None:
         _Shared.producer = None
     if _Shared.paths_out:
         # One file per Locust process (``--processes`` forks several); the runner adds them up.
-        stem, _, suffix = _Shared.paths_out.rpartition(".")
+        stem, _dot, suffix = _Shared.paths_out.rpartition(".")
         with open(f"{stem}-{os.getpid()}.{suffix}" if stem else f"{suffix}-{os.getpid()}", "w") as fh:
             json.dump(
                 {
@@ -126,8 +131,15 @@ def _on_quitting(environment: Any, **_: Any) -> None:
 
 
 class _CallDetails(grpc.ClientCallDetails):
-    def __init__(self, method: str, timeout: float | None, metadata: Any, credentials: Any, wait_for_ready: Any,
-                 compression: Any) -> None:
+    def __init__(
+        self,
+        method: str,
+        timeout: float | None,
+        metadata: Any,
+        credentials: Any,
+        wait_for_ready: Any,
+        compression: Any,
+    ) -> None:
         self.method = method
         self.timeout = timeout
         self.metadata = metadata
@@ -205,7 +217,9 @@ class StorefrontUser(GrpcUser):
 
     @task(3)
     def home_page(self) -> None:
-        response = self.call("home", "Recommend", ranking_pb2.RecommendRequest(user_id=self.user_id, k=HOME_K))
+        response = self.call(
+            "home", "Recommend", ranking_pb2.RecommendRequest(user_id=self.user_id, k=HOME_K)
+        )
         if response is not None and response.items:
             self.seen = [(x.item_id, "") for x in response.items]
 
@@ -255,13 +269,23 @@ class StorefrontUser(GrpcUser):
 
         def acked(_metadata: Any) -> None:
             _Shared.events_sent += 1
-            fire(request_type="kafka", name=name, response_time=(time.perf_counter() - started) * 1000.0,
-                 response_length=0, exception=None)
+            fire(
+                request_type="kafka",
+                name=name,
+                response_time=(time.perf_counter() - started) * 1000.0,
+                response_length=0,
+                exception=None,
+            )
 
         def failed(exc: BaseException) -> None:
             _Shared.events_failed += 1
-            fire(request_type="kafka", name=name, response_time=(time.perf_counter() - started) * 1000.0,
-                 response_length=0, exception=exc)
+            fire(
+                request_type="kafka",
+                name=name,
+                response_time=(time.perf_counter() - started) * 1000.0,
+                response_length=0,
+                exception=exc,
+            )
 
         future = producer.send(_Shared.topic, key=self.user_id.encode(), value=event.to_json_bytes())
         future.add_callback(acked)

@@ -138,7 +138,7 @@ class OpenLoopGenerator:
         return StepRecord.merge(parts)
 
     def close(self) -> None:
-        for process, conn in self._workers:
+        for _, conn in self._workers:
             try:
                 conn.send(("stop",))
             except (BrokenPipeError, OSError):
@@ -209,7 +209,9 @@ def _new_event_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
 class _Client:
     """One process's channels and the loop that fires calls on schedule."""
 
-    def __init__(self, channels: list[Any], calls: list[Any], requests: list[bytes], offset: int, timeout_s: float):
+    def __init__(
+        self, channels: list[Any], calls: list[Any], requests: list[bytes], offset: int, timeout_s: float
+    ):
         self._channels = channels
         self._calls = calls
         self._requests = requests

@@ -36,14 +36,27 @@ class ServerSpec:
 
 
 def echo_spec() -> ServerSpec:
-    return ServerSpec("echo", (sys.executable, "-m", "loadtests.echo_server", "--host", "127.0.0.1", "--port", "{port}"))
+    return ServerSpec(
+        "echo", (sys.executable, "-m", "loadtests.echo_server", "--host", "127.0.0.1", "--port", "{port}")
+    )
 
 
 def ranking_spec(
     name: str, models: str, redis: str, *, naive: bool, extra_args: tuple[str, ...] = ()
 ) -> ServerSpec:
     """``recstack serve`` (through ``python -m recstack.cli``, so no console script is needed)."""
-    argv = [sys.executable, "-m", "recstack.cli", "serve", "--port", "{port}", "--models", models, "--redis", redis]
+    argv = [
+        sys.executable,
+        "-m",
+        "recstack.cli",
+        "serve",
+        "--port",
+        "{port}",
+        "--models",
+        models,
+        "--redis",
+        redis,
+    ]
     if naive:
         argv.append("--naive")
     argv += ["--metrics-port", "0", *extra_args]
@@ -110,7 +123,8 @@ class ServerProcess:
                 time.sleep(0.2)
         self.stop()
         raise ServerFailed(
-            f"{self.spec.name} server was not healthy in time (last health answer: {status}); {self.log_tail()}"
+            f"{self.spec.name} server was not healthy in time (last health answer: {status}); "
+            f"{self.log_tail()}"
         )
 
     def log_tail(self, lines: int = 15) -> str:

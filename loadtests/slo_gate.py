@@ -33,7 +33,10 @@ def run_gate(gate: Gate, requests: list[bytes], generator: GeneratorConfig | Non
             load.run_step(min(gate.rate, 100.0), gate.warmup_s, gate.schedule, gate.seed + 1)
         record = load.run_step(gate.rate, gate.duration_s, gate.schedule, gate.seed)
     step = summarize_step(
-        record, offered_rate=gate.rate, duration_s=gate.duration_s, slo_p99_ms=gate.p99_ms,
+        record,
+        offered_rate=gate.rate,
+        duration_s=gate.duration_s,
+        slo_p99_ms=gate.p99_ms,
         max_error_rate=gate.max_error_rate,
     )
     reasons = []
@@ -43,7 +46,9 @@ def run_gate(gate: Gate, requests: list[bytes], generator: GeneratorConfig | Non
     elif p99 > gate.p99_ms:
         reasons.append(f"p99 {p99:.2f} ms > {gate.p99_ms:g} ms")
     if step["error_rate"] > gate.max_error_rate:
-        reasons.append(f"errors {100 * step['error_rate']:.2f}% > {100 * gate.max_error_rate:g}% ({error_mix(step)})")
+        reasons.append(
+            f"errors {100 * step['error_rate']:.2f}% > {100 * gate.max_error_rate:g}% ({error_mix(step)})"
+        )
     step["passed"] = not reasons
     step["reasons"] = reasons
     return step
@@ -51,7 +56,9 @@ def run_gate(gate: Gate, requests: list[bytes], generator: GeneratorConfig | Non
 
 def format_gate(gate: Gate, step: dict[str, Any]) -> str:
     lat = step["latency_ms"]
-    figures = "  ".join(f"{k} {lat[k]:.2f}" if lat[k] is not None else f"{k} -" for k in ("p50", "p95", "p99", "p99.9"))
+    figures = "  ".join(
+        f"{k} {lat[k]:.2f}" if lat[k] is not None else f"{k} -" for k in ("p50", "p95", "p99", "p99.9")
+    )
     lines = [
         f"slo-gate: {gate.method} at {gate.rate:g}/s for {gate.duration_s:g} s against {gate.target} "
         f"({gate.schedule} arrivals, open loop)",

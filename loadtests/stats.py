@@ -80,7 +80,9 @@ def latency_summary_ms(latencies_s: np.ndarray) -> dict[str, Any]:
 
 def histogram_ms(latencies_s: np.ndarray) -> list[int]:
     """Counts per bin of :data:`HISTOGRAM_EDGES_MS`; values outside the range go to the end bins."""
-    ms = np.clip(np.asarray(latencies_s, dtype=np.float64) * 1000.0, HISTOGRAM_EDGES_MS[0], HISTOGRAM_EDGES_MS[-1])
+    ms = np.clip(
+        np.asarray(latencies_s, dtype=np.float64) * 1000.0, HISTOGRAM_EDGES_MS[0], HISTOGRAM_EDGES_MS[-1]
+    )
     counts, _ = np.histogram(ms, bins=np.asarray(HISTOGRAM_EDGES_MS))
     return [int(c) for c in counts]
 
@@ -110,6 +112,8 @@ class StepRecord:
     @classmethod
     def merge(cls, parts: Sequence[StepRecord]) -> StepRecord:
         """One record from the records of several generator processes (path indexes remapped)."""
+        if not parts:
+            raise ValueError("nothing to merge")
         names: list[str] = []
         index: dict[str, int] = {}
         paths = []
@@ -126,14 +130,17 @@ class StepRecord:
         for part in parts:
             for value, text in part.error_details.items():
                 details.setdefault(value, text)
-        order = np.argsort(np.concatenate([p.scheduled for p in parts]), kind="stable") if parts else []
-        cat = lambda attr: np.concatenate([getattr(p, attr) for p in parts])[order]  # noqa: E731
+        order = np.argsort(np.concatenate([p.scheduled for p in parts]), kind="stable")
+
+        def cat(attr: str) -> np.ndarray:
+            return np.concatenate([getattr(p, attr) for p in parts])[order]
+
         return cls(
             scheduled=cat("scheduled"),
             sent=cat("sent"),
             done=cat("done"),
             code=cat("code"),
-            path=np.concatenate(paths)[order] if parts else np.empty(0, np.int16),
+            path=np.concatenate(paths)[order],
             degraded=cat("degraded"),
             path_names=names,
             error_details=details,
@@ -193,7 +200,9 @@ def summarize_step(
         "latency_ms": latency_summary_ms(lat[ok]),
         "latency_all_ms": latency_summary_ms(lat[answered]),
         "errors": errors,
-        "error_details": {STATUS_NAMES.get(k, f"CODE_{k}"): v for k, v in sorted(record.error_details.items())},
+        "error_details": {
+            STATUS_NAMES.get(k, f"CODE_{k}"): v for k, v in sorted(record.error_details.items())
+        },
         "paths": paths,
         "degraded": int((record.degraded & ok).sum()),
         "send_lag_ms": latency_summary_ms(lag),

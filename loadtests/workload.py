@@ -52,7 +52,9 @@ def from_events(frame: Any, *, stock_codes: bool = True) -> Workload:
     """
     user_counts = frame.loc[~frame["user_id"].str.startswith("guest-"), "user_id"].value_counts()
     users = sorted(user_counts[user_counts >= MIN_USER_EVENTS].index.tolist())
-    items = sorted(str(x) for x in frame["item_id"].unique().tolist() if not stock_codes or str(x)[:1].isdigit())
+    items = sorted(
+        str(x) for x in frame["item_id"].unique().tolist() if not stock_codes or str(x)[:1].isdigit()
+    )
     if not users or not items:
         raise ValueError("the events hold no warm users or no sellable items")
     if stock_codes or "category" not in frame or frame["category"].isna().all():
@@ -61,7 +63,9 @@ def from_events(frame: Any, *, stock_codes: bool = True) -> Workload:
     categories: dict[str, list[str]] = {}
     for item, category in zip(pairs["item_id"], pairs["category"], strict=True):
         categories.setdefault(str(category), []).append(str(item))
-    return Workload(users=users, items=items, categories={k: sorted(v) for k, v in sorted(categories.items())})
+    return Workload(
+        users=users, items=items, categories={k: sorted(v) for k, v in sorted(categories.items())}
+    )
 
 
 def categorize(items: list[str]) -> dict[str, list[str]]:
@@ -97,7 +101,9 @@ def rank_requests(
     for _ in range(count):
         user = workload.users[int(rng.integers(len(workload.users)))]
         picks = rng.choice(n_items, size=size, replace=False)
-        request = ranking_pb2.RankRequest(user_id=user, item_ids=[workload.items[i] for i in picks], top_k=top_k)
+        request = ranking_pb2.RankRequest(
+            user_id=user, item_ids=[workload.items[i] for i in picks], top_k=top_k
+        )
         out.append(request.SerializeToString())
     return out
 
@@ -106,8 +112,9 @@ def recommend_requests(workload: Workload, count: int, k: int = 20, seed: int = 
     """``count`` serialized ``RecommendRequest``s for random warm users."""
     rng = np.random.default_rng(seed)
     return [
-        ranking_pb2.RecommendRequest(user_id=workload.users[int(rng.integers(len(workload.users)))], k=k)
-        .SerializeToString()
+        ranking_pb2.RecommendRequest(
+            user_id=workload.users[int(rng.integers(len(workload.users)))], k=k
+        ).SerializeToString()
         for _ in range(count)
     ]
 

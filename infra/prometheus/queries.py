@@ -44,7 +44,9 @@ _MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
 _GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _RANGE = re.compile(r"\[[^\]]*\]")
 _IDENTIFIER = re.compile(r"(?<![\w$.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?")
-_NUMBER_OR_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:e[+-]?\d+)?|(?:\d+(?:ms|s|m|h|d|w|y))+)$", re.IGNORECASE)
+_NUMBER_OR_DURATION = re.compile(
+    r"^(?:\d+(?:\.\d+)?(?:e[+-]?\d+)?|(?:\d+(?:ms|s|m|h|d|w|y))+)$", re.IGNORECASE
+)
 
 
 @dataclass

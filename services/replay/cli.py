@@ -29,12 +29,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="what to publish",
     )
     add_flag(
-        parser, "--rate", default=0.0, type=non_negative_float, metavar="EVENTS_PER_S", help="events per second (0: as fast as possible)"
+        parser,
+        "--rate",
+        default=0.0,
+        type=non_negative_float,
+        metavar="EVENTS_PER_S",
+        help="events per second (0: as fast as possible)",
     )
-    add_flag(parser, "--limit", default=0, type=non_negative_int, metavar="N", help="publish at most N events (0: all)")
-    add_flag(parser, "--bootstrap", default="127.0.0.1:9092", type=host_port, metavar="HOST:PORT", help="Kafka bootstrap server")
+    add_flag(
+        parser,
+        "--limit",
+        default=0,
+        type=non_negative_int,
+        metavar="N",
+        help="publish at most N events (0: all)",
+    )
+    add_flag(
+        parser,
+        "--bootstrap",
+        default="127.0.0.1:9092",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="Kafka bootstrap server",
+    )
     add_flag(parser, "--topic", default="user-events", metavar="NAME", help="topic to publish to")
-    add_flag(parser, "--seed", default=0, type=non_negative_int, metavar="N", help="seed of the synthetic source")
+    add_flag(
+        parser, "--seed", default=0, type=non_negative_int, metavar="N", help="seed of the synthetic source"
+    )
     add_flag(parser, "--no-progress", default=False, type=None, help="no progress bar")
     parser.set_defaults(handler=_run)
 
@@ -61,5 +82,8 @@ def _run(args: argparse.Namespace) -> int:
         rate=args.rate,
         progress=not args.no_progress,
     )
-    print(f"published {stats.events} events to {args.topic} in {stats.seconds:.1f} s ({stats.events_per_s:,.0f} events/s)")
+    print(
+        f"published {stats.events} events to {args.topic} in {stats.seconds:.1f} s "
+        f"({stats.events_per_s:,.0f} events/s)"
+    )
     return 0

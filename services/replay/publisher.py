@@ -1,4 +1,4 @@
-"""Publish events to the ``user-events`` topic: key = user_id, value = the event's JSON (CONTRACT.md section 3)."""
+"""Publish events to Kafka: key = user_id, value = the event's JSON (CONTRACT.md section 3)."""
 
 from __future__ import annotations
 
@@ -77,15 +77,26 @@ def publish(
     def on_error(exc: BaseException) -> None:
         failures.append(exc)
 
-    bar = tqdm(total=total, unit="ev", unit_scale=True, desc=f"replay -> {topic}", disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=total,
+        unit="ev",
+        unit_scale=True,
+        desc=f"replay -> {topic}",
+        disable=not progress,
+        file=sys.stderr,
+    )
     started = time.monotonic()
     try:
         for event in events:
-            if rate > 0 and sent % 100 == 0:  # pace in small steps: sleeping per event costs more than it waits
+            if (
+                rate > 0 and sent % 100 == 0
+            ):  # pace in small steps: sleeping per event costs more than it waits
                 ahead = started + sent / rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
-            producer.send(topic, key=event.user_id.encode(), value=event.to_json_bytes()).add_errback(on_error)
+            producer.send(topic, key=event.user_id.encode(), value=event.to_json_bytes()).add_errback(
+                on_error
+            )
             sent += 1
             if sent % 1000 == 0:
                 bar.update(1000)

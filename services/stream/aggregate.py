@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from feature_store.online import (
+from feature_store.values import (
     EVENT_WEIGHTS,
     PURCHASED_ITEMS_MAX,
     RECENT_ITEMS_MAX,

@@ -30,11 +30,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     d = _DEFAULTS
-    add_flag(parser, "--bootstrap", default=d.bootstrap, type=host_port, metavar="HOST:PORT", help="Kafka bootstrap server")
-    add_flag(parser, "--redis", default=d.redis, type=redis_url, metavar="URL", help="Redis URL of the online store")
+    add_flag(
+        parser,
+        "--bootstrap",
+        default=d.bootstrap,
+        type=host_port,
+        metavar="HOST:PORT",
+        help="Kafka bootstrap server",
+    )
+    add_flag(
+        parser,
+        "--redis",
+        default=d.redis,
+        type=redis_url,
+        metavar="URL",
+        help="Redis URL of the online store",
+    )
     add_flag(parser, "--group", default=d.group, metavar="NAME", help="Kafka consumer group")
     add_flag(parser, "--topic", default=d.topic, metavar="NAME", help="topic of the events")
-    add_flag(parser, "--dlq-topic", default=d.dlq_topic, metavar="NAME", help="dead-letter topic for malformed events")
+    add_flag(
+        parser,
+        "--dlq-topic",
+        default=d.dlq_topic,
+        metavar="NAME",
+        help="dead-letter topic for malformed events",
+    )
     add_flag(
         parser,
         "--event-log",

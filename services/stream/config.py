@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from feature_store.constants import DEFAULT_TRENDING_HALF_LIFE_S
+from feature_store.values import DEFAULT_TRENDING_HALF_LIFE_S
 from recstack.errors import UserError
 
 

@@ -264,7 +264,13 @@ class StreamConsumer:
                 self._position[p] = start
             else:  # nothing known in Redis: the committed offset, or the beginning
                 self._position[p] = self._consumer.position(tp)
-            log.info("partition %d: applied %d, logged %d, reading from %d", p, applied[p], logged[p], self._position[p])
+            log.info(
+                "partition %d: applied %d, logged %d, reading from %d",
+                p,
+                applied[p],
+                logged[p],
+                self._position[p],
+            )
         self._consumer.resume(*tps)
         self._unpositioned.clear()
 
@@ -295,7 +301,9 @@ class StreamConsumer:
                 attempt += 1
                 self.metrics.redis_retries.inc()
                 delay = min(_BACKOFF_START_S * 2 ** min(attempt, 10), _BACKOFF_MAX_S)
-                log.warning("batch write failed (%s: %s); retry %d in %.1fs", type(exc).__name__, exc, attempt, delay)
+                log.warning(
+                    "batch write failed (%s: %s); retry %d in %.1fs", type(exc).__name__, exc, attempt, delay
+                )
                 if self._stop.wait(delay):
                     raise _Stopping from exc
                 continue
@@ -334,11 +342,11 @@ class StreamConsumer:
         m.replayed.inc(plan.replayed)
         m.batch_size.observe(len(records))
         m.batch_seconds.observe(time.perf_counter() - started)
-        observe = m.freshness.observe
-        for i in plan.apply:
-            observe(max(0.0, now - records[i].timestamp / 1000.0))
+        m.freshness.observe_many([max(0.0, now - records[i].timestamp / 1000.0) for i in plan.apply])
 
-    def _plan(self, records: list[Any], parsed: list[Event | InvalidEvent], known_duplicates: set[int]) -> _Plan:
+    def _plan(
+        self, records: list[Any], parsed: list[Event | InvalidEvent], known_duplicates: set[int]
+    ) -> _Plan:
         plan = _Plan()
         applied = self._applied
         logged = self._logged
@@ -361,7 +369,9 @@ class StreamConsumer:
                 plan.apply.append(i)
         return plan
 
-    def _write(self, records: list[Any], parsed: list[Any], plan: _Plan) -> tuple[ApplyResult | None, list[Event]]:
+    def _write(
+        self, records: list[Any], parsed: list[Any], plan: _Plan
+    ) -> tuple[ApplyResult | None, list[Event]]:
         """One attempt: read what the write depends on, drop known event ids, apply. Returns the
         result (None: nothing to apply) and the fenced events to log."""
         topic = self.config.topic
@@ -415,7 +425,9 @@ class StreamConsumer:
                 ("source-partition", str(rec.partition).encode()),
                 ("source-offset", str(rec.offset).encode()),
             ]
-            futures.append((i, self._producer.send(self.config.dlq_topic, key=rec.key, value=rec.value, headers=headers)))
+            futures.append(
+                (i, self._producer.send(self.config.dlq_topic, key=rec.key, value=rec.value, headers=headers))
+            )
         self._producer.flush(timeout=_DLQ_ACK_TIMEOUT_S)
         for i, future in futures:
             future.get(timeout=_DLQ_ACK_TIMEOUT_S)

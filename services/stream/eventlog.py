@@ -85,7 +85,9 @@ class EventLog:
         """Write the buffer to new part files (one per event date), durably; return their paths."""
         written = []
         for day, cols in sorted(self._columns.items()):
-            table = pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, SCHEMA, strict=True)], schema=SCHEMA)
+            table = pa.Table.from_arrays(
+                [pa.array(c, type=f.type) for c, f in zip(cols, SCHEMA, strict=True)], schema=SCHEMA
+            )
             written.append(self._write(day, table))
         self._columns = {}
         self._rows = 0

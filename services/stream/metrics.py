@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import bisect
+import math
+import threading
+from collections.abc import Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import HistogramMetricFamily
 
 _BATCH_SIZES = (1, 10, 50, 100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000)
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -22,10 +28,14 @@ class StreamMetrics:
             "recstack_stream_events_applied", "Events applied to the features (exactly once each)", registry=r
         )
         self.duplicate = Counter(
-            "recstack_stream_events_duplicate", "Events skipped because their event_id was already applied", registry=r
+            "recstack_stream_events_duplicate",
+            "Events skipped because their event_id was already applied",
+            registry=r,
         )
         self.dead_lettered = Counter(
-            "recstack_stream_events_dead_lettered", "Malformed records sent to the dead-letter topic", registry=r
+            "recstack_stream_events_dead_lettered",
+            "Malformed records sent to the dead-letter topic",
+            registry=r,
         )
         self.replayed = Counter(
             "recstack_stream_events_replayed",
@@ -55,16 +65,64 @@ class StreamMetrics:
             buckets=_SECONDS,
             registry=r,
         )
-        self.freshness = Histogram(
+        self.freshness = BatchHistogram(
             "recstack_stream_freshness_seconds",
             "From the Kafka record timestamp (publish time) to the event being visible in Redis",
             buckets=_FRESHNESS,
             registry=r,
         )
         self.lag = Gauge(
-            "recstack_stream_consumer_lag", "Records not yet applied, per partition", ["partition"], registry=r
+            "recstack_stream_consumer_lag",
+            "Records not yet applied, per partition",
+            ["partition"],
+            registry=r,
         )
 
     def serve(self, port: int) -> None:
         """Serve ``/metrics`` on ``port`` (all interfaces) from a daemon thread."""
         start_http_server(port, registry=self.registry)
+
+
+class BatchHistogram:
+    """A Prometheus histogram fed a whole batch of observations at once.
+
+    One value per applied event (20,000/s) through ``Histogram.observe`` costs a lock and a call
+    each; here a batch is counted into buckets locally and added under one lock.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, buckets: Iterable[float], registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = sorted(buckets) + [math.inf]
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        bounds = self._bounds
+        counts = [0] * len(bounds)
+        total = 0.0
+        for value in values:
+            counts[bisect.bisect_left(bounds, value)] += 1  # bucket "le": value <= bound
+            total += value
+        with self._lock:
+            self._counts = [a + b for a, b in zip(self._counts, counts, strict=True)]
+            self._sum += total
+
+    def observe(self, value: float) -> None:
+        self.observe_many((value,))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        with self._lock:
+            counts, total = list(self._counts), self._sum
+        cumulative, buckets = 0, []
+        for bound, count in zip(self._bounds, counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), cumulative))
+        yield HistogramMetricFamily(self._name, self._documentation, buckets=buckets, sum_value=total)
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        return self.collect()

@@ -22,7 +22,9 @@ from loadtests.stats import summarize_step
 
 def _start_echo(*args: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "loadtests.echo_server", "--port", "0", *args], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-m", "loadtests.echo_server", "--port", "0", *args],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -111,8 +113,12 @@ def test_unreachable_server_is_reported() -> None:
 
 def test_slo_gate_passes_and_fails(echo_address: str, requests: list[bytes]) -> None:
     config = GeneratorConfig(workers=1, channels=1)
-    passed = run_gate(Gate(target=echo_address, rate=50.0, duration_s=1.0, p99_ms=500.0, warmup_s=0), requests, config)
+    passed = run_gate(
+        Gate(target=echo_address, rate=50.0, duration_s=1.0, p99_ms=500.0, warmup_s=0), requests, config
+    )
     assert passed["passed"], passed["reasons"]
-    failed = run_gate(Gate(target=echo_address, rate=50.0, duration_s=1.0, p99_ms=0.001, warmup_s=0), requests, config)
+    failed = run_gate(
+        Gate(target=echo_address, rate=50.0, duration_s=1.0, p99_ms=0.001, warmup_s=0), requests, config
+    )
     assert not failed["passed"] and "p99" in failed["reasons"][0]
     assert "FAIL" in format_gate(Gate(target=echo_address, rate=50.0, duration_s=1.0, p99_ms=0.001), failed)

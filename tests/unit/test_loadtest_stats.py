@@ -1,4 +1,4 @@
-"""Latency statistics of the load tools: percentiles on known samples, coordinated omission, step summaries."""
+"""Latency statistics of the load tools: percentiles on known samples, coordinated omission, summaries."""
 
 from __future__ import annotations
 
@@ -123,6 +123,8 @@ def test_answers_after_the_step_lower_the_achieved_rate() -> None:
 
 
 def test_unanswered_calls_are_errors() -> None:
-    step = summarize_step(_record([0.0, 0.1], [0.0, 0.1], [0.001, 0.0], [0, -1], [0, -1]), offered_rate=2, duration_s=1)
+    step = summarize_step(
+        _record([0.0, 0.1], [0.0, 0.1], [0.001, 0.0], [0, -1], [0, -1]), offered_rate=2, duration_s=1
+    )
     assert step["errors"] == {"NO_ANSWER": 1}
     assert step["latency_all_ms"]["count"] == 1

@@ -1,0 +1,467 @@
+"""The ranking server over a real gRPC channel, with real Redis and real model artifacts.
+
+Each test runs a server (port 0) on its own event loop in a background thread and calls it
+with the synchronous gRPC client, as a storefront would. Models are small randomly initialised
+versions of the real architecture, published with the models package's own artifact writer;
+features are written with ``feature_store.online``'s helpers. Waits poll for a condition with
+a generous limit; nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from feature_store.online import ItemFeatures, UserFeatures, read_features, write_features
+from recstack.v1 import ranking_pb2, ranking_pb2_grpc
+from services.ranking.config import RankingConfig
+from services.ranking.server import SERVICE_NAME, RankingServer, create_server
+
+pytestmark = pytest.mark.integration
+
+ITEMS = [f"item-{k}" for k in range(300)]
+V1, V2 = "v20240101-000000", "v20240102-000000"
+WAIT_S = 60.0
+
+
+# ------------------------------------------------------------------------------------ helpers
+def publish_model(models_dir: Path, version: str, seed: int) -> Path:
+    """A small random model of the served architecture, published as ``version``."""
+    import torch
+
+    from models.artifacts import publish_version
+    from models.model import ItemEmbeddingConfig, RankerConfig, TwoPathRanker
+    from models.vocab import ItemVocab
+
+    vocab = ItemVocab(ITEMS)
+    torch.manual_seed(seed)
+    model = TwoPathRanker(RankerConfig(embedding=ItemEmbeddingConfig(num_rows=len(vocab), dim=16)))
+    stats = np.random.default_rng(seed).gamma(1.0, 10.0, size=(len(vocab), 4)).astype(np.float32)
+    return publish_version(models_dir, model, vocab, stats, {"note": "test model"}, version=version)
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+class ServerThread:
+    """A RankingServer on its own event loop in a daemon thread."""
+
+    def __init__(self, config: RankingConfig) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="ranking-test-server", daemon=True)
+        self.thread.start()
+        self.server: RankingServer
+        self.server, self.port = self.run(create_server(config))
+        self.run(self.server.start())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
+
+    def run(self, coro, timeout_s: float = WAIT_S):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self.server.metrics.value(name, labels)
+
+    def close(self) -> None:
+        self.channel.close()
+        try:
+            self.run(self.server.stop(0))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def start_server(redis_url: str, models_dir: Path) -> Iterator[Callable[..., ServerThread]]:
+    servers: list[ServerThread] = []
+
+    def start(**overrides) -> ServerThread:
+        settings = dict(
+            host="127.0.0.1", port=0, metrics_port=0, models_dir=models_dir, redis_url=redis_url,
+            model_poll_interval_s=0.1, redis_timeout_ms=2000.0, redis_retry_interval_s=0.1,
+        )  # fmt: skip
+        settings.update(overrides)
+        server = ServerThread(RankingConfig(**settings))
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def seed_features(redis_url: str, users: dict[str, UserFeatures], n_items: int = 150) -> None:
+    client = redis.Redis.from_url(redis_url)
+    items = {item: ItemFeatures(views=10 * k, add_to_carts=k, purchases=k // 3, trending=k / 7.0,
+                                last_event_ts=1_700_000_000_000) for k, item in enumerate(ITEMS[:n_items])}  # fmt: skip
+    write_features(client, users=users, items=items)
+    client.close()
+
+
+def warm_user(recent: list[str], purchased: list[str] | None = None) -> UserFeatures:
+    now_ms = int(time.time() * 1000)
+    return UserFeatures(views=40, add_to_carts=6, purchases=2, last_event_ts=now_ms - 3_600_000,
+                        recent_items=recent, purchased_items=purchased or [])  # fmt: skip
+
+
+def expected_scores(redis_url: str, version_dir: Path, user_id: str, candidates: list[str], **kw) -> np.ndarray:
+    """What the model itself says for these features (same reader, same loader, no server)."""
+    from models.artifacts import load_version
+    from services.ranking.engine import item_stats_of, rank_input
+
+    ranker = load_version(version_dir, quantized=kw.pop("quantized", True))
+    client = redis.Redis.from_url(redis_url)
+    (user,), items = read_features(client, [user_id], candidates)
+    client.close()
+    stats = {c: item_stats_of(f) for c, f in zip(candidates, items, strict=True)}
+    (out,) = ranker.rank_batch([rank_input(user, candidates, stats, int(time.time() * 1000))], **kw)
+    return out.scores
+
+
+class HeldRanker:
+    """Wraps the served ranker; each batch waits for ``release`` and is recorded."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.version = inner.version
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.seen: list[list[str]] = []
+
+    def rank_batch(self, inputs, load=0.0, force_path=None):
+        self.seen.extend(list(inp.candidates) for inp in inputs)
+        self.entered.set()
+        assert self.release.wait(WAIT_S)
+        return self.inner.rank_batch(inputs, load=load, force_path=force_path)
+
+    def candidates(self, *args, **kwargs):
+        return self.inner.candidates(*args, **kwargs)
+
+
+def rank(user: str, items: list[str], top_k: int = 0) -> ranking_pb2.RankRequest:
+    return ranking_pb2.RankRequest(user_id=user, item_ids=items, top_k=top_k)
+
+
+# -------------------------------------------------------------------------------------- tests
+def test_ranking_order_follows_the_model_scores(start_server, redis_url, models_dir):
+    version_dir = publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})
+    server = start_server()
+    candidates = ITEMS[100:160] + ["never-seen-item"]  # an unknown item is cold start, not an error
+
+    got = server.stub.Rank(rank("u1", candidates), timeout=30)
+
+    assert got.model_version == V1 and not got.degraded
+    assert got.path == "cascade"  # a warm user with more candidates than the cascade head
+    ids, scores = [x.item_id for x in got.items], np.array([x.score for x in got.items])
+    assert sorted(ids) == sorted(candidates)
+    assert np.all(np.diff(scores) <= 0), "best first"
+    want = expected_scores(redis_url, version_dir, "u1", candidates)
+    by_id = dict(zip(ids, scores, strict=True))
+    np.testing.assert_allclose([by_id[c] for c in candidates], want, rtol=1e-3, atol=1e-3)
+
+    top = server.stub.Rank(rank("u1", candidates, top_k=5), timeout=30)
+    assert [x.item_id for x in top.items] == ids[:5]
+
+
+def test_new_user_features_change_the_answer(start_server, redis_url, models_dir):
+    publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {})
+    server = start_server()
+    candidates = ITEMS[:80]
+
+    cold = server.stub.Rank(rank("u-new", candidates), timeout=30)
+    assert cold.path == "light" and not cold.degraded  # no history: the full path has nothing to attend to
+
+    client = redis.Redis.from_url(redis_url)
+    write_features(client, users={"u-new": warm_user(ITEMS[200:250])})
+    client.close()
+    warm = server.stub.Rank(rank("u-new", candidates), timeout=30)
+
+    assert warm.path == "cascade"
+    cold_scores = {x.item_id: x.score for x in cold.items}
+    warm_scores = {x.item_id: x.score for x in warm.items}
+    assert any(abs(cold_scores[i] - warm_scores[i]) > 1e-4 for i in candidates)
+
+
+def test_recommend_generates_candidates_and_excludes_purchases(start_server, redis_url, models_dir):
+    from models.artifacts import load_version
+
+    version_dir = publish_model(models_dir, V1, seed=1)
+    recent = ITEMS[10:40]
+    ranker = load_version(version_dir)
+    purchased = ranker.candidates(recent, 3)  # the items the model likes most for this history
+    seed_features(redis_url, {"buyer": warm_user(recent, purchased)})
+    server = start_server(recommend_pool=100)
+
+    default = server.stub.Recommend(ranking_pb2.RecommendRequest(user_id="buyer", k=100), timeout=30)
+    keep = server.stub.Recommend(
+        ranking_pb2.RecommendRequest(user_id="buyer", k=100, include_purchased=True), timeout=30
+    )
+    small = server.stub.Recommend(ranking_pb2.RecommendRequest(user_id="buyer"), timeout=30)
+    cold = server.stub.Recommend(ranking_pb2.RecommendRequest(user_id="nobody", k=7), timeout=30)
+
+    assert len(default.items) == 100 and not set(purchased) & {x.item_id for x in default.items}
+    assert set(purchased) <= {x.item_id for x in keep.items}
+    assert len(small.items) == 10  # k = 0 means the default k
+    assert len(cold.items) == 7 and cold.path == "light"
+    for response in (default, keep, small, cold):
+        scores = [x.score for x in response.items]
+        assert scores == sorted(scores, reverse=True)
+        assert len({x.item_id for x in response.items}) == len(response.items)
+        assert response.model_version == V1
+
+
+def test_new_model_version_is_picked_up_without_a_failed_request(start_server, redis_url, models_dir):
+    publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})
+    server = start_server()
+    versions: list[str] = []
+    errors: list[grpc.RpcError] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                versions.append(server.stub.Rank(rank("u1", ITEMS[50:150]), timeout=30).model_version)
+            except grpc.RpcError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(versions) >= 5, "first answers")
+        publish_model(models_dir, V2, seed=2)
+        wait_for(lambda: V2 in versions[-3:], "answers from the new version")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(WAIT_S)
+    assert not errors, errors[:3]
+    first_new = versions.index(V2)
+    assert set(versions[:first_new]) == {V1}
+    assert server.metric("recstack_ranking_model_reloads_total", {"result": "success"}) == 2
+    assert server.metric("recstack_ranking_model_info", {"version": V2}) == 1
+
+
+@pytest.mark.parametrize("damage", ["checksum", "unloadable"])
+def test_a_corrupted_version_is_refused_and_the_current_keeps_serving(
+    start_server, redis_url, models_dir, tmp_path, damage
+):
+    from models.artifacts import write_manifest
+
+    publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {})
+    server = start_server()
+    staging = tmp_path / "staging"
+    bad = publish_model(staging, V2, seed=2)
+    weights = bad / "weights.int8.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    if damage == "unloadable":
+        write_manifest(bad)  # checksums now match the broken file: loading itself must fail
+    os.rename(bad, models_dir / V2)  # appears atomically, as a publisher would
+
+    wait_for(lambda: server.metric("recstack_ranking_model_reloads_total", {"result": "failure"}) >= 1,
+             "the broken version to be refused")  # fmt: skip
+    got = server.stub.Rank(rank("u1", ITEMS[:20]), timeout=30)
+    assert got.model_version == V1
+    assert server.metric("recstack_ranking_model_reloads_total", {"result": "failure"}) == 1
+    assert server.metric("recstack_ranking_model_reloads_total", {"result": "success"}) == 1
+
+
+def test_redis_down_serves_degraded_and_recovers(start_server, redis_url, models_dir, infra_control):
+    publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})
+    server = start_server(redis_timeout_ms=50.0)
+    candidates = ITEMS[:100]
+    assert not server.stub.Rank(rank("u1", candidates), timeout=30).degraded
+    try:
+        infra_control.stop_redis()
+        down = server.stub.Rank(rank("u1", candidates), timeout=30)
+        assert down.degraded and len(down.items) == len(candidates) and down.model_version == V1
+        rec = server.stub.Recommend(ranking_pb2.RecommendRequest(user_id="u1", k=5), timeout=30)
+        assert rec.degraded and len(rec.items) == 5
+        assert server.metric("recstack_ranking_degraded_total") >= 2
+        assert server.metric("recstack_ranking_redis_failures_total") >= 1
+    finally:
+        infra_control.start_redis()
+    wait_for(lambda: not server.stub.Rank(rank("u1", candidates), timeout=30).degraded, "recovery from Redis")
+
+
+def test_an_expired_request_is_dropped_before_any_work(start_server, redis_url, models_dir):
+    publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {})
+    server = start_server(max_concurrent_batches=1)
+    held = HeldRanker(server.server.backend.models.current)
+    server.server.backend.models.current = held
+
+    first = server.stub.Rank.future(rank("u1", ITEMS[:10]), timeout=WAIT_S)
+    assert held.entered.wait(WAIT_S)
+    with pytest.raises(grpc.RpcError) as late:
+        server.stub.Rank(rank("u2", ["only-in-the-late-request"]), timeout=0.3)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    held.release.set()
+    assert first.result().model_version == V1
+    wait_for(lambda: server.server.backend.batcher.depth == 0, "the queue to drain")
+
+    assert ["only-in-the-late-request"] not in held.seen
+    dropped = server.metric("recstack_ranking_shed_total", {"reason": "deadline"}) + server.metric(
+        "recstack_ranking_shed_total", {"reason": "cancelled"}
+    )
+    assert dropped == 1
+
+
+def test_a_full_queue_answers_resource_exhausted(start_server, redis_url, models_dir):
+    publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {})
+    server = start_server(max_concurrent_batches=1, max_queue=2)
+    held = HeldRanker(server.server.backend.models.current)
+    server.server.backend.models.current = held
+
+    running = server.stub.Rank.future(rank("u1", ITEMS[:10]), timeout=WAIT_S)
+    assert held.entered.wait(WAIT_S)
+    queued = [server.stub.Rank.future(rank(f"u{k}", ITEMS[:10]), timeout=WAIT_S) for k in (2, 3)]
+    wait_for(lambda: server.server.backend.batcher.depth == 2, "two queued requests")
+    with pytest.raises(grpc.RpcError) as shed:
+        server.stub.Rank(rank("u4", ITEMS[:10]), timeout=WAIT_S)
+    assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    held.release.set()
+    for call in (running, *queued):
+        assert call.result().model_version == V1
+    assert server.metric("recstack_ranking_shed_total", {"reason": "queue_full"}) == 1
+
+
+INVALID = [
+    (ranking_pb2.RankRequest(user_id="", item_ids=["a"]), "user_id"),
+    (ranking_pb2.RankRequest(user_id="u" * 129, item_ids=["a"]), "user_id"),
+    (ranking_pb2.RankRequest(user_id="u", item_ids=[]), "item_ids"),
+    (ranking_pb2.RankRequest(user_id="u", item_ids=[f"i{k}" for k in range(1001)]), "item_ids"),
+    (ranking_pb2.RankRequest(user_id="u", item_ids=["a", ""]), "item_ids[1]"),
+    (ranking_pb2.RankRequest(user_id="u", item_ids=["a", "x" * 129]), "item_ids[1]"),
+    (ranking_pb2.RankRequest(user_id="u", item_ids=["a"], top_k=-1), "top_k"),
+    (ranking_pb2.RecommendRequest(user_id="", k=3), "user_id"),
+    (ranking_pb2.RecommendRequest(user_id="u" * 129, k=3), "user_id"),
+    (ranking_pb2.RecommendRequest(user_id="u", k=-2), "k"),
+    (ranking_pb2.RecommendRequest(user_id="u", k=1001), "k"),
+]
+
+
+def test_every_invalid_request_answers_invalid_argument_naming_the_field(start_server, redis_url, models_dir):
+    publish_model(models_dir, V1, seed=1)
+    server = start_server()
+    for request, field in INVALID:
+        call = server.stub.Rank if isinstance(request, ranking_pb2.RankRequest) else server.stub.Recommend
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert err.value.details().startswith(f"{field}:"), (field, err.value.details())
+    assert server.metric("recstack_ranking_request_seconds_count", {"method": "Rank", "code": "INVALID_ARGUMENT"}) == 7
+
+
+def test_unavailable_and_not_serving_until_a_model_loads(start_server, redis_url, models_dir):
+    server = start_server()
+    health = health_pb2_grpc.HealthStub(server.channel)
+
+    def status() -> int:
+        return health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30).status
+
+    assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Rank(rank("u1", ITEMS[:3]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    publish_model(models_dir, V1, seed=1)
+    wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, "SERVING")
+    assert server.stub.Rank(rank("u1", ITEMS[:3]), timeout=30).model_version == V1
+
+
+def test_reflection_describes_the_service(start_server, models_dir):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    server = start_server()
+    services = ProtoReflectionDescriptorDatabase(server.channel).get_services()
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(services)
+
+
+def test_auth_on_refuses_missing_or_wrong_tokens(start_server, redis_url, models_dir):
+    publish_model(models_dir, V1, seed=1)
+    server = start_server(auth_token="let-me-in")
+    request = rank("u1", ITEMS[:3])
+    for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "let-me-in")]):
+        with pytest.raises(grpc.RpcError) as err:
+            server.stub.Rank(request, metadata=metadata, timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "let-me-in" not in err.value.details()
+    ok = server.stub.Rank(request, metadata=[("authorization", "Bearer let-me-in")], timeout=30)
+    assert ok.model_version == V1
+    # Health stays open to probes without credentials.
+    health = health_pb2_grpc.HealthStub(server.channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=30).status == (
+        health_pb2.HealthCheckResponse.SERVING
+    )
+
+
+def test_tls_with_a_generated_certificate(start_server, redis_url, models_dir, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    publish_model(models_dir, V1, seed=1)
+    server = start_server(tls_cert=cert, tls_key=key)
+    credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
+        got = ranking_pb2_grpc.RankingServiceStub(channel).Rank(rank("u1", ITEMS[:5]), timeout=30)
+    assert got.model_version == V1 and len(got.items) == 5
+    with pytest.raises(grpc.RpcError) as err:  # plaintext to a TLS port does not get through
+        server.stub.Rank(rank("u1", ITEMS[:5]), timeout=5)
+    assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_naive_baseline_serves_the_same_api_through_feast(start_server, redis_url, models_dir, tmp_path,
+                                                          monkeypatch):  # fmt: skip
+    monkeypatch.setenv("RECSTACK_FEAST_DIR", str(tmp_path / "feast"))
+    version_dir = publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})
+    server = start_server(naive=True)
+    candidates = ITEMS[100:140]
+
+    got = server.stub.Rank(rank("u1", candidates), timeout=60)
+
+    assert got.path == "full" and got.model_version == V1 and not got.degraded
+    want = expected_scores(redis_url, version_dir, "u1", candidates, quantized=False, force_path="full")
+    by_id = {x.item_id: x.score for x in got.items}
+    np.testing.assert_allclose([by_id[c] for c in candidates], want, rtol=1e-3, atol=1e-3)
+    rec = server.stub.Recommend(ranking_pb2.RecommendRequest(user_id="u1", k=4), timeout=60)
+    assert len(rec.items) == 4 and rec.path == "full"
+    with pytest.raises(grpc.RpcError) as err:
+        server.stub.Rank(rank("", candidates), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
