@@ -42,16 +42,24 @@ ECHO_METHOD = "/bench.Echo/Echo"
 
 # ------------------------------------------------------------------------------ the echo server
 def _echo_messages():
-    """``EchoRequest {repeated int64 ids}`` and ``EchoResponse {repeated float scores}``, built at run time."""
+    """``EchoRequest {repeated int64 ids}`` and ``EchoResponse {repeated float scores}``."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     fdp = descriptor_pb2.FileDescriptorProto(name="bench_echo.proto", package="bench", syntax="proto3")
     req = fdp.message_type.add(name="EchoRequest")
-    req.field.add(name="ids", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
-                  label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED)  # fmt: skip
+    req.field.add(
+        name="ids",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_INT64,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+    )
     resp = fdp.message_type.add(name="EchoResponse")
-    resp.field.add(name="scores", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_FLOAT,
-                   label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED)  # fmt: skip
+    resp.field.add(
+        name="scores",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_FLOAT,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+    )
     pool = descriptor_pool.DescriptorPool()
     fd = pool.Add(fdp)
     return (
@@ -70,10 +78,14 @@ async def _serve_echo(port: int) -> None:
 
     handler = grpc.method_handlers_generic_handler(
         "bench.Echo",
-        {"Echo": grpc.unary_unary_rpc_method_handler(
-            echo, request_deserializer=EchoRequest.FromString, response_serializer=EchoResponse.SerializeToString
-        )},
-    )  # fmt: skip
+        {
+            "Echo": grpc.unary_unary_rpc_method_handler(
+                echo,
+                request_deserializer=EchoRequest.FromString,
+                response_serializer=EchoResponse.SerializeToString,
+            )
+        },
+    )
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((handler,))
     server.add_insecure_port(f"127.0.0.1:{port}")
@@ -128,18 +140,25 @@ def _prepare_features(redis_url: str, items: list[str], n_users: int, seed: int 
     client.flushdb()
     now_ms = int(time.time() * 1000)
     item_rows = {
-        item: ItemFeatures(views=int(v), add_to_carts=int(v // 8), purchases=int(v // 20), trending=float(v) / 10,
-                           last_event_ts=now_ms - 60_000)  # fmt: skip
+        item: ItemFeatures(
+            views=int(v),
+            add_to_carts=int(v // 8),
+            purchases=int(v // 20),
+            trending=float(v) / 10,
+            last_event_ts=now_ms - 60_000,
+        )
         for item, v in zip(items, rng.gamma(1.0, 50.0, size=len(items)), strict=True)
     }
     users = [f"bench-user-{u}" for u in range(n_users)]
     user_rows = {
         u: UserFeatures(
-            views=int(rng.integers(5, 500)), add_to_carts=int(rng.integers(0, 50)), purchases=int(rng.integers(0, 20)),
+            views=int(rng.integers(5, 500)),
+            add_to_carts=int(rng.integers(0, 50)),
+            purchases=int(rng.integers(0, 20)),
             last_event_ts=now_ms - int(rng.integers(1_000, 86_400_000)),
             recent_items=list(rng.choice(items, 50, replace=False)),
             purchased_items=list(rng.choice(items, 5, replace=False)),
-        )  # fmt: skip
+        )
         for u in users
     }
     chunk = 500
@@ -152,14 +171,18 @@ def _prepare_features(redis_url: str, items: list[str], n_users: int, seed: int 
     return users
 
 
-def _requests(target: str, users: list[str], items: list[str], n_candidates: int, count: int = 2000) -> list[bytes]:
+def _requests(
+    target: str, users: list[str], items: list[str], n_candidates: int, count: int = 2000
+) -> list[bytes]:
     from recstack.v1 import ranking_pb2
 
     rng = np.random.default_rng(1)
     if target == "echo":
         EchoRequest, _ = _echo_messages()
-        return [EchoRequest(ids=rng.integers(0, 1 << 40, n_candidates).tolist()).SerializeToString()
-                for _ in range(count)]  # fmt: skip
+        return [
+            EchoRequest(ids=rng.integers(0, 1 << 40, n_candidates).tolist()).SerializeToString()
+            for _ in range(count)
+        ]
     return [
         ranking_pb2.RankRequest(
             user_id=str(rng.choice(users)), item_ids=list(rng.choice(items, n_candidates, replace=False))
@@ -183,8 +206,25 @@ def _start(target: str, models: Path, redis_url: str, extra: list[str]) -> Serve
         cmd = [sys.executable, __file__, "--serve-echo", str(port)]
         method = ECHO_METHOD
     else:
-        cmd = [sys.executable, "-m", "recstack.cli", "--log-level", "WARNING", "serve", "--host", "127.0.0.1",
-               "--port", str(port), "--models", str(models), "--redis", redis_url, "--metrics-port", "0", *extra]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "recstack.cli",
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--models",
+            str(models),
+            "--redis",
+            redis_url,
+            "--metrics-port",
+            "0",
+            *extra,
+        ]
         if target == "naive":
             cmd.append("--naive")
         method = "/recstack.v1.RankingService/Rank"
@@ -213,7 +253,9 @@ def _wait_ready(server: Server, timeout_s: float = 180.0) -> None:
                 if server.name == "echo":
                     echo(b"", timeout=1)
                     return
-                got = health.Check(health_pb2.HealthCheckRequest(service="recstack.v1.RankingService"), timeout=1)
+                got = health.Check(
+                    health_pb2.HealthCheckRequest(service="recstack.v1.RankingService"), timeout=1
+                )
                 if got.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
@@ -247,8 +289,9 @@ class Step:
         return sum(self.errors.values()) / max(self.sent, 1)
 
 
-async def _run_step(channels, method: str, requests: list[bytes], rate: float, duration_s: float,
-                    timeout_s: float = 1.0) -> Step:  # fmt: skip
+async def _run_step(
+    channels, method: str, requests: list[bytes], rate: float, duration_s: float, timeout_s: float = 1.0
+) -> Step:
     import grpc
 
     loop = asyncio.get_running_loop()
@@ -297,8 +340,10 @@ async def _run_step(channels, method: str, requests: list[bytes], rate: float, d
 async def _drive(server: Server, requests: list[bytes], rates: list[float], step_s: float) -> list[Step]:
     import grpc
 
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(4)]  # fmt: skip
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(4)
+    ]
     try:
         await _run_step(channels, server.method, requests, min(rates[0], 200.0), 1.0)  # warm-up, not reported
         steps: list[Step] = []
@@ -307,8 +352,11 @@ async def _drive(server: Server, requests: list[bytes], rates: list[float], step
             step = await _run_step(channels, server.method, requests, rate, step_s)
             steps.append(step)
             errs = ", ".join(f"{k} {v}" for k, v in sorted(step.errors.items())) or "-"
-            print(f"  {server.name:5s} offered {rate:7.0f}/s  achieved {step.achieved:7.0f}/s  "
-                  f"p50 {step.p50_ms:7.2f} ms  p99 {step.p99_ms:8.2f} ms  errors {errs}", flush=True)  # fmt: skip
+            print(
+                f"  {server.name:5s} offered {rate:7.0f}/s  achieved {step.achieved:7.0f}/s  "
+                f"p50 {step.p50_ms:7.2f} ms  p99 {step.p99_ms:8.2f} ms  errors {errs}",
+                flush=True,
+            )
             # Stop once the server is clearly past saturation: two steps that miss the SLO badly.
             misses = misses + 1 if (step.p99_ms > 5 * SLO_S * 1000 or step.error_share > 0.05) else 0
             if misses >= 2:
@@ -334,18 +382,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve-echo", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--targets", default="echo,naive,real", help="comma list of echo, naive, real")
-    parser.add_argument("--rates", default="100,200,400,600,800,1000,1200,1400,1600,1800,2000,2400",
-                        help="offered rates (calls/s) stepped through, ascending")  # fmt: skip
-    parser.add_argument("--naive-rates", default="25,50,75,100,150,200,300,400",
-                        help="steps for the naive server (it saturates far lower)")  # fmt: skip
+    parser.add_argument(
+        "--rates",
+        default="100,200,400,600,800,1000,1200,1400,1600,1800,2000,2400",
+        help="offered rates (calls/s) stepped through, ascending",
+    )
+    parser.add_argument(
+        "--naive-rates",
+        default="25,50,75,100,150,200,300,400",
+        help="steps for the naive server (it saturates far lower)",
+    )
     parser.add_argument("--step-s", type=float, default=5.0, help="seconds per step")
     parser.add_argument("--candidates", type=int, default=100, help="candidates per Rank call")
-    parser.add_argument("--models", default=None, help="models folder (default: a random model, --items items)")
+    parser.add_argument(
+        "--models", default=None, help="models folder (default: a random model, --items items)"
+    )
     parser.add_argument("--items", type=int, default=4000, help="catalogue size of the random model")
     parser.add_argument("--users", type=int, default=2000, help="warm users written to Redis")
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/6", help="Redis database to fill (flushed)")
-    parser.add_argument("--server-arg", action="append", default=[],
-                        help="extra flag for the real server, e.g. --server-arg=--max-queue=32")  # fmt: skip
+    parser.add_argument(
+        "--redis", default="redis://127.0.0.1:6379/6", help="Redis database to fill (flushed)"
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra flag for the real server, e.g. --server-arg=--max-queue=32",
+    )
     args = parser.parse_args(argv)
 
     if args.serve_echo:
@@ -362,8 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ranking-bench-") as tmp:
         models, items = _prepare_model(args.models, args.items, Path(tmp))
         users = _prepare_features(args.redis, items, args.users)
-        print(f"ranking benchmark: {len(items)} items, {len(users)} warm users, {args.candidates} candidates/call, "
-              f"{args.step_s:.0f} s steps, SLO p99 <= {SLO_S * 1000:.0f} ms; cpus {os.cpu_count()}", flush=True)  # fmt: skip
+        print(
+            f"bench: {len(items)} items, {len(users)} warm users, {args.candidates} candidates/call, "
+            f"{args.step_s:.0f} s steps, SLO p99 <= {SLO_S * 1000:.0f} ms; cpus {os.cpu_count()}",
+            flush=True,
+        )
         results: dict[str, list[Step]] = {}
         for target in targets:
             server = _start(target, models, args.redis, args.server_arg if target == "real" else [])

@@ -23,10 +23,12 @@ import time
 import uuid
 from typing import Any
 
-import gevent
-import grpc  # noqa: I001 (must follow locust)
-import grpc.experimental.gevent as grpc_gevent
 from locust import User, between, events, task  # first: Locust patches the standard library
+
+# isort: split
+import gevent
+import grpc
+import grpc.experimental.gevent as grpc_gevent
 
 from loadtests.workload import Workload
 from recstack.events import Event
@@ -128,24 +130,6 @@ def _on_quitting(environment: Any, **_: Any) -> None:
                 fh,
                 indent=1,
             )
-
-
-class _CallDetails(grpc.ClientCallDetails):
-    def __init__(
-        self,
-        method: str,
-        timeout: float | None,
-        metadata: Any,
-        credentials: Any,
-        wait_for_ready: Any,
-        compression: Any,
-    ) -> None:
-        self.method = method
-        self.timeout = timeout
-        self.metadata = metadata
-        self.credentials = credentials
-        self.wait_for_ready = wait_for_ready
-        self.compression = compression
 
 
 class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):

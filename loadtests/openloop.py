@@ -175,8 +175,11 @@ def _worker_main(
         loop = _new_event_loop(cfg.uvloop)
         asyncio.set_event_loop(loop)
         client = loop.run_until_complete(_Client.connect(address, method, requests, offset, cfg))
-    except BaseException:  # report the reason to the parent instead of dying silently
-        conn.send(("error", f"cannot connect to {address}: {traceback.format_exc(limit=3)}"))
+    except TimeoutError:
+        conn.send(("error", f"cannot connect to {address} within {cfg.connect_timeout_s:g} s"))
+        return
+    except BaseException as exc:  # report the reason to the parent instead of dying silently
+        conn.send(("error", f"cannot connect to {address}: {exc!r}"))
         return
     conn.send(("ready", None))
     try:

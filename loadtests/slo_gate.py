@@ -69,6 +69,12 @@ def format_gate(gate: Gate, step: dict[str, Any]) -> str:
         f"  paths        {path_mix(step)}; degraded {step['degraded']}",
         f"  generator    send lag p99 {step['send_lag_ms']['p99'] or 0:.2f} ms",
     ]
+    lag = step["send_lag_ms"]["p99"] or 0.0
+    if lag > 2.0:
+        lines.append(
+            f"  warning      the generator itself ran late (send lag p99 {lag:.1f} ms): the machine is busy "
+            "and the latencies above include that delay"
+        )
     verdict = "PASS" if step["passed"] else "FAIL: " + "; ".join(step["reasons"])
     lines.append(f"  SLO p99 <= {gate.p99_ms:g} ms, errors <= {100 * gate.max_error_rate:g}%: {verdict}")
     return "\n".join(lines)

@@ -130,9 +130,11 @@ def build(
     eval_until_ms: int | None = None,
     min_item_count: int = 2,
     history_len: int = RECENT_ITEMS,
+    vocab: ItemVocab | None = None,
 ) -> TrainingData:
     """Events (any order, duplicates allowed) -> training contexts before ``until_ms`` and the
-    evaluation set in ``[until_ms, eval_until_ms)``."""
+    evaluation set in ``[until_ms, eval_until_ms)``. ``vocab``: a trained model's vocabulary
+    (evaluating a saved version); by default built from the training events."""
     events, duplicates = dedup_events(events)
     events = events.sort_values("ts", kind="stable").reset_index(drop=True)
     unknown_types = set(events["event_type"].unique()) - set(EVENT_TYPE_INDEX)
@@ -147,8 +149,9 @@ def build(
 
     counts = train["item_id"].value_counts()
     # Stable order: most frequent first, ties by id, so the same log gives the same rows.
-    frequent = counts[counts >= min_item_count]
-    vocab = ItemVocab(sorted(frequent.index, key=lambda i: (-int(frequent[i]), str(i))))
+    if vocab is None:
+        frequent = counts[counts >= min_item_count]
+        vocab = ItemVocab(sorted(frequent.index, key=lambda i: (-int(frequent[i]), str(i))))
     V = len(vocab)
 
     item_rows = vocab.rows(train["item_id"].to_numpy())

@@ -21,13 +21,14 @@ import torch
 from models import baselines, metrics
 from models.data import EvalSet, TrainingData
 from models.model import RankBatch, TwoPathRanker, path_macs
-from models.router import RouterConfig
+from models.router import PathRouter, RouterConfig
 from models.vocab import FIRST_ITEM_ROW
 
 log = logging.getLogger(__name__)
 
 
 def model_scorer(model: TwoPathRanker, eval_set: EvalSet, path: str, head: int = 20) -> metrics.ScoreFn:
+    """``head``: the cascade's head for a request over the whole catalogue (see PathRouter.head_for)."""
     """Scores over every known item for eval users ``lo:hi`` along ``path`` (light | full | routed)."""
     V = eval_set.item_dense.shape[0]
     rows = torch.arange(FIRST_ITEM_ROW, V)
@@ -64,13 +65,14 @@ def routed_compute(config_model, eval_set: EvalSet, router: RouterConfig, n_cand
     cold = eval_set.cold
     light = macs["light_per_user"] + n_candidates * macs["light_per_candidate"]
     full = macs["full_per_user"] + n_candidates * macs["full_per_candidate"]
-    head = min(router.cascade_head, n_candidates)
+    head = PathRouter(router).head_for(n_candidates)
     cascade = light + macs["full_per_user"] + head * (macs["full_per_candidate"] - macs["light_per_candidate"])
-    if n_candidates <= router.cascade_head:
+    if n_candidates <= head:
         cascade = full
     routed = float(np.where(cold, light, cascade).mean()) if len(cold) else cascade
     return {
         "candidates": n_candidates,
+        "cascade_head": head,
         "always_full_macs": full,
         "routed_macs": routed,
         "light_macs": light,
@@ -116,7 +118,7 @@ def quality_report(
     eval_set = data.eval
     if eval_set is None or len(eval_set) == 0:
         return {"evaluated": False, "reason": "no events at or after --until in the given logs"}
-    head = router.cascade_head
+    head = PathRouter(router).head_for(len(data.vocab) - FIRST_ITEM_ROW)
     result: dict[str, Any] = {
         "evaluated": True,
         "users": len(eval_set),

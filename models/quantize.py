@@ -19,6 +19,7 @@ from models.model import Int8ItemEmbedding, RankerConfig, TwoPathRanker
 QSUFFIX = ".q"
 SSUFFIX = ".scale"
 DENSE_RUNTIMES = ("fp32", "torch-dynamic")
+LONG_VECTOR = 1024  # vectors at least this long (one value per item) are stored int8 too
 
 
 def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -31,16 +32,28 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    if q.dim() == 1:  # a vector quantized with one scale
+        return q.to(torch.float32) * scale
     shape = [q.shape[0]] + [1] * (q.dim() - 1)
     return q.to(torch.float32) * scale.reshape(shape)
 
 
+def quantize_vector(vector: Tensor) -> tuple[Tensor, Tensor]:
+    """``N`` float -> (int8 ``N``, float32 scale of shape ``1``), symmetric, one scale."""
+    q, scale = quantize_rows(vector.detach().float().reshape(1, -1))
+    return q.reshape(-1), scale
+
+
 def quantize_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """fp32 state dict -> int8 storage form: each tensor of 2+ dims becomes ``name.q`` + ``name.scale``."""
+    """fp32 state dict -> int8 storage form: each tensor of 2+ dims becomes ``name.q`` + ``name.scale``
+    (a scale per row); long vectors (the per-item bias) get one scale; small tensors stay fp32."""
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
         if tensor.is_floating_point() and tensor.dim() >= 2:
             q, scale = quantize_rows(tensor)
+            out[name + QSUFFIX], out[name + SSUFFIX] = q, scale
+        elif tensor.is_floating_point() and tensor.dim() == 1 and tensor.numel() >= LONG_VECTOR:
+            q, scale = quantize_vector(tensor)
             out[name + QSUFFIX], out[name + SSUFFIX] = q, scale
         else:
             out[name] = tensor.detach().clone()
@@ -66,9 +79,10 @@ def build_int8_model(config: RankerConfig, qstate: dict[str, Tensor], dense_runt
     if dense_runtime not in DENSE_RUNTIMES:
         raise ValueError(f"dense_runtime must be one of {DENSE_RUNTIMES}, got {dense_runtime!r}")
     model = TwoPathRanker(config)
-    model.load_state_dict(dequantize_state_dict(qstate), strict=True)
+    dense = dequantize_state_dict(qstate)
+    model.load_state_dict(dense, strict=True)
     model.items = Int8ItemEmbedding(qstate["items.weight" + QSUFFIX], qstate["items.weight" + SSUFFIX],
-                                    qstate["items.bias"])
+                                    dense["items.bias"])
     model.eval()
     if dense_runtime == "torch-dynamic":
         # Only the interaction MLP: its GEMMs are the only ones big enough for int8 kernels to pay.

@@ -110,6 +110,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch intra-op threads per forward pass",
     )
 
+    add_flag(
+        g,
+        "--switch-interval-ms",
+        type=non_negative_float,
+        default=_default("switch_interval_ms"),
+        help="Python GIL switch interval for this process (0 = Python's default, 5 ms)",
+    )
     g = p.add_argument_group("micro-batching and limits")
     add_flag(
         g,
@@ -202,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> RankingConfig:
             model_poll_interval_s=args.model_poll_interval_s,
             device=args.device,
             torch_threads=args.torch_threads,
+            switch_interval_ms=args.switch_interval_ms,
             naive=args.naive,
         )
     except (OSError, ValueError) as exc:

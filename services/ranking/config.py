@@ -65,6 +65,10 @@ class RankingConfig:
     model_poll_interval_s: float = 2.0
     device: str = "cpu"
     torch_threads: int = 1  # per forward pass; the other core runs the event loop and gRPC
+    # Python's GIL switch interval (process-wide, set by `recstack serve`). The batch workers and
+    # the event loop share the GIL; with the default 5 ms a thread that wants it back can wait
+    # that long, which alone would spend half the 10 ms budget. 0 keeps Python's default.
+    switch_interval_ms: float = 0.5
     naive: bool = False  # the contract's baseline: no batching, Feast reads, fp32, full path
 
     def __post_init__(self) -> None:
@@ -100,6 +104,7 @@ class RankingConfig:
             "redis_retry_interval_s",
             "item_cache_ttl_s",
             "model_poll_interval_s",
+            "switch_interval_ms",
         )
         for name in non_negative:
             if getattr(self, name) < 0:

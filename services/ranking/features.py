@@ -121,8 +121,11 @@ class FeatureFetcher:
         return BatchFeatures(dict(zip(users_list, user_rows, strict=True)), items, False)
 
     def _fallback(self, user_ids: list[str], items: dict, missing: list[str]) -> BatchFeatures:
+        """Default user features; items from the cache even when expired, else unknown."""
+        cache, unknown = self._items, self._unknown_item
         for item_id in missing:
-            items[item_id] = self._unknown_item
+            cached = cache.get(item_id)
+            items[item_id] = unknown if cached is None else cached[1]
         return BatchFeatures(dict.fromkeys(user_ids), items, True)
 
     def _mark_down(self, exc: Exception) -> None:

@@ -2,28 +2,102 @@
 
 A registry per server (not the process-wide default) lets tests run several servers in one
 process and read each one's counters; ``recstack serve`` exposes it on ``--metrics-port``.
+
+Importing Feast sets ``PROMETHEUS_MULTIPROC_DIR`` for the whole process (its feature server
+forks workers), which would switch every metric created afterwards to values in shared mmap
+files: slower on the hot path and shared between servers of one process. The metrics here are
+one process's own, so they are created with in-process values whatever the import order, and
+every label combination the service uses is created up front, inside that guard.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import values as _values
 
 # Fine-grained around the 1-20 ms that matter for a 10 ms p99, coarse beyond.
 LATENCY_BUCKETS_S = (
-    0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.010,
-    0.0125, 0.015, 0.0175, 0.020, 0.025, 0.030, 0.050, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.004,
+    0.005,
+    0.006,
+    0.007,
+    0.008,
+    0.009,
+    0.010,
+    0.0125,
+    0.015,
+    0.0175,
+    0.020,
+    0.025,
+    0.030,
+    0.050,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 QUEUE_DELAY_BUCKETS_S = (
-    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075, 0.010, 0.020, 0.050, 0.1,
-)  # fmt: skip
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0015,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.010,
+    0.020,
+    0.050,
+    0.1,
+)
 BATCH_REQUEST_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 BATCH_CANDIDATE_BUCKETS = (100, 200, 400, 800, 1200, 1600, 2400, 3200, 4096, 8192)
+
+METHODS = ("Rank", "Recommend")
+CODES = (
+    "OK",
+    "INVALID_ARGUMENT",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+    "INTERNAL",
+    "CANCELLED",
+    "UNAUTHENTICATED",
+)
+PATHS = ("light", "full", "cascade")
+STAGES = ("fetch", "candidates", "assemble", "forward", "encode")
+SHED_REASONS = ("queue_full", "deadline", "cancelled", "shutdown")
+
+
+@contextlib.contextmanager
+def _in_process_values() -> Iterator[None]:
+    saved = _values.ValueClass
+    _values.ValueClass = _values.MutexValue
+    try:
+        yield
+    finally:
+        _values.ValueClass = saved
 
 
 class RankingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        r = self.registry
+        with _in_process_values():
+            self._create(self.registry)
+
+    def _create(self, r: CollectorRegistry) -> None:
         self.latency = Histogram(
             "recstack_ranking_request_seconds",
             "Server-side latency of a call, from its arrival to its answer.",
@@ -32,13 +106,17 @@ class RankingMetrics:
             registry=r,
         )
         self.batch_requests = Histogram(
-            "recstack_ranking_batch_requests", "Requests per micro-batch.",
-            buckets=BATCH_REQUEST_BUCKETS, registry=r,
-        )  # fmt: skip
+            "recstack_ranking_batch_requests",
+            "Requests per micro-batch.",
+            buckets=BATCH_REQUEST_BUCKETS,
+            registry=r,
+        )
         self.batch_candidates = Histogram(
-            "recstack_ranking_batch_candidates", "Candidates scored per micro-batch.",
-            buckets=BATCH_CANDIDATE_BUCKETS, registry=r,
-        )  # fmt: skip
+            "recstack_ranking_batch_candidates",
+            "Candidates scored per micro-batch.",
+            buckets=BATCH_CANDIDATE_BUCKETS,
+            registry=r,
+        )
         self.queue_delay = Histogram(
             "recstack_ranking_queue_delay_seconds",
             "Time a request waited in the batcher's queue before its batch started.",
@@ -72,7 +150,7 @@ class RankingMetrics:
         self.shed = Counter(
             "recstack_ranking_shed_total",
             "Requests refused or dropped before any work.",
-            ["reason"],  # queue_full | deadline | cancelled (the caller left first) | shutdown
+            ["reason"],  # SHED_REASONS; cancelled: the caller left (or its deadline ended the call) first
             registry=r,
         )
         self.item_cache = Counter(
@@ -85,7 +163,14 @@ class RankingMetrics:
             ["result"],
             registry=r,
         )
-        for reason in ("queue_full", "deadline", "cancelled", "shutdown"):
+        for method in METHODS:
+            for code in CODES:
+                self.latency.labels(method, code)
+        for stage in STAGES:
+            self.batch_seconds.labels(stage)
+        for path in PATHS:
+            self.paths.labels(path)
+        for reason in SHED_REASONS:
             self.shed.labels(reason)
         for result in ("success", "failure"):
             self.model_reloads.labels(result)

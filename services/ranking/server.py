@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -221,6 +222,8 @@ async def create_server(
 
 async def serve(config: RankingConfig) -> None:
     """Run a ranking server until SIGTERM/SIGINT, then shut down gracefully."""
+    if config.switch_interval_ms > 0:
+        sys.setswitchinterval(config.switch_interval_ms / 1000.0)
     server, _ = await create_server(config)
     if config.metrics_port:
         server.metrics.serve_http(config.metrics_port)

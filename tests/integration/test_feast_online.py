@@ -54,12 +54,16 @@ def _f32(x: float) -> float:
 
 
 def _feast_users(store, user_ids):
-    got = store.get_online_features(features=USER_REFS, entity_rows=[{"user_id": u} for u in user_ids]).to_dict()
+    got = store.get_online_features(
+        features=USER_REFS, entity_rows=[{"user_id": u} for u in user_ids]
+    ).to_dict()
     return [{ref.split(":")[1]: got[ref.split(":")[1]][i] for ref in USER_REFS} for i in range(len(user_ids))]
 
 
 def _feast_items(store, item_ids):
-    got = store.get_online_features(features=ITEM_REFS, entity_rows=[{"item_id": i} for i in item_ids]).to_dict()
+    got = store.get_online_features(
+        features=ITEM_REFS, entity_rows=[{"item_id": i} for i in item_ids]
+    ).to_dict()
     return [{ref.split(":")[1]: got[ref.split(":")[1]][i] for ref in ITEM_REFS} for i in range(len(item_ids))]
 
 
@@ -89,7 +93,13 @@ def test_feast_reads_what_the_fast_path_wrote(store, redis_client):
     }
     items = {
         "i-1": ItemFeatures(
-            views=10, add_to_carts=3, purchases=2, trending=12.75, last_event_ts=1_700_000_000_001, category="shoes", price=19.99
+            views=10,
+            add_to_carts=3,
+            purchases=2,
+            trending=12.75,
+            last_event_ts=1_700_000_000_001,
+            category="shoes",
+            price=19.99,
         ),
         "i-2": ItemFeatures(views=1, trending=0.1),
     }
@@ -102,7 +112,12 @@ def test_feast_reads_what_the_fast_path_wrote(store, redis_client):
 
     feast_items = _feast_items(store, ["i-1", "i-2", "nothing"])
     assert feast_items[0] == {**_as_dict(items["i-1"]), "trending": 12.75, "price": _f32(19.99)}
-    assert feast_items[1] == {**_as_dict(items["i-2"]), "trending": _f32(0.1), "category": None, "price": None}
+    assert feast_items[1] == {
+        **_as_dict(items["i-2"]),
+        "trending": _f32(0.1),
+        "category": None,
+        "price": None,
+    }
     assert all(v is None for v in feast_items[2].values())
 
     fast_users, fast_items = read_features(redis_client, ["u-1", "nobody"], ["i-1", "nothing"])

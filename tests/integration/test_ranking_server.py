@@ -102,9 +102,15 @@ def start_server(redis_url: str, models_dir: Path) -> Iterator[Callable[..., Ser
 
     def start(**overrides) -> ServerThread:
         settings = dict(
-            host="127.0.0.1", port=0, metrics_port=0, models_dir=models_dir, redis_url=redis_url,
-            model_poll_interval_s=0.1, redis_timeout_ms=2000.0, redis_retry_interval_s=0.1,
-        )  # fmt: skip
+            host="127.0.0.1",
+            port=0,
+            metrics_port=0,
+            models_dir=models_dir,
+            redis_url=redis_url,
+            model_poll_interval_s=0.1,
+            redis_timeout_ms=2000.0,
+            redis_retry_interval_s=0.1,
+        )
         settings.update(overrides)
         server = ServerThread(RankingConfig(**settings))
         servers.append(server)
@@ -117,19 +123,31 @@ def start_server(redis_url: str, models_dir: Path) -> Iterator[Callable[..., Ser
 
 def seed_features(redis_url: str, users: dict[str, UserFeatures], n_items: int = 150) -> None:
     client = redis.Redis.from_url(redis_url)
-    items = {item: ItemFeatures(views=10 * k, add_to_carts=k, purchases=k // 3, trending=k / 7.0,
-                                last_event_ts=1_700_000_000_000) for k, item in enumerate(ITEMS[:n_items])}  # fmt: skip
+    items = {
+        item: ItemFeatures(
+            views=10 * k, add_to_carts=k, purchases=k // 3, trending=k / 7.0, last_event_ts=1_700_000_000_000
+        )
+        for k, item in enumerate(ITEMS[:n_items])
+    }
     write_features(client, users=users, items=items)
     client.close()
 
 
 def warm_user(recent: list[str], purchased: list[str] | None = None) -> UserFeatures:
     now_ms = int(time.time() * 1000)
-    return UserFeatures(views=40, add_to_carts=6, purchases=2, last_event_ts=now_ms - 3_600_000,
-                        recent_items=recent, purchased_items=purchased or [])  # fmt: skip
+    return UserFeatures(
+        views=40,
+        add_to_carts=6,
+        purchases=2,
+        last_event_ts=now_ms - 3_600_000,
+        recent_items=recent,
+        purchased_items=purchased or [],
+    )
 
 
-def expected_scores(redis_url: str, version_dir: Path, user_id: str, candidates: list[str], **kw) -> np.ndarray:
+def expected_scores(
+    redis_url: str, version_dir: Path, user_id: str, candidates: list[str], **kw
+) -> np.ndarray:
     """What the model itself says for these features (same reader, same loader, no server)."""
     from models.artifacts import load_version
     from services.ranking.engine import item_stats_of, rank_input
@@ -287,8 +305,10 @@ def test_a_corrupted_version_is_refused_and_the_current_keeps_serving(
         write_manifest(bad)  # checksums now match the broken file: loading itself must fail
     os.rename(bad, models_dir / V2)  # appears atomically, as a publisher would
 
-    wait_for(lambda: server.metric("recstack_ranking_model_reloads_total", {"result": "failure"}) >= 1,
-             "the broken version to be refused")  # fmt: skip
+    wait_for(
+        lambda: server.metric("recstack_ranking_model_reloads_total", {"result": "failure"}) >= 1,
+        "the broken version to be refused",
+    )
     got = server.stub.Rank(rank("u1", ITEMS[:20]), timeout=30)
     assert got.model_version == V1
     assert server.metric("recstack_ranking_model_reloads_total", {"result": "failure"}) == 1
@@ -381,7 +401,12 @@ def test_every_invalid_request_answers_invalid_argument_naming_the_field(start_s
             call(request, timeout=30)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
         assert err.value.details().startswith(f"{field}:"), (field, err.value.details())
-    assert server.metric("recstack_ranking_request_seconds_count", {"method": "Rank", "code": "INVALID_ARGUMENT"}) == 7
+    assert (
+        server.metric(
+            "recstack_ranking_request_seconds_count", {"method": "Rank", "code": "INVALID_ARGUMENT"}
+        )
+        == 7
+    )
 
 
 def test_unavailable_and_not_serving_until_a_model_loads(start_server, redis_url, models_dir):
@@ -431,10 +456,27 @@ def test_tls_with_a_generated_certificate(start_server, redis_url, models_dir, t
         pytest.skip("the openssl command is needed to make a test certificate")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     publish_model(models_dir, V1, seed=1)
     server = start_server(tls_cert=cert, tls_key=key)
     credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
@@ -446,8 +488,9 @@ def test_tls_with_a_generated_certificate(start_server, redis_url, models_dir, t
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-def test_naive_baseline_serves_the_same_api_through_feast(start_server, redis_url, models_dir, tmp_path,
-                                                          monkeypatch):  # fmt: skip
+def test_naive_baseline_serves_the_same_api_through_feast(
+    start_server, redis_url, models_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv("RECSTACK_FEAST_DIR", str(tmp_path / "feast"))
     version_dir = publish_model(models_dir, V1, seed=1)
     seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})

@@ -566,4 +566,3 @@ def test_python_renderer_patch_semantics() -> None:
         "registry:5000/recstack:1", {"name": "registry:5000/recstack", "newTag": "2"}
     ) == ("registry:5000/recstack:2")
     assert render_py._new_image("other:1", {"name": "recstack", "newTag": "2"}) == "other:1"
-

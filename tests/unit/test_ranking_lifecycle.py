@@ -29,9 +29,13 @@ def _watcher(
 
     slot, metrics = ModelSlot(), RankingMetrics()
     watcher = ModelWatcher(
-        tmp_path, slot, list_versions=list_versions, load=load,
-        executor=ThreadPoolExecutor(1), metrics=metrics,
-    )  # fmt: skip
+        tmp_path,
+        slot,
+        list_versions=list_versions,
+        load=load,
+        executor=ThreadPoolExecutor(1),
+        metrics=metrics,
+    )
     return watcher, slot, metrics
 
 

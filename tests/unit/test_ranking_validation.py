@@ -47,8 +47,11 @@ def test_recommend_defaults_and_limits():
     assert (q.item_ids, q.top_k, q.include_purchased) == (None, 10, False)
     q = validate_recommend(ranking_pb2.RecommendRequest(user_id="u", k=3, include_purchased=True), 1000, 10)
     assert (q.top_k, q.include_purchased) == (3, True)
-    for kwargs, field in (({"user_id": "u", "k": -1}, "k"), ({"user_id": "u", "k": 1001}, "k"),
-                          ({"user_id": "", "k": 1}, "user_id")):  # fmt: skip
+    for kwargs, field in (
+        ({"user_id": "u", "k": -1}, "k"),
+        ({"user_id": "u", "k": 1001}, "k"),
+        ({"user_id": "", "k": 1}, "user_id"),
+    ):
         with pytest.raises(InvalidArgument) as exc:
             validate_recommend(ranking_pb2.RecommendRequest(**kwargs), 1000, 10)
         assert _field(exc) == field

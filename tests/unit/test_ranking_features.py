@@ -1,0 +1,140 @@
+"""FeatureFetcher's cache and degraded mode, and the engine's response encoding, without Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import redis
+
+from feature_store.online import ItemFeatures, UserFeatures
+from services.ranking import features as features_module
+from services.ranking.engine import NO_STATS, encode, item_stats_of, rank_input
+from services.ranking.features import FeatureFetcher
+from services.ranking.metrics import RankingMetrics
+
+
+class FakeStore:
+    """Stands in for ``read_features``: records what each read asked for; can fail."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[str]]] = []
+        self.fail = False
+
+    def __call__(self, client, user_ids, item_ids):
+        if self.fail:
+            raise redis.ConnectionError("Redis is down")
+        self.calls.append((list(user_ids), sorted(item_ids)))
+        users = [
+            UserFeatures(views=1, recent_items=["a"]) if u.startswith("known") else None for u in user_ids
+        ]
+        items = [ItemFeatures(views=len(i), trending=0.5) if i != "unknown" else None for i in item_ids]
+        return users, items
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store(monkeypatch) -> FakeStore:
+    fake = FakeStore()
+    monkeypatch.setattr(features_module, "read_features", fake)
+    return fake
+
+
+def _fetcher(clock: Clock, metrics: RankingMetrics | None = None) -> FeatureFetcher:
+    return FeatureFetcher(
+        "redis://127.0.0.1:1/0",
+        item_cache_ttl_s=1.0,
+        clock=clock,
+        item_transform=item_stats_of,
+        metrics=metrics or RankingMetrics(),
+        retry_interval_s=0.01,
+    )
+
+
+def test_items_are_cached_for_the_ttl_users_never(store):
+    clock, metrics = Clock(), RankingMetrics()
+    fetcher = _fetcher(clock, metrics)
+    first = fetcher.fetch(["known-1", "new-2"], ["a", "b", "unknown", "a"])
+    assert not first.degraded
+    assert first.users["known-1"].views == 1 and first.users["new-2"] is None
+    assert first.items == {"a": (1.0, 0.0, 0.0, 0.5), "b": (1.0, 0.0, 0.0, 0.5), "unknown": NO_STATS}
+
+    clock.now += 0.5
+    second = fetcher.fetch(["known-1"], ["a", "b", "unknown", "c"])
+    assert store.calls[-1] == (["known-1"], ["c"])  # users re-read, fresh items from the cache
+    assert second.items["unknown"] == NO_STATS
+
+    clock.now += 1.0
+    fetcher.fetch(["known-1"], ["a"])
+    assert store.calls[-1] == (["known-1"], ["a"])  # expired: read again
+    assert metrics.value("recstack_ranking_item_cache_total", {"result": "hit"}) == 3
+
+
+def test_redis_failure_serves_degraded_at_once_then_recovers_through_the_probe(store, monkeypatch):
+    clock, metrics = Clock(), RankingMetrics()
+    fetcher = _fetcher(clock, metrics)
+    fetcher.fetch(["known-1"], ["a"])
+    store.fail = True
+    clock.now += 5.0  # the cached "a" has expired, but stale beats nothing while Redis is down
+
+    down = fetcher.fetch(["known-1"], ["a", "b"])
+    assert down.degraded and not fetcher.redis_up
+    assert down.users == {"known-1": None}
+    assert down.items == {"a": (1.0, 0.0, 0.0, 0.5), "b": NO_STATS}
+    calls = len(store.calls)
+    again = fetcher.fetch(["known-1"], ["a"])
+    assert again.degraded and len(store.calls) == calls  # no read is even tried while down
+    assert metrics.value("recstack_ranking_redis_failures_total") == 1
+
+    store.fail = False
+    pings = iter([False, True])
+    monkeypatch.setattr(fetcher, "_ping", lambda: next(pings))
+
+    async def probe_until_up() -> None:
+        fetcher.start()
+        while not fetcher.redis_up:
+            await asyncio.sleep(0.005)
+        await fetcher.stop()
+
+    asyncio.run(asyncio.wait_for(probe_until_up(), 30))
+    assert not fetcher.fetch(["known-1"], ["a"]).degraded
+
+
+def test_encode_orders_best_first_and_keeps_request_order_on_ties():
+    ids = ["a", "b", "c", "d", "e"]
+    scores = np.array([0.1, 0.9, 0.5, 0.9, -1.0], dtype=np.float32)
+    full = encode(ids, scores, 0, "light", "v1", False)
+    assert [x.item_id for x in full.items] == ["b", "d", "c", "a", "e"]
+    assert (full.path, full.model_version, full.degraded) == ("light", "v1", False)
+    top = encode(ids, scores, 2, "full", "v1", True)
+    assert [x.item_id for x in top.items] == ["b", "d"] and top.degraded
+    assert [x.item_id for x in encode(ids, scores, 99, "full", "v1", False).items] == [
+        "b",
+        "d",
+        "c",
+        "a",
+        "e",
+    ]
+    assert len(encode([], np.zeros(0, np.float32), 3, "light", "v1", False).items) == 0
+
+
+def test_rank_input_of_cold_and_warm_users():
+    stats = {"a": (1.0, 2.0, 3.0, 4.0)}
+    cold = rank_input(None, ["a", "zz"], stats, now_ms=10_000)
+    assert cold.recent_items == () and cold.user_counts == (0.0, 0.0, 0.0)
+    assert cold.seconds_since_last_event is None
+    np.testing.assert_array_equal(cold.item_stats, [[1, 2, 3, 4], [0, 0, 0, 0]])
+    warm = rank_input(
+        UserFeatures(views=3, purchases=1, last_event_ts=4_000, recent_items=["x"]), ["a"], stats, 10_000
+    )
+    assert warm.recent_items == ["x"] and warm.user_counts == (3.0, 0.0, 1.0)
+    assert warm.seconds_since_last_event == 6.0
+    assert warm.item_stats.dtype == np.float32 and warm.item_stats.shape == (1, 4)
