@@ -274,6 +274,12 @@ def _stop(server: Server) -> None:
 
 
 # ------------------------------------------------------------------------------- load generator
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Step:
     rate: float
@@ -283,6 +289,7 @@ class Step:
     achieved: float  # answered OK per second over the step
     p50_ms: float
     p99_ms: float
+    cpu_ms_per_call: float = float("nan")  # server CPU time per answered call: robust to a busy machine
 
     @property
     def error_share(self) -> float:
@@ -349,12 +356,15 @@ async def _drive(server: Server, requests: list[bytes], rates: list[float], step
         steps: list[Step] = []
         misses = 0
         for rate in rates:
+            cpu0 = _cpu_seconds(server.process.pid)
             step = await _run_step(channels, server.method, requests, rate, step_s)
+            step.cpu_ms_per_call = (_cpu_seconds(server.process.pid) - cpu0) * 1000 / max(step.ok, 1)
             steps.append(step)
             errs = ", ".join(f"{k} {v}" for k, v in sorted(step.errors.items())) or "-"
             print(
                 f"  {server.name:5s} offered {rate:7.0f}/s  achieved {step.achieved:7.0f}/s  "
-                f"p50 {step.p50_ms:7.2f} ms  p99 {step.p99_ms:8.2f} ms  errors {errs}",
+                f"p50 {step.p50_ms:7.2f} ms  p99 {step.p99_ms:8.2f} ms  cpu/call {step.cpu_ms_per_call:5.2f} ms  "
+                f"errors {errs}",
                 flush=True,
             )
             # Stop once the server is clearly past saturation: two steps that miss the SLO badly.

@@ -12,7 +12,7 @@ from typing import Any
 
 from loadtests.stats import HISTOGRAM_EDGES_MS, error_mix, path_mix
 
-SEARCH_PHASES = ("coarse", "descend", "fine")
+SEARCH_PHASES = ("coarse", "coarse-recheck", "descend", "fine", "fine-recheck")
 PERCENTILE_KEYS = ("p50", "p95", "p99", "p99.9")
 PLOT_FILES = ("latency_vs_rate.png", "latency_histogram.png", "path_mix.png")
 
@@ -38,7 +38,9 @@ def step_at(server: dict[str, Any], rate: float | None, *, target: bool = False)
         return None
     if target and server.get("target"):
         return server["target"]  # type: ignore[no-any-return]
-    steps = [s for s in server.get("steps") or [] if s.get("phase") in SEARCH_PHASES]
+    steps = [
+        s for s in server.get("steps") or [] if s.get("phase") in SEARCH_PHASES and not s.get("superseded")
+    ]
     return min(steps, key=lambda s: abs(s["offered_rate"] - rate), default=None)
 
 
@@ -153,8 +155,9 @@ def render_summary(results: dict[str, Any]) -> str:
         ]
         for step in all_steps(server):
             lat = step["latency_ms"]
+            phase = step.get("phase", "") + (" (measured again)" if step.get("superseded") else "")
             lines.append(
-                f"| {step.get('phase', '')} | {step['offered_rate']:.0f} "
+                f"| {phase} | {step['offered_rate']:.0f} "
                 f"| {step.get('achieved_rate') or 0:.0f} | "
                 + " | ".join(_ms(lat.get(k)) for k in PERCENTILE_KEYS)
                 + f" | {error_mix(step)} | {path_mix(step)} | {step.get('degraded', 0)} | "
@@ -226,7 +229,8 @@ def _plot_latency_vs_rate(results: dict[str, Any], plt: Any) -> Any:
         _no_data(axes[0])
     for ax, (name, server) in zip(axes, servers, strict=False):
         steps = sorted(
-            (s for s in server["steps"] if s.get("phase") in SEARCH_PHASES), key=lambda s: s["offered_rate"]
+            (s for s in server["steps"] if s.get("phase") in SEARCH_PHASES and not s.get("superseded")),
+            key=lambda s: s["offered_rate"],
         )
         rates = [s["offered_rate"] for s in steps]
         for key, style in zip(PERCENTILE_KEYS, ("-o", "-s", "-^", "-v"), strict=True):
@@ -302,8 +306,14 @@ def _plot_path_mix(results: dict[str, Any], plt: Any) -> Any:
     axes = axes[0]
     if not shown:
         _no_data(axes[0])
+    # One colour per path name across every panel.
+    every_path = sorted({p for _, server in shown for s in all_steps(server) for p in s.get("paths", {})})
+    palette = plt.get_cmap("tab10")
+    colour = {p: palette(i % 10) for i, p in enumerate(every_path)}
     for ax, (name, server) in zip(axes, shown, strict=False):
-        steps = sorted(all_steps(server), key=lambda s: s["offered_rate"])
+        steps = sorted(
+            (s for s in all_steps(server) if not s.get("superseded")), key=lambda s: s["offered_rate"]
+        )
         names = sorted({p for s in steps for p in s.get("paths", {})})
         labels = [
             f"{s['offered_rate']:.0f}" + ("\noverload" if s.get("phase") == "overload" else "") for s in steps
@@ -312,7 +322,7 @@ def _plot_path_mix(results: dict[str, Any], plt: Any) -> Any:
         bottom = [0.0] * len(steps)
         for path_name in names:
             share = [s.get("paths", {}).get(path_name, 0) / max(s["scheduled"], 1) for s in steps]
-            ax.bar(x, share, bottom=bottom, label=f"served: {path_name}")
+            ax.bar(x, share, bottom=bottom, color=colour[path_name], label=f"served: {path_name}")
             bottom = [b + v for b, v in zip(bottom, share, strict=True)]
         shed = [s.get("errors", {}).get("RESOURCE_EXHAUSTED", 0) / max(s["scheduled"], 1) for s in steps]
         ax.bar(x, shed, bottom=bottom, color="black", label="shed (RESOURCE_EXHAUSTED)")
@@ -327,8 +337,19 @@ def _plot_path_mix(results: dict[str, Any], plt: Any) -> Any:
         ax.set_ylim(0, 1.05)
         ax.set_title(name)
     axes[0].set_ylabel("share of calls")
-    if axes[0].get_legend_handles_labels()[0]:
-        axes[0].legend(fontsize=7, loc="lower left")
+    legend: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(
+            list(legend.values()),
+            list(legend),
+            fontsize=8,
+            loc="upper center",
+            ncol=4,
+            bbox_to_anchor=(0.5, 0.0),
+        )
     fig.suptitle("Compute path mix and shed rate vs load")
     return fig
 

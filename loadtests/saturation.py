@@ -51,6 +51,7 @@ class SearchConfig:
     max_rate: float = 20_000.0
     max_coarse_steps: int = 14
     min_rate: float = 10.0  # when the start rate misses the SLO, step down no lower than this
+    recheck_misses: bool = True  # measure an SLO miss (below saturation) once more before believing it
     saturation_fraction: float = 0.9  # saturated: successful calls fall below this share of the offered rate
     cooldown_s: float = 0.5  # pause between steps so one step's backlog does not leak into the next
     slo_p99_ms: float = 10.0
@@ -121,6 +122,17 @@ def measure(runner: StepRunner, rate: float, phase: str, search: SearchConfig, s
     return step
 
 
+def _tail_only_miss(step: dict[str, Any], search: SearchConfig) -> bool:
+    """A miss with a healthy median and few errors: a stall may explain it, a queue would not."""
+    p50 = step["latency_ms"].get("p50")
+    return (
+        not step["saturated"]
+        and p50 is not None
+        and p50 <= search.slo_p99_ms
+        and step["error_rate"] <= search.max_error_rate
+    )
+
+
 def is_saturated(step: dict[str, Any], search: SearchConfig) -> bool:
     achieved = step.get("achieved_rate") or 0.0
     return achieved < search.saturation_fraction * step["offered_rate"]
@@ -136,6 +148,17 @@ def search_rates(runner: StepRunner, search: SearchConfig, seed: int = 0) -> dic
     steps: list[dict[str, Any]] = []
 
     def step(rate: float, phase: str) -> dict[str, Any]:
+        result = measure(runner, rate, phase, search, seed + len(steps))
+        steps.append(result)
+        if search.recheck_misses and not result["slo_pass"] and _tail_only_miss(result, search):
+            # On a shared machine one stall can spoil a step's tail: such a miss is measured
+            # again, and the second measurement decides.
+            result["superseded"] = True
+            result = measure(runner, rate, phase + "-recheck", search, seed + len(steps) + 50_000)
+            steps.append(result)
+        return result
+
+    def measure_once(rate: float, phase: str) -> dict[str, Any]:
         result = measure(runner, rate, phase, search, seed + len(steps))
         steps.append(result)
         return result
@@ -163,7 +186,7 @@ def search_rates(runner: StepRunner, search: SearchConfig, seed: int = 0) -> dic
     if last_pass is None and first_miss is not None:  # even the start rate missed: step down
         rate = first_miss / search.step_factor
         while rate >= search.min_rate:
-            if step(rate, "descend")["slo_pass"]:
+            if measure_once(rate, "descend")["slo_pass"]:
                 last_pass = rate
                 break
             first_miss = rate
@@ -209,6 +232,9 @@ def bench_server(
             result.update(search_rates(generator, cfg.search, cfg.seed))
             if extra_steps is not None:
                 extra_steps(generator, result)
+                # Any step may show the highest throughput, the overload step included.
+                extra = [result[k] for k in ("target", "at_naive_peak", "overload") if result.get(k)]
+                result["peak_rate"] = max([result["peak_rate"], *(s["achieved_rate"] or 0.0 for s in extra)])
     except (ServerFailed, GeneratorError) as exc:
         log.error("%s server: %s", spec.name, exc)
         result.update(status="failed", error=str(exc))

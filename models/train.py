@@ -265,12 +265,12 @@ def fit(
             with torch.no_grad():
                 model.items.weight[0].zero_()  # padding row stays empty
             history.step_loss.append(float(loss.detach()))
-            history.step_light.append(float(loss_light))
-            history.step_full.append(float(loss_full))
-            epoch_losses.append(float(loss))
+            history.step_light.append(float(loss_light.detach()))
+            history.step_full.append(float(loss_full.detach()))
+            epoch_losses.append(history.step_loss[-1])
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(epoch_losses[-50:]):.3f}",
-                            light=f"{float(loss_light):.3f}", full=f"{float(loss_full):.3f}")
+                            light=f"{history.step_light[-1]:.3f}", full=f"{history.step_full[-1]:.3f}")
         history.epoch_loss.append(float(np.mean(epoch_losses)))
         if on_epoch is not None and rank == 0:
             on_epoch(epoch, history.epoch_loss[-1])

@@ -27,6 +27,7 @@ import signal
 import threading
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,39 @@ class _Plan:
     last_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset past the fence
 
 
+_RETRYABLE = (redis.RedisError, KafkaError, OSError)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One polled batch on its way to Redis, across attempts."""
+
+    records: list[Any]
+    parsed: list[Event | InvalidEvent]
+    started: float
+    plan: _Plan = field(default_factory=_Plan)
+    to_log: list[Event] = field(default_factory=list)
+    dlq_sent: set[int] = field(default_factory=set)
+    known_duplicates: set[int] = field(default_factory=set)
+    attempt: int = 0
+    future: Future | None = None  # the first attempt's script, running on the writer thread
+    outcome: ApplyResult | BaseException | None = None  # the first attempt's, when not in a future
+
+    @classmethod
+    def parse(cls, polled: dict[TopicPartition, list[Any]]) -> _Batch:
+        started = time.perf_counter()
+        records = [rec for recs in polled.values() for rec in recs]
+        return cls(records, parse_events([rec.value for rec in records]), started)
+
+    def first_outcome(self) -> ApplyResult | BaseException | None:
+        if self.future is None:
+            return self.outcome
+        try:
+            return self.future.result()
+        except _RETRYABLE as exc:
+            return exc
+
+
 class _Listener(AsyncConsumerRebalanceListener):
     # kafka-python runs these on its IO thread while the main thread waits inside poll(), so the
     # consumer's state is not touched concurrently. Blocking Kafka calls are not allowed here.
@@ -130,6 +164,10 @@ class StreamConsumer:
         self._unpositioned: set[TopicPartition] = set()  # assigned, paused until positioned
         self._consumer: KafkaConsumer | None = None
         self._producer: KafkaProducer | None = None
+        # One Redis write in flight at a time, on this thread, while the main thread polls and
+        # parses the next batch (redis-py waits for the reply without holding the GIL).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-writer")
+        self._inflight: _Batch | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -153,14 +191,22 @@ class StreamConsumer:
                     continue
                 self._position_assigned()
                 batch = {tp: recs for tp, recs in batch.items() if tp not in self._unpositioned and recs}
-                if batch:
-                    self._process(batch)
+                # Parse this batch while the previous one's Redis write is still running, then
+                # finish that write before planning this one (its fence expects that write).
+                started = _Batch.parse(batch) if batch else None
+                self._finish_inflight()
+                if started is not None:
+                    self._inflight = self._begin(started)
                 if self._event_log is not None and self._event_log.due():
                     self._roll(main_thread=True)
                 self._update_lag()
         except _Stopping:
             log.info("stopping with a batch not applied; it will be read again")
         finally:
+            try:
+                self._finish_inflight()
+            except _Stopping:
+                log.info("stopping with a batch not applied; it will be read again")
             self._shutdown()
 
     def _connect(self) -> None:
@@ -212,6 +258,7 @@ class StreamConsumer:
             self._consumer.close(autocommit=False)  # leaves the group: partitions move at once
         if self._producer is not None:
             self._producer.close(timeout=10)
+        self._executor.shutdown(wait=True)
         self._redis.close()
         log.info("stream consumer stopped")
 
@@ -228,6 +275,15 @@ class StreamConsumer:
 
     def _on_revoked(self, revoked: set[TopicPartition], lost: bool = False) -> None:
         log.info("%s partitions %s", "lost" if lost else "revoked", sorted(tp.partition for tp in revoked))
+        batch, self._inflight = self._inflight, None
+        if batch is not None:  # account for the write in flight; a refused one is left to the next owner
+            outcome = batch.first_outcome()
+            if outcome is None or isinstance(outcome, ApplyResult) and outcome.ok:
+                self._book(batch)
+            else:
+                log.warning(
+                    "batch in flight at revocation not applied (%s); the next owner reads it", outcome
+                )
         if self._event_log is not None:
             try:
                 self._roll(main_thread=False)
@@ -261,11 +317,10 @@ class StreamConsumer:
             start = (logged[p] if self._event_log is not None else applied[p]) + 1
             if start > 0:
                 self._consumer.seek(tp, start)
-                self._position[p] = start
-            else:  # nothing known in Redis: the committed offset, or the beginning
-                self._position[p] = self._consumer.position(tp)
+            # else nothing is known in Redis: Kafka's committed offset, or the beginning
+            self._position[p] = start if start > 0 else -1  # -1: known once records arrive
             log.info(
-                "partition %d: applied %d, logged %d, reading from %d",
+                "partition %d: applied %d, logged %d, reading from %d (-1: the committed offset)",
                 p,
                 applied[p],
                 logged[p],
@@ -285,53 +340,87 @@ class StreamConsumer:
 
     # ------------------------------------------------------------------------------ batches
 
-    def _process(self, batch: dict[TopicPartition, list[Any]]) -> None:
-        started = time.perf_counter()
-        records = [rec for recs in batch.values() for rec in recs]
-        parsed = parse_events([rec.value for rec in records])
-        dlq_sent: set[int] = set()
-        known_duplicates: set[int] = set()
-        attempt = 0
+    def _begin(self, batch: _Batch) -> _Batch:
+        """First attempt: dead letters, reads and aggregation here; the script runs on the writer thread."""
+        try:
+            job = self._prepare(batch)
+        except _RETRYABLE as exc:
+            batch.outcome = exc
+            return batch
+        if job is None:
+            batch.outcome = None
+        else:
+            batch.future = self._executor.submit(self._writer.apply, *job)
+        return batch
+
+    def _attempt(self, batch: _Batch) -> ApplyResult | BaseException | None:
+        """One synchronous attempt; an exception worth retrying is returned, not raised."""
+        try:
+            job = self._prepare(batch)
+            return None if job is None else self._writer.apply(*job)
+        except _RETRYABLE as exc:
+            return exc
+
+    def _finish_inflight(self) -> None:
+        """Wait for the batch in flight; redo it until it is applied; then account for it."""
+        batch = self._inflight
+        if batch is None:
+            return
+        outcome = batch.first_outcome()
         while True:
-            plan = self._plan(records, parsed, known_duplicates)
-            try:
-                self._dead_letter(records, parsed, plan.dead, dlq_sent)
-                result, to_log = self._write(records, parsed, plan)
-            except (redis.RedisError, KafkaError, OSError) as exc:
-                attempt += 1
+            if isinstance(outcome, BaseException):
+                batch.attempt += 1
                 self.metrics.redis_retries.inc()
-                delay = min(_BACKOFF_START_S * 2 ** min(attempt, 10), _BACKOFF_MAX_S)
+                delay = min(_BACKOFF_START_S * 2 ** min(batch.attempt, 10), _BACKOFF_MAX_S)
                 log.warning(
-                    "batch write failed (%s: %s); retry %d in %.1fs", type(exc).__name__, exc, attempt, delay
+                    "batch write failed (%s: %s); retry %d in %.1fs",
+                    type(outcome).__name__,
+                    outcome,
+                    batch.attempt,
+                    delay,
                 )
                 if self._stop.wait(delay):
-                    raise _Stopping from exc
-                continue
-            if result is None or result.ok:
+                    self._inflight = None
+                    raise _Stopping from outcome
+            elif outcome is None or outcome.ok:
                 break
-            if result.fenced_partition is not None:
-                # Another writer moved the partition (or our last write went through unacknowledged):
-                # reread the fence and plan again. Records now at or below it are not applied.
-                self.metrics.fence_conflicts.inc()
-                parts = sorted(plan.last_offsets)
-                applied, logged = self._with_retries(lambda parts=parts: self._read_offsets(parts))
-                self._applied.update(applied)
-                self._logged.update(logged)
-            elif result.seen_duplicates:  # applied meanwhile through another partition
-                known_duplicates.update(plan.apply[i] for i in result.seen_duplicates)
-            else:  # result.stale_users: written by someone else since the read; read again
-                self.metrics.stale_users.inc(len(result.stale_users))
+            else:
+                self._resolve(batch, outcome)
+            outcome = self._attempt(batch)
+        self._inflight = None
+        self._book(batch)
+
+    def _resolve(self, batch: _Batch, result: ApplyResult) -> None:
+        """Learn from a refused write before the next attempt."""
+        plan = batch.plan
+        if result.fenced_partition is not None:
+            # Another writer moved the partition (or our last write went through unacknowledged):
+            # reread the fence and plan again. Records now at or below it are not applied.
+            self.metrics.fence_conflicts.inc()
+            parts = sorted(plan.last_offsets)
+            applied, logged = self._with_retries(lambda: self._read_offsets(parts))
+            self._applied.update(applied)
+            self._logged.update(logged)
+        elif result.seen_duplicates:  # applied meanwhile through another partition
+            batch.known_duplicates.update(plan.apply[i] for i in result.seen_duplicates)
+        else:  # written by someone else since the read: the next attempt reads them again
+            self.metrics.stale_users.inc(len(result.stale_users))
+
+    def _book(self, batch: _Batch) -> None:
+        """An applied batch: move the fence and positions, log its events, count it."""
+        records, parsed, plan = batch.records, batch.parsed, batch.plan
         now = time.time()
         applied_events: list[Event] = [parsed[i] for i in plan.apply]  # type: ignore[misc]
         for p, offset in plan.last_offsets.items():
             self._applied[p] = offset
+        position = self._position
         for rec in records:
-            if rec.offset + 1 > self._position.get(rec.partition, -1):
-                self._position[rec.partition] = rec.offset + 1
+            if rec.offset >= position.get(rec.partition, -1):
+                position[rec.partition] = rec.offset + 1
         if self._event_log is not None:
             self._event_log.append(applied_events)
-            self._event_log.append(to_log)
-            self.metrics.logged.inc(len(applied_events) + len(to_log))
+            self._event_log.append(batch.to_log)
+            self.metrics.logged.inc(len(applied_events) + len(batch.to_log))
         elif plan.last_offsets:
             self._commit(sync=False)
         m = self.metrics
@@ -341,7 +430,7 @@ class StreamConsumer:
         m.dead_lettered.inc(len(plan.dead))
         m.replayed.inc(plan.replayed)
         m.batch_size.observe(len(records))
-        m.batch_seconds.observe(time.perf_counter() - started)
+        m.batch_seconds.observe(time.perf_counter() - batch.started)
         m.freshness.observe_many([max(0.0, now - records[i].timestamp / 1000.0) for i in plan.apply])
 
     def _plan(
@@ -369,25 +458,27 @@ class StreamConsumer:
                 plan.apply.append(i)
         return plan
 
-    def _write(
-        self, records: list[Any], parsed: list[Any], plan: _Plan
-    ) -> tuple[ApplyResult | None, list[Event]]:
-        """One attempt: read what the write depends on, drop known event ids, apply. Returns the
-        result (None: nothing to apply) and the fenced events to log."""
+    def _prepare(self, batch: _Batch) -> tuple | None:
+        """Plan an attempt, send dead letters, read what the write depends on, drop event ids
+        already applied, aggregate. Returns the arguments of ``FeatureWriter.apply`` (None:
+        nothing to apply) and leaves the fenced events to log in ``batch.to_log``."""
+        records, parsed = batch.records, batch.parsed
+        plan = batch.plan = self._plan(records, parsed, batch.known_duplicates)
+        self._dead_letter(records, parsed, plan.dead, batch.dlq_sent)
         topic = self.config.topic
-        events: list[Event] = [parsed[i] for i in plan.apply]
+        events: list[Event] = [parsed[i] for i in plan.apply]  # type: ignore[misc]
         fenced = plan.fenced if self._event_log is not None else []
         keys = [seen_key(ev.event_id) for ev in events]
-        keys += [seen_key(parsed[i].event_id) for i in fenced]
+        keys += [seen_key(parsed[i].event_id) for i in fenced]  # type: ignore[union-attr]
         state = self._writer.read(list(dict.fromkeys(ev.user_id for ev in events)), keys)
         n = len(events)
         # Behind the fence, log a record again only if it applied itself (not a duplicate of
         # another); no key at all means it aged out of the dedup window: log rather than lose it.
-        to_log = []
+        batch.to_log = []
         for i, owner in zip(fenced, state.seen[n:], strict=True):
             rec = records[i]
             if owner is None or owner == f"{topic}:{rec.partition}:{rec.offset}".encode():
-                to_log.append(parsed[i])
+                batch.to_log.append(parsed[i])
         if any(owner is not None for owner in state.seen[:n]):  # ids applied by earlier records
             keep = [j for j in range(n) if state.seen[j] is None]
             plan.duplicates += n - len(keep)
@@ -397,7 +488,7 @@ class StreamConsumer:
         else:
             del keys[n:]
         if not plan.last_offsets:
-            return None, to_log
+            return None
         users, items = aggregate(events, self._half_life_ms)
         guard = BatchGuard(
             offsets_key=self._applied_key,
@@ -407,7 +498,7 @@ class StreamConsumer:
             seen_values=[f"{topic}:{records[i].partition}:{records[i].offset}".encode() for i in plan.apply],
             seen_ttl_s=self.config.dedup_window_s,
         )
-        return self._writer.apply(users, items, guard, state), to_log
+        return users, items, guard, state
 
     def _dead_letter(self, records: list[Any], parsed: list[Any], dead: list[int], sent: set[int]) -> None:
         """Send malformed records to the DLQ and wait for the acknowledgements (once per record)."""
@@ -488,7 +579,7 @@ class StreamConsumer:
             return
         for p, pos in self._position.items():
             high = self._consumer.highwater(TopicPartition(self.config.topic, p))
-            if high is not None:
+            if high is not None and pos >= 0:
                 self.metrics.lag.labels(str(p)).set(max(0, high - pos))
 
 

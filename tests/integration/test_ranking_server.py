@@ -377,6 +377,37 @@ def test_a_full_queue_answers_resource_exhausted(start_server, redis_url, models
     assert server.metric("recstack_ranking_shed_total", {"reason": "queue_full"}) == 1
 
 
+def test_graceful_stop_finishes_accepted_calls_and_refuses_new_ones(start_server, redis_url, models_dir):
+    publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {})
+    server = start_server(max_concurrent_batches=1)
+    held = HeldRanker(server.server.backend.models.current)
+    server.server.backend.models.current = held
+    running = server.stub.Rank.future(rank("u1", ITEMS[:10]), timeout=WAIT_S)
+    assert held.entered.wait(WAIT_S)
+    queued = [server.stub.Rank.future(rank(f"u{k}", ITEMS[:10]), timeout=WAIT_S) for k in (2, 3)]
+    wait_for(lambda: server.server.backend.batcher.depth == 2, "two queued requests")
+
+    stopping = asyncio.run_coroutine_threadsafe(server.server.stop(grace=WAIT_S), server.loop)
+    health = health_pb2_grpc.HealthStub(server.channel)
+    wait_for(lambda: stopping.done() or _not_serving(health), "shutdown to begin")
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub.Rank(rank("u4", ITEMS[:10]), timeout=WAIT_S)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    held.release.set()
+    for call in (running, *queued):
+        assert call.result().model_version == V1
+    stopping.result(WAIT_S)
+
+
+def _not_serving(health) -> bool:
+    try:
+        status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status
+    except grpc.RpcError:
+        return True
+    return status != health_pb2.HealthCheckResponse.SERVING
+
+
 INVALID = [
     (ranking_pb2.RankRequest(user_id="", item_ids=["a"]), "user_id"),
     (ranking_pb2.RankRequest(user_id="u" * 129, item_ids=["a"]), "user_id"),

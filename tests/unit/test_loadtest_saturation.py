@@ -66,6 +66,32 @@ def test_search_finds_the_highest_rate_within_the_slo() -> None:
     assert coarse == sorted(coarse)
 
 
+class StalledOnce(SimulatedServer):
+    """A simulated server whose first step at ``stall_rate`` is spoiled by a 50 ms stall of the machine."""
+
+    def __init__(self, capacity: float, stall_rate: float) -> None:
+        super().__init__(capacity)
+        self.stall_rate = stall_rate
+
+    def run_step(
+        self, rate: float, duration_s: float, schedule: str = "poisson", seed: int = 0
+    ) -> StepRecord:
+        record = super().run_step(rate, duration_s, schedule, seed)
+        if rate == self.stall_rate and self.rates.count(rate) == 1:
+            record.done[: len(record.done) // 20] += 0.05
+        return record
+
+
+def test_a_miss_is_measured_again_before_it_ends_the_climb() -> None:
+    server = StalledOnce(capacity=1000.0, stall_rate=150.0)
+    result = search_rates(server, SearchConfig(start_rate=100.0, step_factor=1.5, fine_steps=2, **FAST))
+    assert server.rates.count(150.0) == 2
+    first, again = (s for s in result["steps"] if s["offered_rate"] == 150.0)
+    assert first["superseded"] and not first["slo_pass"]
+    assert again["phase"] == "coarse-recheck" and again["slo_pass"]
+    assert result["slo_rate"] > 300
+
+
 def test_search_steps_down_when_even_the_start_rate_misses() -> None:
     server = SimulatedServer(capacity=200.0)
     result = search_rates(

@@ -1,0 +1,136 @@
+"""``recstack serve`` as an operator runs it: flags, Prometheus metrics, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recstack.v1 import ranking_pb2, ranking_pb2_grpc
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_help_lists_every_flag_with_its_environment_variable():
+    out = subprocess.run(
+        [sys.executable, "-m", "recstack.cli", "serve", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for flag in (
+        "--port",
+        "--host",
+        "--models",
+        "--redis",
+        "--naive",
+        "--metrics-port",
+        "--max-batch-candidates",
+        "--max-queue-delay-ms",
+        "--max-queue",
+        "--item-cache-ttl-s",
+        "--redis-timeout-ms",
+        "--tls-cert",
+        "--tls-key",
+        "--auth-token-file",
+        "--device",
+    ):
+        assert flag in out, flag
+        assert "RECSTACK_" + flag.lstrip("-").replace("-", "_").upper() in " ".join(out.split()), flag
+
+
+def test_serve_exports_metrics_and_stops_gracefully_on_sigterm(redis_url, tmp_path):
+    from test_ranking_server import ITEMS, V1, publish_model
+
+    models = tmp_path / "models"
+    publish_model(models, V1, seed=1)
+    port, metrics_port = _free_port(), _free_port()
+    env = dict(os.environ, RECSTACK_MAX_QUEUE="500")  # flags read the environment too
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recstack.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--models",
+            str(models),
+            "--redis",
+            redis_url,
+            "--metrics-port",
+            str(metrics_port),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 120
+            while True:
+                assert process.poll() is None, process.stdout.read() if process.stdout else ""
+                try:
+                    got = health.Check(
+                        health_pb2.HealthCheckRequest(service="recstack.v1.RankingService"), timeout=2
+                    )
+                    if got.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, "server never became SERVING"
+                time.sleep(0.2)
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            assert stub.Rank(ranking_pb2.RankRequest(user_id="u1", item_ids=ITEMS[:20]), timeout=30).items
+
+            text = (
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            )
+            assert 'recstack_ranking_request_seconds_count{code="OK",method="Rank"} 1.0' in text
+            assert f'recstack_ranking_model_info{{version="{V1}"}} 1.0' in text
+
+            calls = [
+                stub.Rank.future(ranking_pb2.RankRequest(user_id=f"u{k}", item_ids=ITEMS[:50]), timeout=60)
+                for k in range(30)
+            ]
+            process.send_signal(signal.SIGTERM)
+            codes = []
+            for call in calls:
+                try:
+                    call.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+        assert process.wait(timeout=60) == 0
+        # Calls still in gRPC's own queue when the signal came were never accepted: the core
+        # cancels or refuses them. Calls inside the service finish (the in-process test of
+        # graceful stop in test_ranking_server.py holds them there to prove it).
+        allowed = {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+        assert set(codes) <= allowed, [c.name for c in codes]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
