@@ -102,11 +102,23 @@ def _start_consumer(args, topic: str, metrics_port: int, log_dir: str) -> subpro
     return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=sys.stderr)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _redis_cpu_seconds(client) -> float:
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def measure_throughput(args, client, topic: str, total: int, proc: subprocess.Popen) -> dict:
     deadline = time.monotonic() + args.timeout
     first_t = None
     first_n = 0
     n = 0
+    cpu0 = redis_cpu0 = 0.0
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the consumer exited with code {proc.returncode}")
@@ -114,44 +126,72 @@ def measure_throughput(args, client, topic: str, total: int, proc: subprocess.Po
         now = time.monotonic()
         if n and first_t is None:
             first_t, first_n = now, n
+            cpu0, redis_cpu0 = _cpu_seconds(proc.pid), _redis_cpu_seconds(client)
         if n >= total:
             break
         time.sleep(0.02)
     else:
         raise RuntimeError(f"the consumer applied {n} of {total} records within {args.timeout}s")
     seconds = time.monotonic() - first_t
-    return {"records": total - first_n, "seconds": seconds, "events_per_s": (total - first_n) / seconds}
+    records = total - first_n
+    consumer_cpu = _cpu_seconds(proc.pid) - cpu0
+    redis_cpu = _redis_cpu_seconds(client) - redis_cpu0
+    return {
+        "records": records,
+        "seconds": seconds,
+        "events_per_s": records / seconds,
+        "consumer_cpu_s": consumer_cpu,
+        "consumer_cpu_us_per_event": consumer_cpu / records * 1e6,
+        "events_per_consumer_cpu_s": records / consumer_cpu if consumer_cpu else None,
+        "redis_cpu_us_per_event": redis_cpu / records * 1e6,
+        "load_average": os.getloadavg()[0],
+    }
 
 
-def measure_feast_push(args, users: list[str]) -> dict:
+def measure_feast_push(args, client, user_ids: list[str]) -> dict:
+    """Feast ``push`` (online) of user_activity rows as the consumer keeps them (real list lengths)."""
     import pandas as pd
     from feast.data_source import PushMode
 
+    from feature_store.online import read_features
     from feature_store.store import open_store
 
     store = open_store(args.redis, tempfile.mkdtemp(prefix="stream-bench-feast-"))
-    n = min(args.push_rows, len(users))
+    users, _ = read_features(client, user_ids, [])
+    rows = [u for u in users if u is not None]
+    n = args.push_rows
     now = pd.Timestamp.now(tz="UTC")
+    picked = [rows[k % len(rows)] for k in range(n)]
     frame = pd.DataFrame(
         {
-            "user_id": [f"push-{u}" for u in users[:n]],
-            "views": [3] * n,
-            "add_to_carts": [1] * n,
-            "purchases": [0] * n,
-            "last_event_ts": [1_700_000_000_000] * n,
-            "recent_items": [["i1", "i2", "i3"]] * n,
-            "purchased_items": [["i1"]] * n,
-            "top_categories": [["c1"]] * n,
-            "top_category_weights": [[3]] * n,
+            "user_id": [f"push-{k}" for k in range(n)],
+            "views": [u.views for u in picked],
+            "add_to_carts": [u.add_to_carts for u in picked],
+            "purchases": [u.purchases for u in picked],
+            "last_event_ts": [u.last_event_ts for u in picked],
+            "recent_items": [u.recent_items for u in picked],
+            "purchased_items": [u.purchased_items for u in picked],
+            "top_categories": [u.top_categories for u in picked],
+            "top_category_weights": [u.top_category_weights for u in picked],
             "event_timestamp": [now] * n,
         }
     )
     store.push("user_activity_push", frame.head(10), to=PushMode.ONLINE)  # warm-up
     started = time.perf_counter()
+    cpu0 = time.process_time()
     for start in range(0, n, args.push_batch):
         store.push("user_activity_push", frame.iloc[start : start + args.push_batch], to=PushMode.ONLINE)
     seconds = time.perf_counter() - started
-    return {"rows": n, "seconds": seconds, "rows_per_s": n / seconds, "batch": args.push_batch}
+    cpu = time.process_time() - cpu0
+    mean_recent = sum(len(u.recent_items) for u in picked) / n
+    return {
+        "rows": n,
+        "seconds": seconds,
+        "rows_per_s": n / seconds,
+        "batch": args.push_batch,
+        "rows_per_cpu_s": n / cpu if cpu else None,
+        "mean_recent_items": mean_recent,
+    }
 
 
 def measure_freshness(args, client, topic: str, metrics_port: int) -> dict:
@@ -163,6 +203,7 @@ def measure_freshness(args, client, topic: str, metrics_port: int) -> dict:
 
     n = int(args.rate * args.seconds)
     events = list(frame_to_events(synthetic(n, seed=7)))
+    before = dict(_histogram(metrics_port, "recstack_stream_freshness_seconds"))
     run = uuid.uuid4().hex[:6]
     producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=5, batch_size=256 * 1024)
     pending: dict[bytes, float] = {}
@@ -228,7 +269,8 @@ def measure_freshness(args, client, topic: str, metrics_port: int) -> dict:
         "max_s": latencies[-1] if latencies else None,
         "mean_s": statistics.fmean(latencies) if latencies else None,
     }
-    result["consumer_histogram"] = _histogram_quantiles(metrics_port, "recstack_stream_freshness_seconds")
+    after = _histogram(metrics_port, "recstack_stream_freshness_seconds")
+    result["consumer_histogram"] = _quantiles([(le, count - before.get(le, 0)) for le, count in after])
     return result
 
 
@@ -238,17 +280,19 @@ def _quantile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def _histogram_quantiles(port: int, name: str) -> dict:
-    """p50/p99 upper bounds from a Prometheus histogram's buckets."""
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    except OSError as exc:
-        return {"error": str(exc)}
+def _histogram(port: int, name: str) -> list[tuple[float, float]]:
+    """(le, cumulative count) of a Prometheus histogram scraped from ``/metrics``."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     buckets = []
     for line in text.splitlines():
         if line.startswith(f"{name}_bucket"):
             le = line.split('le="', 1)[1].split('"', 1)[0]
             buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    return buckets
+
+
+def _quantiles(buckets: list[tuple[float, float]]) -> dict:
+    """p50/p99 upper bounds (bucket "le") of a cumulative histogram."""
     if not buckets or buckets[-1][1] == 0:
         return {}
     total = buckets[-1][1]
@@ -301,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = _start_consumer(args, topic, metrics_port, log_dir)
         throughput = measure_throughput(args, client, topic, len(frame), proc)
         print(f"consumer: {throughput['events_per_s']:,.0f} events/s", file=sys.stderr)
-        push = measure_feast_push(args, sorted(frame["user_id"].unique().tolist()) * 20)
+        push = measure_feast_push(args, client, sorted(frame["user_id"].unique().tolist()))
         print(f"feast push: {push['rows_per_s']:,.0f} rows/s", file=sys.stderr)
         freshness = measure_freshness(args, client, topic, metrics_port)
     finally:
@@ -330,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{'measure':<44}{'value':>16}  target")
     print(f"{'consumer, one process (events/s applied)':<44}{throughput['events_per_s']:>16,.0f}  >= 20,000")
+    print(f"{'  consumer CPU per event (us)':<44}{throughput['consumer_cpu_us_per_event']:>16,.1f}")
+    print(f"{'  Redis CPU per event (us)':<44}{throughput['redis_cpu_us_per_event']:>16,.1f}")
     print(f"{'Feast push, same Redis (rows/s)':<44}{push['rows_per_s']:>16,.0f}")
     print(f"{'consumer / Feast push':<44}{ratio:>15.1f}x  >= 3x")
     print(f"{'freshness rate achieved (events/s)':<44}{fr['rate_achieved']:>16,.0f}  {args.rate:,.0f}")
@@ -344,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     hist = fr.get("consumer_histogram") or {}
     if "p99_le_s" in hist:
         print(f"{'consumer histogram p50 / p99 (<= bucket)':<44}{hist['p50_le_s']:>9} / {hist['p99_le_s']} s")
+    print(f"{'load average during the run (2 cores)':<44}{throughput['load_average']:>16.1f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))

@@ -132,9 +132,16 @@ def render_summary(results: dict[str, Any]) -> str:
         errors = set(overload.get("errors", {}))
         shed = overload.get("errors", {}).get("RESOURCE_EXHAUSTED", 0)
         only_shed = errors <= {"RESOURCE_EXHAUSTED"}
+        basis = (
+            "max rate in the SLO"
+            if real.get("overload_basis", "slo_rate") == "slo_rate"
+            else "peak throughput (it never met the SLO)"
+        )
+        if real.get("overload_basis_rate"):
+            basis += f" {_rate(real['overload_basis_rate'])}"
         lines += [
-            f"| overload at {factor:g}x the real server's {real.get('overload_basis', 'slo_rate')} "
-            f"({_rate(overload['offered_rate'])}): p99 of served calls | {_ms(p99)} | <= {slo:g} ms | "
+            f"| overload, {_rate(overload['offered_rate'])} = {factor:g}x the real server's {basis}: "
+            f"p99 of served calls | {_ms(p99)} | <= {slo:g} ms | "
             f"{_met_below(p99, slo)} |",
             f"| overload: error mix | {error_mix(overload)} | only RESOURCE_EXHAUSTED "
             f"| {'yes' if only_shed else 'no'} |",
@@ -348,7 +355,7 @@ def _plot_path_mix(results: dict[str, Any], plt: Any) -> Any:
             fontsize=8,
             loc="upper center",
             ncol=4,
-            bbox_to_anchor=(0.5, 0.0),
+            bbox_to_anchor=(0.5, -0.1),
         )
     fig.suptitle("Compute path mix and shed rate vs load")
     return fig

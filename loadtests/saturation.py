@@ -258,6 +258,7 @@ def real_server_steps(
         basis = result["slo_rate"] or result["peak_rate"]
         if basis:
             result["overload_basis"] = "slo_rate" if result["slo_rate"] else "peak_rate"
+            result["overload_basis_rate"] = basis
             result["overload"] = measure(
                 runner, cfg.overload_factor * basis, "overload", cfg.search, seed + 2
             )

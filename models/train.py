@@ -134,6 +134,44 @@ class TrainStep(nn.Module):
         return loss_light, loss_full
 
 
+class AdamW:
+    """Adam with decoupled weight decay, written out: ``torch.optim`` pulls in the torch compiler
+    stack on first use, which costs seconds per process where bytecode is not cached."""
+
+    def __init__(self, params, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        step_size = lr / (1 - b1**self.t)
+        bias2 = 1 - b2**self.t
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None:
+                continue
+            if self.weight_decay:
+                p.mul_(1 - lr * self.weight_decay)
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v / bias2).sqrt_().add_(self.eps), value=-step_size)
+
+
+def learning_rate(config: TrainConfig, step: int, total: int) -> float:
+    """Linear warm-up over the first 5% of steps, then cosine decay to zero."""
+    warmup = max(1, total // 20)
+    return config.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size); initialises the gloo process group when started by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -234,16 +272,13 @@ def fit(
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module)
         # Every rank starts from rank 0's initial weights (DDP broadcasts them on wrap).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = AdamW(model.parameters(), weight_decay=config.weight_decay)
     maker = _BatchMaker(data, config)
     n_ctx = len(data.contexts)
     per_rank = n_ctx // world
     batch_size = max(1, min(config.batch_size, per_rank))
     steps_per_epoch = max(1, per_rank // batch_size)
     total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * s / total))
-    )
     history = TrainHistory(world_size=world)
     started = time.perf_counter()
     model.train()
@@ -258,10 +293,9 @@ def fit(
             batch = maker.make(idx, rng)
             loss_light, loss_full = step_module(**batch)
             loss = loss_light + config.full_loss_weight * loss_full
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
-            schedule.step()
+            optimizer.step(learning_rate(config, len(history.step_loss), total))
             with torch.no_grad():
                 model.items.weight[0].zero_()  # padding row stays empty
             history.step_loss.append(float(loss.detach()))
