@@ -219,9 +219,11 @@ def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, torc
     return state
 
 
-def load_model(version_dir: str | Path, device: str = "cpu", quantized: bool = True,
-               verify: bool = True) -> tuple[TwoPathRanker, ItemVocab, dict[str, Any], np.ndarray]:
-    """-> (model in eval mode, vocabulary, config, catalogue stats). Verifies the manifest first."""
+def load_model(version_dir: str | Path, device: str = "cpu", quantized: bool = True, verify: bool = True,
+               dense_runtime: str | None = None) -> tuple[TwoPathRanker, ItemVocab, dict[str, Any], np.ndarray]:
+    """-> (model in eval mode, vocabulary, config, catalogue stats). Verifies the manifest first.
+
+    ``dense_runtime`` (int8 only) overrides the version's ``int8_dense_runtime`` (benchmarks)."""
     folder = Path(version_dir)
     if verify:
         verify_manifest(folder)
@@ -239,7 +241,10 @@ def load_model(version_dir: str | Path, device: str = "cpu", quantized: bool = T
     try:
         if quantized:
             qstate = load_state(folder / WEIGHTS_INT8, device)
-            model = build_int8_model(model_config, qstate, config.get("int8_dense_runtime", "fp32"))
+            runtime = dense_runtime or config.get("int8_dense_runtime", "fp32")
+            if runtime.startswith("onnxruntime") and device != "cpu":
+                runtime = "fp32"  # the ONNX MLP runs on the CPU provider only
+            model = build_int8_model(model_config, qstate, runtime)
         else:
             model = TwoPathRanker(model_config)
             model.load_state_dict(load_state(folder / WEIGHTS_FP32, device), strict=True)
@@ -247,16 +252,19 @@ def load_model(version_dir: str | Path, device: str = "cpu", quantized: bool = T
         raise
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ArtifactError(f"{folder}: weights do not fit the model config: {exc}") from None
+    except ImportError as exc:
+        raise ArtifactError(f"{folder}: the int8 dense runtime is not installed: {exc}") from None
     return model.to(device).eval(), vocab, config, catalogue
 
 
-def load_version(version_dir: str | Path, device: str = "cpu", quantized: bool = True) -> Ranker:
+def load_version(version_dir: str | Path, device: str = "cpu", quantized: bool = True,
+                 dense_runtime: str | None = None) -> Ranker:
     """Verify the manifest, rebuild the model (int8 when ``quantized``) and return a :class:`Ranker`.
 
     Raises :class:`ArtifactError` with the reason when the version must not be served.
     """
     folder = Path(version_dir)
-    model, vocab, config, catalogue = load_model(folder, device, quantized)
+    model, vocab, config, catalogue = load_model(folder, device, quantized, dense_runtime=dense_runtime)
     try:
         router = PathRouter(RouterConfig(**config.get("router", {})))
     except (TypeError, ValueError) as exc:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -78,7 +79,10 @@ def als_scorer(data: TrainingData, eval_set: EvalSet, factors: int = 64, iterati
         factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
         random_state=seed, num_threads=threads,
     )
-    model.fit(counts, show_progress=False)
+    with warnings.catch_warnings():
+        # implicit warns about OpenBLAS threads; the caller limits BLAS to one thread around this.
+        warnings.filterwarnings("ignore", message=".*OpenBLAS.*", category=RuntimeWarning)
+        model.fit(counts, show_progress=False)
     user_factors = np.asarray(model.user_factors)
     item_factors = np.asarray(model.item_factors)[FIRST_ITEM_ROW:]
     code_of = {u: k for k, u in enumerate(data.user_ids)}

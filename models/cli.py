@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_flag(train, "--init-from", type=Path, metavar="VERSION_DIR",
              help="warm start from this model version (item rows matched by item id)")
     add_flag(train, "--threads", type=non_negative_int, default=0,
-             help="torch threads per process (0: min(2, cores / processes))")
+             help="torch threads per process (0: automatic, one; use torchrun for more cores)")
     add_flag(train, "--synthetic-events", type=positive_int, default=100_000,
              help="events generated for --events synthetic")
     add_flag(train, "--no-bench", type=None, default=False, help="skip the latency measurement")

@@ -84,6 +84,7 @@ def routed_compute(config_model, eval_set: EvalSet, router: RouterConfig, n_cand
 def evaluate_model(model: TwoPathRanker, eval_set: EvalSet, paths=("light", "full", "routed"),
                    head: int = 20) -> dict[str, dict[str, float]]:
     out = {}
+    model.eval().prepare_inference()
     for path in paths:
         started = time.perf_counter()
         chunk = 256 if path == "light" else 16 if path == "full" else 128

@@ -18,9 +18,11 @@ RECENT_ITEMS = 50
 EVENT_TYPE_INDEX = {"view": 0, "add_to_cart": 1, "purchase": 2}
 # ``trending`` is a time-decayed weighted event count, updated on each event of the item as
 #   trending <- trending * 2 ** (-(ts - last_ts) / half_life) + weight[event_type]
-# with the event's own timestamp as the clock. Offline features recompute it the same way; the
-# stream consumer must use the same half-life and weights for served and trained values to agree.
-TRENDING_HALF_LIFE_S = 3 * 24 * 3600.0
+# with the event's own timestamp as the clock, kept as of the item's newest event (the value the
+# stream consumer stores and the server passes on undecayed). Offline features recompute it the
+# same way; half-life and weights equal the stream consumer's defaults (feature_store.values:
+# 6 h; view 1, cart 3, purchase 5), and config.json records them with each model version.
+TRENDING_HALF_LIFE_S = 6 * 3600.0
 TRENDING_WEIGHTS = {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
 
 USER_DENSE_DIM = 5  # log1p views, carts, purchases; log1p hours since the last event; "no last event"

@@ -8,6 +8,7 @@ so concurrent batches never share one). Everything runs under ``torch.inference_
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from collections.abc import Sequence
@@ -87,6 +88,7 @@ class Ranker:
         quantized: bool = False,
     ) -> None:
         self.model = model.eval()
+        self.model.prepare_inference()
         self.vocab = vocab
         self.config = config
         self.version = version
@@ -183,7 +185,7 @@ class Ranker:
             if s.shape[0] != n:
                 raise ValueError(f"item_stats has {s.shape[0]} rows for {n} candidates")
         items = item_dense(np.concatenate(stats)) if stats else np.zeros((0, ITEM_DENSE_DIM), np.float32)
-        rows = self.vocab.rows(c for inp in inputs for c in inp.candidates)
+        rows = self.vocab.rows(itertools.chain.from_iterable(inp.candidates for inp in inputs))
         out, start = [], 0
         L = self.history_len
         for k, inp in enumerate(inputs):

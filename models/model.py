@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -206,8 +206,8 @@ class ItemFeatureBias(nn.Module):
 class TargetAttention(nn.Module):
     """Each candidate attends over the user's history with its own query.
 
-    ``cand_emb B x C x D``, ``hist_emb B x L x D``, ``mask B x L`` -> ``B x C x D``. A learned
-    "nothing relevant" slot keeps the softmax defined for users without history.
+    ``query B x C x A`` (from :meth:`queries`), ``hist_emb B x L x D``, ``mask B x L`` -> ``B x C x D``.
+    A learned "nothing relevant" slot keeps the softmax defined for users without history.
     """
 
     def __init__(self, config: RankerConfig) -> None:
@@ -221,31 +221,36 @@ class TargetAttention(nn.Module):
         self.null_value = nn.Parameter(torch.zeros(D))
         self.scale = 1.0 / math.sqrt(A)
 
-    def forward(self, cand_emb: Tensor, hist_emb: Tensor, mask: Tensor) -> Tensor:
+    def queries(self, cand_emb: Tensor) -> Tensor:
+        """``... x D`` -> ``... x A`` scaled queries (a per-item table at inference)."""
+        return self.query(cand_emb) * self.scale
+
+    def forward(self, query: Tensor, hist_emb: Tensor, mask: Tensor) -> Tensor:
         B, L, _ = hist_emb.shape
         h = hist_emb + self.slot[:L]
         k = self.key(h)  # B x L x A
         v = self.value(h)  # B x L x D
-        q = self.query(cand_emb) * self.scale  # B x C x A
-        logits = torch.bmm(q, k.transpose(1, 2))  # B x C x L
+        logits = torch.bmm(query, k.transpose(1, 2))  # B x C x L
         logits = logits.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        null = (q @ self.null_key).unsqueeze(2)  # B x C x 1
+        null = (query @ self.null_key).unsqueeze(2)  # B x C x 1
         attn = torch.softmax(torch.cat([logits, null], dim=2), dim=2)
         return torch.bmm(attn[:, :, :L], v) + attn[:, :, L:] * self.null_value
 
 
 class InteractionMLP(nn.Module):
-    """Candidate x user interactions -> residual score.
+    """Candidate x user interactions -> residual score ``B x C``.
 
-    Pair inputs ``B x C x (3D + Fi + 1)`` (attended history, its product with the candidate, the
-    candidate, its counters, the repeat signal) and user inputs ``B x (D + Fu)`` (light user vector,
-    counters) -> ``B x C``. The first layer is split into a pair part and a user part so the user
-    part is computed once per user rather than once per candidate.
+    Pair inputs (attended history ``a``, ``a * e`` with the candidate embedding ``e``, ``e`` itself,
+    the candidate's counters ``Fi`` and the repeat signal) meet user inputs (light user vector,
+    counters). The first layer is one ``(3D + Fi + 1) -> H1`` weight applied block by block: the
+    ``e`` block is a per-item table at inference (:meth:`item_hidden`), the user block is computed
+    once per user, and no concatenated ``B x C x (3D + Fi + 1)`` tensor is ever built.
     """
 
     def __init__(self, config: RankerConfig) -> None:
         super().__init__()
         D, hidden = config.embedding.dim, config.full.mlp_hidden
+        self.dim = D
         self.pair_in = nn.Linear(3 * D + config.item_dense_dim + 1, hidden[0])
         self.user_in = nn.Linear(D + config.user_dense_dim, hidden[0], bias=False)
         layers: list[nn.Module] = []
@@ -254,9 +259,28 @@ class InteractionMLP(nn.Module):
         layers += [nn.ReLU(), nn.Dropout(config.full.dropout), nn.Linear(hidden[-1], 1)]
         self.rest = nn.Sequential(*layers)
 
-    def forward(self, pair: Tensor, user: Tensor) -> Tensor:
-        h = self.pair_in(pair) + self.user_in(user).unsqueeze(1)
+    def item_hidden(self, cand_emb: Tensor) -> Tensor:
+        """The candidate-embedding block of the first layer: ``... x D`` -> ``... x H1``."""
+        D = self.dim
+        return cand_emb @ self.pair_in.weight[:, 2 * D : 3 * D].T
+
+    def forward(self, attended: Tensor, cand_emb: Tensor, item_hidden: Tensor, item_dense: Tensor, rep: Tensor,
+                user: Tensor) -> Tensor:
+        D, W = self.dim, self.pair_in.weight
+        h = attended @ W[:, :D].T + (attended * cand_emb) @ W[:, D : 2 * D].T + item_hidden
+        h = h + item_dense @ W[:, 3 * D : -1].T + rep.unsqueeze(-1) * W[:, -1]
+        h = h + (self.user_in(user) + self.pair_in.bias).unsqueeze(1)
         return self.rest(h).squeeze(-1)
+
+
+class CandidateRows(NamedTuple):
+    """What the paths need of each candidate: embedding ``... x D``, bias ``...``, and at inference the
+    precomputed attention query ``... x A`` and first-layer block ``... x H1`` (else None)."""
+
+    emb: Tensor
+    bias: Tensor
+    query: Tensor | None
+    hidden: Tensor | None
 
 
 @dataclass
@@ -278,6 +302,8 @@ class TwoPathRanker(nn.Module):
     """The ranker. ``light(batch)`` and ``full(batch)`` both return ``B x C`` scores (higher is better).
 
     ``full(batch, light_scores=...)`` reuses light scores already computed for the same candidates.
+    :meth:`prepare_inference` precomputes per-item tables (embedding, bias, attention query,
+    first MLP block) so serving gathers one row per candidate instead of recomputing them.
     """
 
     def __init__(self, config: RankerConfig) -> None:
@@ -293,47 +319,99 @@ class TwoPathRanker(nn.Module):
         # near each other but cannot lift an item the light path put far down, which keeps
         # always-full ranking over a whole catalogue sane where training rarely looked.
         self.residual_bound = nn.Parameter(torch.tensor(math.log(math.expm1(4.0))))
+        self._table: Tensor | None = None  # inference only, see prepare_inference
+
+    # -- inference tables -----------------------------------------------------------------------
+    def prepare_inference(self, max_bytes: int = 256 << 20) -> bool:
+        """Precompute the per-item table (``V x (D + 1 + A + H1)`` fp32) unless it exceeds ``max_bytes``.
+
+        With an int8 item table this dequantizes once here rather than on every lookup: on this CPU
+        fp32 gathers and GEMMs from a cache-resident table beat rescaling int8 rows per request.
+        Very large catalogues keep computing from the (int8) embedding table. Returns whether a
+        table is in use; training (``.train()``) drops it.
+        """
+        c = self.config
+        width = c.embedding.dim + 1 + c.full.attention_dim + c.full.mlp_hidden[0]
+        if c.embedding.num_rows * width * 4 > max_bytes:
+            self._table = None
+            return False
+        with torch.no_grad():
+            emb = self.items.table().float()
+            rows = torch.arange(emb.shape[0], device=emb.device)
+            _, bias = self.items(rows)
+            self._table = torch.cat(
+                [emb, bias.unsqueeze(1), self.attention.queries(emb), self.mlp.item_hidden(emb)], dim=1
+            ).contiguous()
+        return True
+
+    def train(self, mode: bool = True) -> TwoPathRanker:
+        if mode:
+            self._table = None  # weights are about to change
+        return super().train(mode)
+
+    def candidate_rows(self, rows: Tensor, full: bool = True) -> CandidateRows:
+        """Per-candidate inputs; ``full=False`` gathers only what the light path reads."""
+        if self._table is not None:
+            D, A = self.config.embedding.dim, self.config.full.attention_dim
+            if not full:
+                t = self._table[:, : D + 1][rows]
+                return CandidateRows(t[..., :D], t[..., D], None, None)
+            t = self._table[rows]
+            return CandidateRows(t[..., :D], t[..., D], t[..., D + 1 : D + 1 + A], t[..., D + 1 + A :])
+        emb, bias = self.items(rows)
+        return CandidateRows(emb, bias, None, None)
 
     # -- light ----------------------------------------------------------------------------------
     def user_vector(self, hist: Tensor, user_dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> (user vector ``B x D``, history embeddings ``B x L x D``, history mask ``B x L``)."""
-        hist_emb, _ = self.items(hist)
+        if self._table is not None:
+            hist_emb = self._table[:, : self.config.embedding.dim][hist]
+        else:
+            hist_emb = self.items(hist)[0]
         mask = hist != 0
         return self.user(hist_emb, mask, user_dense), hist_emb, mask
 
     def light(self, batch: RankBatch) -> Tensor:
         u, _, _ = self.user_vector(batch.hist, batch.user_dense)
-        return self._light_scores(u, batch)
+        rows = self.candidate_rows(batch.cand, full=False)
+        return self.light_from(u, rows, self.repeat(batch.hist, batch.cand), batch.item_dense)
 
-    def _light_scores(self, u: Tensor, batch: RankBatch) -> Tensor:
-        cand_emb, cand_bias = self.items(batch.cand)
-        if batch.cand.dim() == 1:  # shared candidates: one matrix product
-            dot = u @ cand_emb.T
+    def light_from(self, u: Tensor, rows: CandidateRows, rep: Tensor, item_dense: Tensor) -> Tensor:
+        """Light scores from parts: ``u B x D``, candidate rows (``C`` shared or ``B x C``), ``rep B x C``."""
+        if rows.emb.dim() == 2:  # shared candidates: one matrix product
+            dot = u @ rows.emb.T
         else:
-            dot = torch.bmm(cand_emb, u.unsqueeze(2)).squeeze(2)
-        return dot + cand_bias + self.item_bias(batch.item_dense) + self.repeat(batch.hist, batch.cand)
+            dot = torch.bmm(rows.emb, u.unsqueeze(2)).squeeze(2)
+        return dot + rows.bias + self.item_bias(item_dense) + rep
 
     # -- full -----------------------------------------------------------------------------------
     def full(self, batch: RankBatch, light_scores: Tensor | None = None) -> Tensor:
         u, hist_emb, mask = self.user_vector(batch.hist, batch.user_dense)
+        B = batch.hist.shape[0]
+        rows = self.candidate_rows(batch.cand)
+        cand, item_dense = batch.cand, batch.item_dense
+        if cand.dim() == 1:  # shared candidates: gathered once, broadcast to every user
+            rows = CandidateRows(*(None if t is None else t.expand(B, *t.shape) for t in rows))
+            cand, item_dense = cand.expand(B, -1), item_dense.expand(B, -1, -1)
+        rep = self.repeat(batch.hist, cand)
         if light_scores is None:
-            light_scores = self._light_scores(u, batch)
-        return light_scores + self.residual(batch, u, hist_emb, mask)
+            light_scores = self.light_from(u, rows, rep, item_dense)
+        return light_scores + self.residual_from(u, hist_emb, mask, rows, rep, item_dense, batch.user_dense)
 
     def residual(self, batch: RankBatch, u: Tensor, hist_emb: Tensor, mask: Tensor) -> Tensor:
-        """The full path's correction to the light score: ``B x C``."""
-        cand, item_dense = batch.cand, batch.item_dense
-        B = batch.hist.shape[0]
-        if cand.dim() == 1:
-            cand = cand.expand(B, -1)
-            item_dense = item_dense.expand(B, -1, -1)
-        cand_emb, _ = self.items(cand)  # B x C x D
-        attended = self.attention(cand_emb, hist_emb, mask)
-        rep = self.repeat(batch.hist, cand).unsqueeze(2)
-        pair = torch.cat([attended, attended * cand_emb, cand_emb, item_dense, rep], dim=2)
-        user = torch.cat([u, batch.user_dense], dim=1)
+        """The full path's correction to the light score for per-user candidates ``B x C``."""
+        rows = self.candidate_rows(batch.cand)
+        rep = self.repeat(batch.hist, batch.cand)
+        return self.residual_from(u, hist_emb, mask, rows, rep, batch.item_dense, batch.user_dense)
+
+    def residual_from(self, u: Tensor, hist_emb: Tensor, mask: Tensor, rows: CandidateRows, rep: Tensor,
+                      item_dense: Tensor, user_dense: Tensor) -> Tensor:
+        query = rows.query if rows.query is not None else self.attention.queries(rows.emb)
+        hidden = rows.hidden if rows.hidden is not None else self.mlp.item_hidden(rows.emb)
+        attended = self.attention(query, hist_emb, mask)  # B x C x D
+        raw = self.mlp(attended, rows.emb, hidden, item_dense, rep, torch.cat([u, user_dense], dim=1))
         bound = nn.functional.softplus(self.residual_bound)
-        return bound * torch.tanh(self.mlp(pair, user) / bound)
+        return bound * torch.tanh(raw / bound)
 
     def forward(self, batch: RankBatch) -> Tensor:
         return self.full(batch)
@@ -347,11 +425,12 @@ def path_macs(config: RankerConfig, history_len: int) -> dict[str, float]:
     """
     D, L = config.embedding.dim, history_len
     A, hidden = config.full.attention_dim, config.full.mlp_hidden
-    light_cand = D + 3 * config.item_dense_dim + L
+    # Counted as served: per-item query and first-layer block come from the precomputed table.
+    light_cand = D + 2 * config.item_dense_dim + L
     light_user = L * D + config.user_dense_dim * D
-    mlp = (3 * D + config.item_dense_dim + 1) * hidden[0]
+    mlp = (2 * D + config.item_dense_dim + 1) * hidden[0]
     mlp += sum(a * b for a, b in zip(hidden, hidden[1:], strict=False)) + hidden[-1]
-    full_cand = D * A + L * A + L * D + 2 * D + mlp
+    full_cand = L * A + L * D + D + mlp
     full_user = L * D * (A + D) + (D + config.user_dense_dim) * hidden[0]
     return {"light_per_candidate": float(light_cand), "light_per_user": float(light_user),
             "full_per_candidate": float(full_cand + light_cand), "full_per_user": float(full_user + light_user)}

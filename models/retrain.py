@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,12 +68,12 @@ def load_events(sources: list[str], synthetic_events: int = 100_000, seed: int =
 
 
 def _threads(requested: int) -> int:
+    """Torch threads per process. Automatic is one: the model's ops are small, and on a shared
+    2-core machine a second thread made training 2-8x *slower* (threads waiting on each other
+    while other processes hold the cores); to use more cores, run more processes (torchrun)."""
     if requested < 0:
         raise UserError("--threads: must be zero (automatic) or more")
-    if requested:
-        return requested
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return max(1, min(2, (os.cpu_count() or 1) // world))
+    return requested or 1
 
 
 def _sizes(model: TwoPathRanker) -> dict[str, Any]:

@@ -107,7 +107,8 @@ class TrainStep(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         model = self.model
         u, hist_emb, mask = model.user_vector(hist, user_dense)
-        light = model._light_scores(u, RankBatch(hist, user_dense, cand_rows, item_dense)) - log_q  # B x N
+        rows_all = model.candidate_rows(cand_rows, full=False)
+        light = model.light_from(u, rows_all, model.repeat(hist, cand_rows), item_dense) - log_q  # B x N
         loss_light = multi_positive_softmax(light, positive)
 
         with torch.no_grad():
@@ -254,6 +255,16 @@ class _BatchMaker:
         }
 
 
+def _check_replicas_agree(model: nn.Module) -> None:
+    """DDP keeps replicas identical; verify it (one float per rank) rather than publish a diverged model."""
+    with torch.no_grad():
+        mine = torch.stack([p.double().sum() for p in model.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"DDP replicas diverged: parameter sums {[float(g) for g in gathered]}")
+
+
 def fit(
     model: TwoPathRanker,
     data: TrainingData,
@@ -309,6 +320,8 @@ def fit(
         if on_epoch is not None and rank == 0:
             on_epoch(epoch, history.epoch_loss[-1])
     bar.close()
+    if world > 1:
+        _check_replicas_agree(model)
     model.eval()
     history.seconds = time.perf_counter() - started
     return history

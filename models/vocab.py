@@ -6,6 +6,7 @@ or seen too rarely to learn a row of their own); known items start at row 2.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -35,8 +36,7 @@ class ItemVocab:
         return self._index.get(item_id, OOV)
 
     def rows(self, item_ids: Iterable[str]) -> np.ndarray:
-        get = self._index.get
-        return np.fromiter((get(i, OOV) for i in item_ids), dtype=np.int64)
+        return np.fromiter(map(self._index.get, item_ids, itertools.repeat(OOV)), dtype=np.int64)
 
     def item(self, row: int) -> str | None:
         """The item id of a known row, None for padding and unknown."""

@@ -8,10 +8,10 @@ message names the field; that message becomes the dead-letter record's ``error``
 from __future__ import annotations
 
 import json
-import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 EVENT_TYPES: tuple[str, ...] = ("view", "add_to_cart", "purchase")
@@ -31,6 +31,11 @@ COLUMNS: tuple[str, ...] = (
 # Epoch milliseconds outside this range are almost certainly seconds or microseconds by mistake.
 _MIN_TS_MS = 0
 _MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS = timedelta(milliseconds=1)
+_EVENT_TYPE_SET = frozenset(EVENT_TYPES)
+# The largest finite float: an integer price beyond it cannot become a float (and is refused).
+_MAX_PRICE = sys.float_info.max
 
 
 class InvalidEvent(ValueError):
@@ -79,6 +84,46 @@ class Event:
         return json.dumps(self.to_json_dict(), separators=(",", ":"), ensure_ascii=False).encode()
 
 
+# A frozen dataclass sets each field through object.__setattr__; writing the slots directly makes
+# the same object in half the time, which matters at 20,000 events/s.
+_new_object = object.__new__
+(
+    _set_event_id,
+    _set_user_id,
+    _set_item_id,
+    _set_event_type,
+    _set_ts_ms,
+    _set_price,
+    _set_quantity,
+    _set_category,
+    _set_session_id,
+) = (getattr(Event, name).__set__ for name in Event.__slots__)
+
+
+def _make_event(
+    event_id: str,
+    user_id: str,
+    item_id: str,
+    event_type: str,
+    ts_ms: int,
+    price: float | None,
+    quantity: int,
+    category: str | None,
+    session_id: str | None,
+) -> Event:
+    event = _new_object(Event)
+    _set_event_id(event, event_id)
+    _set_user_id(event, user_id)
+    _set_item_id(event, item_id)
+    _set_event_type(event, event_type)
+    _set_ts_ms(event, ts_ms)
+    _set_price(event, price)
+    _set_quantity(event, quantity)
+    _set_category(event, category)
+    _set_session_id(event, session_id)
+    return event
+
+
 def _id_field(obj: dict[str, Any], name: str) -> str:
     if name not in obj:
         raise InvalidEvent(name, "required field is missing")
@@ -108,7 +153,7 @@ def parse_timestamp(value: Any, field: str = "ts") -> int:
             raise InvalidEvent(field, f"not an RFC 3339 timestamp: {value[:64]!r}") from None
         if parsed.tzinfo is None or "T" not in text.upper():
             raise InvalidEvent(field, f"RFC 3339 needs a date, a time and a UTC offset: {value[:64]!r}")
-        ms = int(parsed.astimezone(UTC).timestamp() * 1000)
+        ms = (parsed - _EPOCH) // _ONE_MS  # exact, and no overflow near the ends of the calendar
         if not _MIN_TS_MS <= ms <= _MAX_TS_MS:
             raise InvalidEvent(field, f"timestamp out of range: {value[:64]!r}")
         return ms
@@ -130,6 +175,60 @@ def _optional_str(obj: dict[str, Any], name: str) -> str | None:
 
 def validate(obj: Any) -> Event:
     """A decoded JSON value -> :class:`Event`, or :class:`InvalidEvent` naming the field."""
+    if type(obj) is dict:
+        event = _validate_plain(obj)
+        if event is not None:
+            return event
+    return _validate_checked(obj)
+
+
+def _validate_plain(obj: dict[str, Any]) -> Event | None:
+    """The common case in one pass: an event whose every field has its plain JSON type and a
+    value in range. Anything else (None) goes to :func:`_validate_checked`, which accepts
+    exactly the same events and finds the reason for the others."""
+    get = obj.get
+    event_id = get("event_id")
+    user_id = get("user_id")
+    item_id = get("item_id")
+    event_type = get("event_type")
+    ts = get("ts")
+    if not (
+        type(event_id) is str
+        and type(user_id) is str
+        and type(item_id) is str
+        and type(event_type) is str
+        and type(ts) is int
+        and 0 < len(event_id) <= MAX_ID_LENGTH
+        and 0 < len(user_id) <= MAX_ID_LENGTH
+        and 0 < len(item_id) <= MAX_ID_LENGTH
+        and event_type in _EVENT_TYPE_SET
+        and _MIN_TS_MS <= ts <= _MAX_TS_MS
+    ):
+        return None
+    price = get("price")
+    if price is not None:
+        if type(price) is float or type(price) is int:
+            if not 0 <= price <= _MAX_PRICE:
+                return None
+            price = float(price)
+        else:
+            return None
+    quantity = get("quantity")
+    if quantity is None:
+        quantity = 1
+    elif type(quantity) is not int or not -(2**31) <= quantity < 2**31:
+        return None
+    category = get("category")
+    if category is not None and (type(category) is not str or len(category) > MAX_ID_LENGTH):
+        return None
+    session_id = get("session_id")
+    if session_id is not None and (type(session_id) is not str or len(session_id) > MAX_ID_LENGTH):
+        return None
+    return _make_event(event_id, user_id, item_id, event_type, ts, price, quantity, category, session_id)
+
+
+def _validate_checked(obj: Any) -> Event:
+    """Field by field, in a fixed order, raising :class:`InvalidEvent` for the first broken one."""
     if not isinstance(obj, dict):
         raise InvalidEvent(None, f"event must be a JSON object, got {type(obj).__name__}")
     event_id = _id_field(obj, "event_id")
@@ -148,8 +247,8 @@ def validate(obj: Any) -> Event:
     if price is not None:
         if isinstance(price, bool) or not isinstance(price, int | float):
             raise InvalidEvent("price", f"must be a number, got {type(price).__name__}")
-        if not math.isfinite(price) or price < 0:
-            raise InvalidEvent("price", f"must be a finite number >= 0, got {price}")
+        if not 0 <= price <= _MAX_PRICE:  # NaN and infinities fail this too
+            raise InvalidEvent("price", f"must be a finite number >= 0, got {price!r:.40}")
         price = float(price)
     quantity = obj.get("quantity", 1)
     if quantity is None:
@@ -158,17 +257,9 @@ def validate(obj: Any) -> Event:
         raise InvalidEvent("quantity", f"must be an integer, got {type(quantity).__name__}")
     if not -(2**31) <= quantity < 2**31:
         raise InvalidEvent("quantity", f"out of range: {quantity}")
-    return Event(
-        event_id=event_id,
-        user_id=user_id,
-        item_id=item_id,
-        event_type=event_type,
-        ts_ms=ts_ms,
-        price=price,
-        quantity=quantity,
-        category=_optional_str(obj, "category"),
-        session_id=_optional_str(obj, "session_id"),
-    )
+    category = _optional_str(obj, "category")
+    session_id = _optional_str(obj, "session_id")
+    return _make_event(event_id, user_id, item_id, event_type, ts_ms, price, quantity, category, session_id)
 
 
 def parse_event(raw: bytes | str) -> Event:
@@ -222,10 +313,7 @@ def parse_events(values: Sequence[bytes | None]) -> list[Event | InvalidEvent]:
         except (StopIteration, ValueError, RecursionError):
             stop = -1
         if stop == end:
-            try:
-                parsed = validate(obj)
-            except InvalidEvent as exc:
-                parsed = exc
+            parsed = _validate_or_reason(obj)
         else:
             parsed = _parse_or_reason(raw)
         out.append(parsed)
@@ -243,14 +331,20 @@ def _parse_each_value(values: Sequence[bytes | None], stripped: list[bytes]) -> 
         except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
             stop = -1
         if value and stop == len(text):
-            try:
-                parsed = validate(obj)
-            except InvalidEvent as exc:
-                parsed = exc
+            parsed = _validate_or_reason(obj)
         else:
             parsed = _parse_or_reason(raw)
         out.append(parsed)
     return out
+
+
+def _validate_or_reason(obj: Any) -> Event | InvalidEvent:
+    try:
+        return validate(obj)
+    except InvalidEvent as exc:
+        return exc
+    except Exception as exc:  # a validation bug must not stop a consumer: dead-letter the record
+        return InvalidEvent(None, f"could not be validated ({type(exc).__name__}: {exc})")
 
 
 def _parse_or_reason(raw: bytes | None) -> Event | InvalidEvent:
@@ -258,6 +352,8 @@ def _parse_or_reason(raw: bytes | None) -> Event | InvalidEvent:
         return parse_event(raw)  # type: ignore[arg-type]
     except InvalidEvent as exc:
         return exc
+    except Exception as exc:  # a validation bug must not stop a consumer: dead-letter the record
+        return InvalidEvent(None, f"could not be validated ({type(exc).__name__}: {exc})")
 
 
 def ms_to_datetime(ts_ms: int) -> datetime:

@@ -103,6 +103,7 @@ class BatchedBackend(ModelOwner):
             max_batch_cost=config.max_batch_candidates,
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
             max_queue=config.max_queue,
+            max_queue_wait_s=config.max_queue_wait_ms / 1000.0,
             max_concurrent_batches=config.max_concurrent_batches,
             metrics=metrics,
         )

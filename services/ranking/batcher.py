@@ -9,13 +9,18 @@ loop forms batches:
   at once. Only while another batch is being computed anyway (the CPU is busy) does it hold a
   small batch back, at most ``max_queue_delay`` after its oldest request arrived, to let it fill;
 * requests whose deadline has passed, or whose caller has gone, are dropped before any work;
-* a full queue refuses new requests at once with RESOURCE_EXHAUSTED (:class:`Overloaded`),
-  so overload costs the shed requests a fast error instead of costing everyone the deadline.
+* overload is shed with RESOURCE_EXHAUSTED (:class:`Overloaded`) rather than letting every
+  request miss its deadline: at once when ``max_queue`` requests already wait, and at batch
+  time for a request that has waited longer than ``max_queue_wait`` (it would miss the latency
+  target anyway, and computing it would make the requests behind it miss theirs too).
 
 The batch itself runs in a worker thread (``compute(items, load)``), up to
 ``max_concurrent_batches`` at a time, so the event loop keeps accepting calls meanwhile; torch
-and hiredis release the GIL for most of their work. ``load`` (0-1: how full the queue is) lets
-the model route more requests to its light path before anything is shed.
+and hiredis release the GIL for most of their work.
+
+``load`` (0-1) is how close the batch came to being shed: the larger of its oldest request's
+wait over ``max_queue_wait`` and the queue's depth over ``max_queue``. The model routes more
+requests to its light path as it grows, so quality gives way before anything is shed.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class MicroBatcher(Generic[T, R]):
         max_batch_cost: int = 4_096,
         max_queue_delay_s: float = 0.001,
         max_queue: int = 64,
+        max_queue_wait_s: float = 0.0,
         max_concurrent_batches: int = 2,
         metrics: RankingMetrics | None = None,
     ) -> None:
@@ -67,6 +73,7 @@ class MicroBatcher(Generic[T, R]):
         self._max_cost = max_batch_cost
         self._max_delay = max_queue_delay_s
         self._max_queue = max_queue
+        self._max_wait = max_queue_wait_s  # 0: no time limit in the queue
         self._max_concurrent = max_concurrent_batches
         self._metrics = metrics or RankingMetrics()
         self._queue: collections.deque[_Job[T]] = collections.deque()
@@ -101,10 +108,11 @@ class MicroBatcher(Generic[T, R]):
     def depth(self) -> int:
         return len(self._queue)
 
-    @property
-    def load(self) -> float:
-        """How full the queue is, 0 (empty) to 1 (the next request is shed)."""
-        return min(1.0, len(self._queue) / self._max_queue)
+    def load(self, oldest_wait_s: float, depth: int) -> float:
+        """0 (idle) to 1 (about to shed): see the module docstring."""
+        by_depth = depth / self._max_queue
+        by_wait = oldest_wait_s / self._max_wait if self._max_wait > 0 else 0.0
+        return min(1.0, max(by_depth, by_wait))
 
     # --- request side --------------------------------------------------------------------------
     async def submit(self, item: T, cost: int, timeout_s: float | None = None) -> R:
@@ -142,14 +150,15 @@ class MicroBatcher(Generic[T, R]):
             await slots.acquire()
             if self._in_flight and self._max_delay > 0:
                 await self._gather_company(loop, wakeup)
-            batch = self._take(loop.time())
+            now = loop.time()
+            batch = self._take(now)
             if not batch:
                 slots.release()
                 continue
             self._in_flight += 1
             self._metrics.in_flight_batches.set(self._in_flight)
-            # The load the batch saw: itself plus whatever it left waiting.
-            load = min(1.0, (len(batch) + len(self._queue)) / self._max_queue)
+            # The load the batch saw: how long its oldest waited, and itself plus what it left waiting.
+            load = self.load(now - batch[0].enqueued, len(batch) + len(self._queue))
             task = loop.create_task(self._run_batch(batch, load))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
@@ -186,6 +195,14 @@ class MicroBatcher(Generic[T, R]):
             if job.deadline is not None and now >= job.deadline:
                 self._metrics.shed.labels("deadline").inc()
                 job.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
+                continue
+            if self._max_wait > 0 and now - job.enqueued > self._max_wait:
+                self._metrics.shed.labels("queue_wait").inc()
+                job.future.set_exception(
+                    Overloaded(
+                        f"waited over {self._max_wait * 1000:.0f} ms for the ranking queue; retry later"
+                    )
+                )
                 continue
             queue_delay.observe(now - job.enqueued)
             batch.append(job)

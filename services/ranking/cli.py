@@ -1,19 +1,19 @@
-"""``recstack serve``: run the ranking gRPC server (every flag also reads ``RECSTACK_<FLAG>``)."""
+"""``recstack serve``: run the ranking gRPC server (every flag also reads ``RECSTACK_<FLAG>``).
+
+The flags map one to one onto :class:`~services.ranking.config.RankingConfig` fields, whose
+defaults (and the reasons for them) are written once, there.
+"""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from recstack.errors import UserError
 from recstack.flags import add_flag, non_negative_float, positive_int, redis_url
 from services.ranking.config import AUTH_TOKEN_ENV, RankingConfig, read_auth_token
-
-_DEFAULTS = RankingConfig.__dataclass_fields__
-
-
-def _default(name: str):
-    return _DEFAULTS[name].default
 
 
 def _port(text: str) -> int:
@@ -23,6 +23,59 @@ def _port(text: str) -> int:
     return value
 
 
+# (flag, config field, type, help) per group; type None is an on/off switch.
+_Flag = tuple[str, str, Callable[[str], Any] | None, str]
+_GROUPS: dict[str, list[_Flag]] = {
+    "network": [
+        ("--host", "host", str, "address to listen on; 127.0.0.1 keeps the server off the network"),
+        ("--port", "port", _port, "gRPC port (0 = any free port)"),
+        ("--metrics-port", "metrics_port", _port, "Prometheus /metrics HTTP port (0 disables)"),
+        ("--tls-cert", "tls_cert", str, "TLS certificate chain, PEM (with --tls-key)"),
+        ("--tls-key", "tls_key", str, "TLS private key, PEM (with --tls-cert)"),
+        ("--auth-token-file", "", str,
+         f"require 'authorization: Bearer <token>', the token read from this file (or ${AUTH_TOKEN_ENV})"),
+        ("--max-message-bytes", "max_message_bytes", positive_int, "largest request or response accepted"),
+        ("--grace-period-s", "grace_period_s", non_negative_float,
+         "on SIGTERM, the time in-flight calls get to finish"),
+    ],
+    "model and features": [
+        ("--models", "models_dir", str,
+         "model versions folder: the newest valid one is served, newer ones picked up"),
+        ("--redis", "redis_url", redis_url, "Redis online store (the Feast feature store)"),
+        ("--device", "device", str, "torch device: cpu, or cuda where a GPU exists"),
+        ("--naive", "naive", None,
+         "the baseline: no batching, Feast reads per call, fp32, always the full path"),
+        ("--model-poll-interval-s", "model_poll_interval_s", non_negative_float,
+         "how often the models folder is checked for a newer version"),
+        ("--torch-threads", "torch_threads", positive_int, "torch intra-op threads per forward pass"),
+        ("--switch-interval-ms", "switch_interval_ms", non_negative_float,
+         "Python GIL switch interval of this process (0 = Python's default, 5 ms)"),
+    ],
+    "micro-batching, shedding and limits": [
+        ("--max-batch-candidates", "max_batch_candidates", positive_int,
+         "cap of one micro-batch, in candidates summed over its requests"),
+        ("--max-queue-delay-ms", "max_queue_delay_ms", non_negative_float,
+         "longest a request waits for company, and only while another batch is computing"),
+        ("--max-queue", "max_queue", positive_int,
+         "with this many requests waiting, new ones get RESOURCE_EXHAUSTED"),
+        ("--max-queue-wait-ms", "max_queue_wait_ms", non_negative_float,
+         "requests that waited longer are shed with RESOURCE_EXHAUSTED (0 = no limit)"),
+        ("--max-concurrent-batches", "max_concurrent_batches", positive_int,
+         "micro-batches computed at once (worker threads)"),
+        ("--max-candidates", "max_candidates", positive_int,
+         "most candidates per Rank call (and the largest Recommend k)"),
+        ("--recommend-pool", "recommend_pool", positive_int,
+         "candidates Recommend generates and ranks before returning its top k"),
+        ("--item-cache-ttl-s", "item_cache_ttl_s", non_negative_float,
+         "how long item features are cached in-process (user features never are)"),
+        ("--redis-timeout-ms", "redis_timeout_ms", non_negative_float,
+         "feature reads slower than this are abandoned and the batch served degraded"),
+        ("--redis-retry-interval-s", "redis_retry_interval_s", non_negative_float,
+         "while Redis is down, how often a background probe tries it"),
+    ],
+}  # fmt: skip
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
@@ -30,188 +83,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Serve the ranking gRPC API (recstack.v1.RankingService, plus grpc.health.v1 and server "
             "reflection). Calls are micro-batched: one Redis pipeline and one forward pass per batch. "
-            "Stops gracefully on SIGTERM/SIGINT. The bearer token for --auth-token-file can also come "
-            f"from {AUTH_TOKEN_ENV} (never put it on the command line)."
+            "Stops gracefully on SIGTERM/SIGINT. Keep the bearer token off the command line: give it "
+            f"in a file (--auth-token-file) or in {AUTH_TOKEN_ENV}."
         ),
     )
     p.set_defaults(handler=run)
-    g = p.add_argument_group("network")
-    add_flag(
-        g, "--host", default=_default("host"), help="address to listen on; 127.0.0.1 keeps the server local"
-    )
-    add_flag(g, "--port", type=_port, default=_default("port"), help="gRPC port (0 = any free port)")
-    add_flag(
-        g,
-        "--metrics-port",
-        type=_port,
-        default=_default("metrics_port"),
-        help="Prometheus /metrics HTTP port (0 disables)",
-    )
-    add_flag(g, "--tls-cert", default=None, metavar="PEM", help="TLS certificate chain (with --tls-key)")
-    add_flag(g, "--tls-key", default=None, metavar="PEM", help="TLS private key (with --tls-cert)")
-    add_flag(
-        g,
-        "--auth-token-file",
-        default=None,
-        metavar="FILE",
-        help=f"require 'authorization: Bearer <token>', the token read from FILE (or ${AUTH_TOKEN_ENV})",
-    )
-    add_flag(
-        g,
-        "--max-message-bytes",
-        type=positive_int,
-        default=_default("max_message_bytes"),
-        help="largest request or response accepted",
-    )
-    add_flag(
-        g,
-        "--grace-period-s",
-        type=non_negative_float,
-        default=_default("grace_period_s"),
-        help="on SIGTERM, time in-flight calls get to finish",
-    )
-
-    g = p.add_argument_group("model and features")
-    add_flag(
-        g,
-        "--models",
-        default=str(_default("models_dir")),
-        metavar="DIR",
-        help="model versions folder: the newest valid version is served, newer ones picked up",
-    )
-    add_flag(
-        g,
-        "--redis",
-        type=redis_url,
-        default=_default("redis_url"),
-        metavar="URL",
-        help="Redis online store (the Feast feature store)",
-    )
-    add_flag(g, "--device", default=_default("device"), help="torch device: cpu, or cuda where a GPU exists")
-    add_flag(
-        g,
-        "--naive",
-        type=None,
-        default=False,
-        help="the baseline: no batching, Feast reads per call, fp32, always the full path",
-    )
-    add_flag(
-        g,
-        "--model-poll-interval-s",
-        type=non_negative_float,
-        default=_default("model_poll_interval_s"),
-        help="how often the models folder is checked for a newer version",
-    )
-    add_flag(
-        g,
-        "--torch-threads",
-        type=positive_int,
-        default=_default("torch_threads"),
-        help="torch intra-op threads per forward pass",
-    )
-
-    add_flag(
-        g,
-        "--switch-interval-ms",
-        type=non_negative_float,
-        default=_default("switch_interval_ms"),
-        help="Python GIL switch interval for this process (0 = Python's default, 5 ms)",
-    )
-    g = p.add_argument_group("micro-batching and limits")
-    add_flag(
-        g,
-        "--max-batch-candidates",
-        type=positive_int,
-        default=_default("max_batch_candidates"),
-        help="cap of one micro-batch, in candidates summed over its requests",
-    )
-    add_flag(
-        g,
-        "--max-queue-delay-ms",
-        type=non_negative_float,
-        default=_default("max_queue_delay_ms"),
-        help="longest a request waits for company, only while another batch is computing",
-    )
-    add_flag(
-        g,
-        "--max-queue",
-        type=positive_int,
-        default=_default("max_queue"),
-        help="requests waiting beyond this are refused with RESOURCE_EXHAUSTED",
-    )
-    add_flag(
-        g,
-        "--max-concurrent-batches",
-        type=positive_int,
-        default=_default("max_concurrent_batches"),
-        help="micro-batches computed at once (worker threads)",
-    )
-    add_flag(
-        g,
-        "--max-candidates",
-        type=positive_int,
-        default=_default("max_candidates"),
-        help="most candidates per Rank call (and largest Recommend k)",
-    )
-    add_flag(
-        g,
-        "--recommend-pool",
-        type=positive_int,
-        default=_default("recommend_pool"),
-        help="candidates Recommend generates and ranks before returning its top k",
-    )
-    add_flag(
-        g,
-        "--item-cache-ttl-s",
-        type=non_negative_float,
-        default=_default("item_cache_ttl_s"),
-        help="how long item features are cached in-process (user features: never)",
-    )
-    add_flag(
-        g,
-        "--redis-timeout-ms",
-        type=non_negative_float,
-        default=_default("redis_timeout_ms"),
-        help="feature reads slower than this are abandoned and the batch served degraded",
-    )
-    add_flag(
-        g,
-        "--redis-retry-interval-s",
-        type=non_negative_float,
-        default=_default("redis_retry_interval_s"),
-        help="while Redis is down, how often a background probe tries it",
-    )
+    defaults = RankingConfig()
+    for title, flags in _GROUPS.items():
+        group = p.add_argument_group(title)
+        for flag, field, kind, help_text in flags:
+            default = getattr(defaults, field) if field else None
+            if kind is None:
+                add_flag(group, flag, type=None, default=bool(default), help=help_text)
+            else:
+                add_flag(group, flag, type=kind, default=None if default is None else default, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> RankingConfig:
+    values: dict[str, Any] = {}
+    for flags in _GROUPS.values():
+        for flag, field, _, _ in flags:
+            if field:
+                values[field] = getattr(args, flag.lstrip("-").replace("-", "_"))
+    for field in ("tls_cert", "tls_key", "models_dir"):
+        if values[field] is not None:
+            values[field] = Path(values[field])
     try:
-        token = read_auth_token(args.auth_token_file)
-        return RankingConfig(
-            host=args.host,
-            port=args.port,
-            tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-            tls_key=Path(args.tls_key) if args.tls_key else None,
-            auth_token=token,
-            max_message_bytes=args.max_message_bytes,
-            grace_period_s=args.grace_period_s,
-            metrics_port=args.metrics_port,
-            max_candidates=args.max_candidates,
-            recommend_pool=args.recommend_pool,
-            max_batch_candidates=args.max_batch_candidates,
-            max_queue_delay_ms=args.max_queue_delay_ms,
-            max_queue=args.max_queue,
-            max_concurrent_batches=args.max_concurrent_batches,
-            redis_url=args.redis,
-            redis_timeout_ms=args.redis_timeout_ms,
-            redis_retry_interval_s=args.redis_retry_interval_s,
-            item_cache_ttl_s=args.item_cache_ttl_s,
-            models_dir=Path(args.models),
-            model_poll_interval_s=args.model_poll_interval_s,
-            device=args.device,
-            torch_threads=args.torch_threads,
-            switch_interval_ms=args.switch_interval_ms,
-            naive=args.naive,
-        )
+        values["auth_token"] = read_auth_token(args.auth_token_file)
+        return RankingConfig(**values)
     except (OSError, ValueError) as exc:
         raise UserError(str(exc)) from None
 

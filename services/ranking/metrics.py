@@ -78,7 +78,7 @@ CODES = (
 )
 PATHS = ("light", "full", "cascade")
 STAGES = ("fetch", "candidates", "assemble", "forward", "encode")
-SHED_REASONS = ("queue_full", "deadline", "cancelled", "shutdown")
+SHED_REASONS = ("queue_full", "queue_wait", "deadline", "cancelled", "shutdown")
 
 
 @contextlib.contextmanager

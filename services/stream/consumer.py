@@ -126,6 +126,15 @@ class _Batch:
             return exc
 
 
+@dataclass(slots=True)
+class _Roll:
+    """Event-log files being written, and the offsets they make durable once written."""
+
+    future: Future
+    events: list[Event]
+    marks: dict[int, int]  # partition -> last offset whose events are in these files (or earlier ones)
+
+
 class _Listener(AsyncConsumerRebalanceListener):
     # kafka-python runs these on its IO thread while the main thread waits inside poll(), so the
     # consumer's state is not touched concurrently. Blocking Kafka calls are not allowed here.
@@ -168,6 +177,9 @@ class StreamConsumer:
         # parses the next batch (redis-py waits for the reply without holding the GIL).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-writer")
         self._inflight: _Batch | None = None
+        # Event-log files are written on their own thread: a roll of 30 s of events takes a while.
+        self._log_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-eventlog")
+        self._rolling: _Roll | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -197,8 +209,10 @@ class StreamConsumer:
                 self._finish_inflight()
                 if started is not None:
                     self._inflight = self._begin(started)
-                if self._event_log is not None and self._event_log.due():
-                    self._roll(main_thread=True)
+                if self._event_log is not None:
+                    self._finish_roll(main_thread=True)
+                    if self._event_log.due():
+                        self._start_roll()
                 self._update_lag()
         except _Stopping:
             log.info("stopping with a batch not applied; it will be read again")
@@ -251,7 +265,7 @@ class StreamConsumer:
             if self._event_log is not None:
                 self._roll(main_thread=True)
             elif self._consumer is not None:
-                self._commit(sync=True)
+                self._commit(dict(self._position), sync=True)
         except (_Stopping, redis.RedisError, KafkaError) as exc:
             log.warning("final roll/commit failed (%s); the next owner re-reads from the last one", exc)
         if self._consumer is not None:
@@ -259,6 +273,7 @@ class StreamConsumer:
         if self._producer is not None:
             self._producer.close(timeout=10)
         self._executor.shutdown(wait=True)
+        self._log_executor.shutdown(wait=True)
         self._redis.close()
         log.info("stream consumer stopped")
 
@@ -290,7 +305,7 @@ class StreamConsumer:
             except (_Stopping, redis.RedisError, OSError) as exc:
                 log.warning("roll before revoke failed (%s); the next owner re-reads from the last one", exc)
         elif not lost:
-            self._commit(sync=False)
+            self._commit(dict(self._position), sync=False)
         for tp in revoked:
             self._applied.pop(tp.partition, None)
             self._logged.pop(tp.partition, None)
@@ -422,7 +437,7 @@ class StreamConsumer:
             self._event_log.append(batch.to_log)
             self.metrics.logged.inc(len(applied_events) + len(batch.to_log))
         elif plan.last_offsets:
-            self._commit(sync=False)
+            self._commit(dict(self._position), sync=False)
         m = self.metrics
         m.consumed.inc(len(records))
         m.applied.inc(len(applied_events))
@@ -527,27 +542,53 @@ class StreamConsumer:
     # ------------------------------------------------------------------------------ roll & commit
 
     def _roll(self, main_thread: bool) -> None:
-        """Roll the event log, then record (Redis) and commit (Kafka) what is now durable in it."""
-        assert self._event_log is not None
-        files = self._event_log.roll()
-        marks = {p: pos - 1 for p, pos in self._position.items() if pos - 1 > self._logged.get(p, -1)}
-        if marks:
-            args = [x for p, offset in sorted(marks.items()) for x in (p, offset)]
-            if main_thread:
-                self._with_retries(lambda: self._raise_logged(keys=[self._logged_key], args=args))
-            else:  # on the IO thread: one attempt, do not stall heartbeats
-                self._raise_logged(keys=[self._logged_key], args=args)
-            self._logged.update(marks)
-        if files:
-            log.info("event log: rolled %d file(s)", len(files))
-        if self._consumer is not None:
-            self._commit(sync=main_thread)
+        """Roll the whole buffer now and wait for it (before a revocation or the shutdown)."""
+        self._finish_roll(main_thread, wait=True)
+        self._start_roll()
+        self._finish_roll(main_thread, wait=True)
 
-    def _commit(self, sync: bool) -> None:
+    def _start_roll(self) -> None:
+        """Hand the buffer to the log-writer thread; the loop keeps applying batches meanwhile."""
+        assert self._event_log is not None
+        if self._rolling is not None:
+            return
+        events = self._event_log.take()
+        # every event of the partitions' processed records is in ``events`` (or was logged before)
+        marks = {p: pos - 1 for p, pos in self._position.items() if pos - 1 > self._logged.get(p, -1)}
+        self._rolling = _Roll(self._log_executor.submit(self._event_log.write, events), events, marks)
+
+    def _finish_roll(self, main_thread: bool, wait: bool = False) -> None:
+        """Once a roll's files are durable: raise the logged offsets in Redis, commit them to Kafka."""
+        roll = self._rolling
+        if roll is None or not (wait or roll.future.done()):
+            return
+        self._rolling = None
+        try:
+            files = roll.future.result()
+        except OSError as exc:
+            log.error("event log: writing %d events failed (%s); they stay buffered", len(roll.events), exc)
+            assert self._event_log is not None
+            self._event_log.put_back(roll.events)
+            return
+        if files:
+            log.info("event log: %d events -> %d file(s)", len(roll.events), len(files))
+        if not roll.marks:
+            return
+        args = [x for p, offset in sorted(roll.marks.items()) for x in (p, offset)]
+        if main_thread:
+            self._with_retries(lambda: self._raise_logged(keys=[self._logged_key], args=args))
+        else:  # on the IO thread: one attempt, do not stall heartbeats
+            self._raise_logged(keys=[self._logged_key], args=args)
+        self._logged.update(roll.marks)
+        if self._consumer is not None:
+            self._commit({p: offset + 1 for p, offset in roll.marks.items()}, sync=main_thread)
+
+    def _commit(self, positions: dict[int, int], sync: bool) -> None:
+        """Commit next-offsets to Kafka (a convenience: Redis holds the offsets that matter)."""
         assert self._consumer is not None
         offsets = {
             TopicPartition(self.config.topic, p): OffsetAndMetadata(pos, "", -1)
-            for p, pos in self._position.items()
+            for p, pos in positions.items()
             if pos >= 0
         }
         if not offsets:
@@ -557,7 +598,7 @@ class StreamConsumer:
                 self._consumer.commit(offsets)
             else:
                 self._consumer.commit_async(offsets)
-        except KafkaError as exc:  # Redis holds the authoritative offsets; Kafka's are a convenience
+        except KafkaError as exc:
             log.warning("offset commit failed (%s); continuing", exc)
 
     # ------------------------------------------------------------------------------ helpers

@@ -41,7 +41,11 @@ _STALE_TEMP_S = 3600.0
 
 
 class EventLog:
-    """Buffer of applied events, rolled into Parquet part files by size, by age, or on demand."""
+    """Buffer of applied events, written out as Parquet part files when rolled.
+
+    :meth:`append` and :meth:`take` belong to the consumer's loop; :meth:`write` may run on
+    another thread (one at a time), so a roll does not stall the stream.
+    """
 
     def __init__(self, directory: str | Path, roll_rows: int = 200_000, roll_s: float = 30.0) -> None:
         self.directory = Path(directory)
@@ -49,50 +53,43 @@ class EventLog:
         self.roll_s = roll_s
         self._writer_id = uuid.uuid4().hex[:8]
         self._seq = 0
-        self._columns: dict[int, list[list]] = {}  # day number -> one list per column
-        self._rows = 0
+        self._buffer: list[Event] = []
         self._opened = time.monotonic()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temporaries()
 
     @property
     def rows(self) -> int:
-        """Events buffered and not yet in a file."""
-        return self._rows
+        """Events buffered and not yet taken for a file."""
+        return len(self._buffer)
 
     def append(self, events: list[Event]) -> None:
-        for ev in events:
-            day = ev.ts_ms // _DAY_MS
-            cols = self._columns.get(day)
-            if cols is None:
-                cols = self._columns[day] = [[] for _ in SCHEMA]
-            cols[0].append(ev.event_id)
-            cols[1].append(ev.user_id)
-            cols[2].append(ev.item_id)
-            cols[3].append(ev.event_type)
-            cols[4].append(ev.ts_ms)
-            cols[5].append(ev.price)
-            cols[6].append(ev.quantity)
-            cols[7].append(ev.category)
-            cols[8].append(ev.session_id)
-        self._rows += len(events)
+        self._buffer.extend(events)
 
     def due(self) -> bool:
         """True once the buffer is big or old enough to be rolled."""
-        return self._rows >= self.roll_rows or time.monotonic() - self._opened >= self.roll_s
+        return len(self._buffer) >= self.roll_rows or time.monotonic() - self._opened >= self.roll_s
+
+    def take(self) -> list[Event]:
+        """Empty the buffer and return what it held (to :meth:`write`)."""
+        events, self._buffer = self._buffer, []
+        self._opened = time.monotonic()
+        return events
+
+    def put_back(self, events: list[Event]) -> None:
+        """Return taken events whose :meth:`write` failed to the front of the buffer."""
+        self._buffer[:0] = events
+
+    def write(self, events: list[Event]) -> list[Path]:
+        """Write ``events`` to new part files, one per event date, durably; return their paths."""
+        by_day: dict[int, list[Event]] = {}
+        for ev in events:
+            by_day.setdefault(ev.ts_ms // _DAY_MS, []).append(ev)
+        return [self._write(day, _table(day_events)) for day, day_events in sorted(by_day.items())]
 
     def roll(self) -> list[Path]:
-        """Write the buffer to new part files (one per event date), durably; return their paths."""
-        written = []
-        for day, cols in sorted(self._columns.items()):
-            table = pa.Table.from_arrays(
-                [pa.array(c, type=f.type) for c, f in zip(cols, SCHEMA, strict=True)], schema=SCHEMA
-            )
-            written.append(self._write(day, table))
-        self._columns = {}
-        self._rows = 0
-        self._opened = time.monotonic()
-        return written
+        """Write the whole buffer now (on the calling thread)."""
+        return self.write(self.take())
 
     def _write(self, day: int, table: pa.Table) -> Path:
         date = datetime.fromtimestamp(day * 86_400, tz=UTC).strftime("%Y-%m-%d")
@@ -120,6 +117,23 @@ class EventLog:
                     path.unlink()
             except OSError:
                 pass
+
+
+def _table(events: list[Event]) -> pa.Table:
+    columns = [
+        [e.event_id for e in events],
+        [e.user_id for e in events],
+        [e.item_id for e in events],
+        [e.event_type for e in events],
+        [e.ts_ms for e in events],
+        [e.price for e in events],
+        [e.quantity for e in events],
+        [e.category for e in events],
+        [e.session_id for e in events],
+    ]
+    return pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA
+    )
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -19,6 +19,7 @@ from recstack.events import (
     MAX_ID_LENGTH,
     Event,
     InvalidEvent,
+    _validate_checked,
     parse_event,
     parse_events,
     validate,
@@ -120,6 +121,8 @@ _BREAKERS = st.one_of(
             st.text(alphabet="abcxyz:- ", max_size=20),
             st.just("2024-01-01"),  # no time
             st.just("2024-01-01T10:00:00"),  # no UTC offset
+            st.just("9999-12-31T23:00:00-05:00"),  # past the end of the calendar in UTC
+            st.just("0001-01-01T00:00:00+05:00"),  # before its start
             st.just([]),
         ),
     ),
@@ -133,6 +136,7 @@ _BREAKERS = st.one_of(
             st.booleans(),
             st.text(max_size=5),
             st.just([1]),
+            st.integers(min_value=10**309, max_value=10**400),  # no float can hold it
         ),
     ),
     st.tuples(
@@ -174,6 +178,47 @@ def test_every_malformed_field_is_rejected_with_a_reason_naming_it(obj, breaker)
     with pytest.raises(InvalidEvent) as caught_raw:
         parse_event(raw)
     assert caught_raw.value.field == field
+
+
+class _Str(str):
+    pass
+
+
+def _outcome_of(validator, obj):
+    try:
+        return validator(obj)
+    except InvalidEvent as exc:
+        return ("invalid", exc.field, str(exc))
+
+
+@given(
+    st.one_of(
+        valid_events(),
+        st.tuples(valid_events(), _BREAKERS).map(lambda pair: {**pair[0], pair[1][0]: pair[1][1]}),
+        valid_events().map(lambda o: {**o, "user_id": _Str(o["user_id"])}),  # str subclass
+        st.dictionaries(
+            st.sampled_from(["event_id", "user_id", "item_id", "event_type", "ts", "price"]),
+            st.one_of(st.integers(), st.text(max_size=5), st.none(), st.floats()),
+        ),
+    )
+)
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_the_fast_path_accepts_and_refuses_exactly_what_the_checked_path_does(obj):
+    assert _outcome_of(validate, obj) == _outcome_of(_validate_checked, obj)
+
+
+def test_a_validation_bug_dead_letters_the_record_instead_of_stopping_the_consumer(monkeypatch):
+    import recstack.events as events
+
+    def broken(obj):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(events, "validate", broken)
+    good = b'{"event_id":"e","user_id":"u","item_id":"i","event_type":"view","ts":1}'
+    # the batch path, the value-by-value path (a non-ASCII value in the batch) and the single parser
+    for values in ([good], [good, "é".encode()]):
+        outcome = parse_events(values)[0]
+        assert isinstance(outcome, InvalidEvent) and "ZeroDivisionError" in str(outcome)
 
 
 @given(st.one_of(st.integers(), st.text(), st.lists(st.integers(), max_size=3), st.none(), st.booleans()))

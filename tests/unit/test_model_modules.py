@@ -138,7 +138,7 @@ def test_user_tower_and_item_bias_shapes():
 def test_target_attention_shapes_and_cold_users_are_finite():
     att = TargetAttention(config())
     with torch.no_grad():
-        out = att(torch.randn(2, 5, D), torch.randn(2, L, D), torch.zeros(2, L, dtype=torch.bool))
+        out = att(att.queries(torch.randn(2, 5, D)), torch.randn(2, L, D), torch.zeros(2, L, dtype=torch.bool))
     assert out.shape == (2, 5, D)
     assert torch.isfinite(out).all()
 
@@ -146,8 +146,18 @@ def test_target_attention_shapes_and_cold_users_are_finite():
 def test_interaction_mlp_shapes():
     cfg = config()
     mlp = InteractionMLP(cfg).eval()
-    pair = torch.randn(3, 5, 3 * D + ITEM_DENSE_DIM + 1)
-    assert mlp(pair, torch.randn(3, D + USER_DENSE_DIM)).shape == (3, 5)
+    a, e = torch.randn(3, 5, D), torch.randn(3, 5, D)
+    with torch.no_grad():
+        out = mlp(a, e, mlp.item_hidden(e), torch.randn(3, 5, ITEM_DENSE_DIM), torch.rand(3, 5),
+                  torch.randn(3, D + USER_DENSE_DIM))
+        # the block-wise first layer equals the concatenated one
+        pair = torch.cat([a, a * e, e, torch.zeros(3, 5, ITEM_DENSE_DIM), torch.zeros(3, 5, 1)], dim=2)
+        h = mlp.pair_in(pair) + mlp.user_in(torch.zeros(3, D + USER_DENSE_DIM)).unsqueeze(1)
+        ref = mlp.rest(h).squeeze(-1)
+        got = mlp(a, e, mlp.item_hidden(e), torch.zeros(3, 5, ITEM_DENSE_DIM), torch.zeros(3, 5),
+                  torch.zeros(3, D + USER_DENSE_DIM))
+    assert out.shape == (3, 5)
+    assert torch.allclose(got, ref, atol=1e-5)
 
 
 def test_paths_shapes_determinism_and_residual_relation():
@@ -188,6 +198,22 @@ def test_scores_do_not_depend_on_padding():
         ref = m.full(b)
         assert torch.allclose(m.full(longer)[:, :4], ref, atol=1e-6)
         assert torch.allclose(m.full(shorter_hist), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_inference_tables_give_the_same_scores(int8):
+    m = fake_int8(model()) if int8 else model()
+    b = batch()
+    shared = RankBatch(b.hist, b.user_dense, torch.arange(2, V), torch.rand(V - 2, ITEM_DENSE_DIM))
+    with torch.inference_mode():
+        before = [m.light(b), m.full(b), m.full(shared)]
+        assert m.prepare_inference()
+        after = [m.light(b), m.full(b), m.full(shared)]
+    for x, y in zip(before, after, strict=True):
+        assert torch.allclose(x, y, atol=1e-5)
+    m.train()
+    assert m._table is None
+    assert not m.prepare_inference(max_bytes=10)
 
 
 def test_int8_model_is_close_to_fp32():

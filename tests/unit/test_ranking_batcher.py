@@ -113,7 +113,7 @@ def test_full_queue_sheds_with_resource_exhausted():
         await _wait_until(rec.started.is_set)
         queued = [asyncio.ensure_future(batcher.submit(x, cost=1)) for x in "bc"]
         await _wait_until(lambda: batcher.depth == 2)
-        assert batcher.load == 1.0
+        assert batcher.load(0.0, batcher.depth) == 1.0
         with pytest.raises(Overloaded):
             await batcher.submit("d", cost=1)
         rec.release.set()
@@ -239,3 +239,33 @@ def test_stop_drains_queued_work_then_refuses_new():
         pool.shutdown()
 
     asyncio.run(main())
+
+
+def test_requests_that_waited_too_long_are_shed_and_load_rises_with_the_wait():
+    async def main():
+        rec = Recorder(hold=True)
+        batcher, metrics, pool = _batcher(rec, max_concurrent_batches=1, max_queue=100, max_queue_wait_s=0.02)
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit("a", cost=1))
+        await _wait_until(rec.started.is_set)
+        stale = asyncio.ensure_future(batcher.submit("stale", cost=1))
+        await asyncio.sleep(0.05)  # "stale" has now waited longer than max_queue_wait
+        fresh = asyncio.ensure_future(batcher.submit("fresh", cost=1))
+        await _wait_until(lambda: batcher.depth == 2)
+        rec.release.set()
+        assert await running == "r-a"
+        with pytest.raises(Overloaded, match="waited over 20 ms"):
+            await stale
+        assert await fresh == "r-fresh"
+        await batcher.stop()
+        pool.shutdown()
+        assert all("stale" not in b for b in rec.batches)
+        assert metrics.value("recstack_ranking_shed_total", {"reason": "queue_wait"}) == 1
+
+    asyncio.run(main())
+    batcher = MicroBatcher(Recorder(), None, max_queue=100, max_queue_wait_s=0.010)  # type: ignore[arg-type]
+    assert batcher.load(0.0, 0) == 0.0
+    assert batcher.load(0.005, 1) == pytest.approx(0.5)  # half the allowed wait
+    assert batcher.load(0.001, 80) == pytest.approx(0.8)  # or the queue's depth, whichever is larger
+    assert batcher.load(0.050, 1) == 1.0
+    assert MicroBatcher(Recorder(), None, max_queue=10).load(5.0, 5) == 0.5  # type: ignore[arg-type]
