@@ -61,7 +61,7 @@ def interleaved(fns: dict[str, callable], reps: int, min_seconds: float = 0.0) -
 
 
 def load_or_make(model_dir: str | None):
-    from models.artifacts import list_versions, load_version
+    from models.artifacts import list_versions
 
     if model_dir:
         path = Path(model_dir)
@@ -83,8 +83,11 @@ def bench_dense(fp32_model, reps: int) -> list[dict]:
     import onnxruntime as ort
 
     mlp = fp32_model.mlp
-    layers = [m for m in [nn.Linear(2 * mlp.dim + fp32_model.config.item_dense_dim + 1, mlp.pair_in.out_features)]
-              + [m for m in mlp.rest if isinstance(m, nn.Linear)]]
+    layers = [
+        m
+        for m in [nn.Linear(2 * mlp.dim + fp32_model.config.item_dense_dim + 1, mlp.pair_in.out_features)]
+        + [m for m in mlp.rest if isinstance(m, nn.Linear)]
+    ]
     with torch.no_grad():  # the served first layer: every block but the per-item table's
         w = mlp.pair_in.weight
         D = mlp.dim
@@ -103,9 +106,12 @@ def bench_dense(fp32_model, reps: int) -> list[dict]:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     weights = [m.weight.detach().float().numpy() for m in layers]
     biases = [m.bias.detach().float().numpy() for m in layers]
-    sessions = {name: ort.InferenceSession(mlp_graph(weights, biases, int8, extra=False), opts,
-                                           providers=["CPUExecutionProvider"])
-                for name, int8 in (("ort_fp32", False), ("ort_int8", True))}
+    sessions = {
+        name: ort.InferenceSession(
+            mlp_graph(weights, biases, int8, extra=False), opts, providers=["CPUExecutionProvider"]
+        )
+        for name, int8 in (("ort_fp32", False), ("ort_int8", True))
+    }
     rows_out = []
     for b in BATCHES:
         n = b * CANDIDATES
@@ -140,12 +146,24 @@ def bench_embeddings(fp32_ranker, reps: int) -> list[dict]:
         q, scale = quantize_rows(table)
         for b in (8, 128):
             rows = torch.randint(2, table.shape[0], (b, CANDIDATES))
-            ms = interleaved({
-                "fp32_gather": lambda: table[rows],
-                "int8_gather_rescale": lambda: q[rows].float() * scale[rows].unsqueeze(-1),
-            }, reps=max(10, reps // b), min_seconds=0.2)
-            out.append({"table": name, "rows": table.shape[0], "requests": b, "ms": ms,
-                        "fp32_mb": table.numel() * 4 / 1e6, "int8_mb": (q.numel() + scale.numel() * 4) / 1e6})
+            ms = interleaved(
+                {
+                    "fp32_gather": lambda: table[rows],
+                    "int8_gather_rescale": lambda: q[rows].float() * scale[rows].unsqueeze(-1),
+                },
+                reps=max(10, reps // b),
+                min_seconds=0.2,
+            )
+            out.append(
+                {
+                    "table": name,
+                    "rows": table.shape[0],
+                    "requests": b,
+                    "ms": ms,
+                    "fp32_mb": table.numel() * 4 / 1e6,
+                    "int8_mb": (q.numel() + scale.numel() * 4) / 1e6,
+                }
+            )
     return out
 
 
@@ -160,15 +178,19 @@ def bench_paths(version: Path, reps: int) -> list[dict]:
     from models.artifacts import load_version
     from models.latency import synthetic_requests
 
-    rankers = {name: load_version(version, quantized=q, dense_runtime=rt) for name, (q, rt) in PATH_VARIANTS.items()}
+    rankers = {
+        name: load_version(version, quantized=q, dense_runtime=rt) for name, (q, rt) in PATH_VARIANTS.items()
+    }
     for r in rankers.values():
         r.warmup()
     out = []
     for b in BATCHES:
         inputs = synthetic_requests(rankers["fp32"], b, CANDIDATES, seed=b)
         for path in ("light", "full", "cascade"):
-            fns = {name: (lambda r, p: lambda: r.rank_batch(inputs, force_path=p))(r, path)
-                   for name, r in rankers.items()}
+            fns = {
+                name: (lambda r, p: lambda: r.rank_batch(inputs, force_path=p))(r, path)
+                for name, r in rankers.items()
+            }
             ms = interleaved(fns, reps=max(5, reps // b), min_seconds=0.3)
             out.append({"path": path, "requests": b, "ms": ms})
     return out
@@ -177,7 +199,9 @@ def bench_paths(version: Path, reps: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model version folder or models folder (default: random-init model)")
-    parser.add_argument("--reps", type=int, default=400, help="repetitions at batch size 1 (fewer for larger)")
+    parser.add_argument(
+        "--reps", type=int, default=400, help="repetitions at batch size 1 (fewer for larger)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -190,20 +214,26 @@ def main(argv: list[str] | None = None) -> int:
 
     results["dense"] = bench_dense(fp32.model, args.reps)
     print("1. interaction MLP (the full path's GEMMs), ms per call")
-    print("| requests x 100 | rows | torch fp32 | torch int8 (dynamic) | ORT fp32 | ORT int8 | max |err| int8 ORT |")
+    print(
+        "| requests x 100 | rows | torch fp32 | torch int8 (dynamic) | ORT fp32 | ORT int8 | max |err| int8 ORT |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results["dense"]:
         ms = r["ms"]
-        print(f"| {r['requests']} | {r['rows']:,} | {ms['torch_fp32']:.3f} | {ms['torch_int8']:.3f} | "
-              f"{ms['ort_fp32']:.3f} | {ms['ort_int8']:.3f} | {r['max_abs_error_vs_fp32']['ort_int8']:.4f} |")
+        print(
+            f"| {r['requests']} | {r['rows']:,} | {ms['torch_fp32']:.3f} | {ms['torch_int8']:.3f} | "
+            f"{ms['ort_fp32']:.3f} | {ms['ort_int8']:.3f} | {r['max_abs_error_vs_fp32']['ort_int8']:.4f} |"
+        )
 
     results["embeddings"] = bench_embeddings(fp32, args.reps)
     print("\n2. embedding gathers (requests x 100 candidates), ms per call")
     print("| table | rows | requests | fp32 gather | int8 gather + rescale | fp32 MB | int8 MB |")
     print("|---|---|---|---|---|---|---|")
     for r in results["embeddings"]:
-        print(f"| {r['table']} | {r['rows']:,} | {r['requests']} | {r['ms']['fp32_gather']:.3f} | "
-              f"{r['ms']['int8_gather_rescale']:.3f} | {r['fp32_mb']:.1f} | {r['int8_mb']:.1f} |")
+        print(
+            f"| {r['table']} | {r['rows']:,} | {r['requests']} | {r['ms']['fp32_gather']:.3f} | "
+            f"{r['ms']['int8_gather_rescale']:.3f} | {r['fp32_mb']:.1f} | {r['int8_mb']:.1f} |"
+        )
 
     results["paths"] = bench_paths(folder, args.reps)
     print("\n3. Ranker.rank_batch per path, ms per call (100 candidates per request)")
@@ -212,8 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results["paths"]:
         ms = r["ms"]
         best = min(ms["int8_torch_dense"], ms["int8_ort_dense"])
-        print(f"| {r['path']} | {r['requests']} | {ms['fp32']:.3f} | {ms['int8_torch_dense']:.3f} | "
-              f"{ms['int8_ort_dense']:.3f} | {best / ms['fp32']:.2f} |")
+        print(
+            f"| {r['path']} | {r['requests']} | {ms['fp32']:.3f} | {ms['int8_torch_dense']:.3f} | "
+            f"{ms['int8_ort_dense']:.3f} | {best / ms['fp32']:.2f} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ import torch
 
 from models.inference import Ranker
 from models.model import RankerConfig, TwoPathRanker
-from models.quantize import build_int8_model, quantize_state_dict
+from models.quantize import SERVED_DENSE_RUNTIME, build_int8_model, quantize_state_dict
 from models.router import PathRouter, RouterConfig
 from models.vocab import ItemVocab
 
@@ -45,6 +46,7 @@ WEIGHTS_FP32 = "weights.fp32.pt"
 WEIGHTS_INT8 = "weights.int8.pt"
 REQUIRED = (CONFIG, VOCAB, CATALOGUE, WEIGHTS_FP32, WEIGHTS_INT8)
 TMP_PREFIX = ".tmp-"
+log = logging.getLogger(__name__)
 _VERSION_RE = re.compile(r"^v\d{8}-\d{6}(-\d+)?$")
 
 
@@ -65,7 +67,9 @@ def list_versions(models_dir: str | Path) -> list[Path]:
     root = Path(models_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()
+    ]
     return sorted(found, key=_version_key)
 
 
@@ -115,7 +119,9 @@ def verify_manifest(folder: Path) -> dict[str, str]:
             raise ArtifactError(f"{folder}: {name} is listed in {MANIFEST} but missing")
         got = sha256_file(path)
         if got != digest:
-            raise ArtifactError(f"{folder}: checksum mismatch for {name} (manifest {digest[:12]}…, file {got[:12]}…)")
+            raise ArtifactError(
+                f"{folder}: checksum mismatch for {name} (manifest {digest[:12]}…, file {got[:12]}…)"
+            )
     return sums
 
 
@@ -157,7 +163,7 @@ def publish_version(
         full_config = dict(config)
         full_config.update(format_version=FORMAT_VERSION, version=version, model=model.config.to_dict())
         full_config.setdefault("router", RouterConfig().to_dict())
-        full_config.setdefault("int8_dense_runtime", "fp32")
+        full_config.setdefault("int8_dense_runtime", SERVED_DENSE_RUNTIME)
         (tmp / CONFIG).write_text(json.dumps(full_config, indent=2, sort_keys=True))
         if metrics is not None:
             write_metrics(tmp, metrics)
@@ -219,8 +225,13 @@ def load_state(path: Path, device: str | torch.device = "cpu") -> dict[str, torc
     return state
 
 
-def load_model(version_dir: str | Path, device: str = "cpu", quantized: bool = True, verify: bool = True,
-               dense_runtime: str | None = None) -> tuple[TwoPathRanker, ItemVocab, dict[str, Any], np.ndarray]:
+def load_model(
+    version_dir: str | Path,
+    device: str = "cpu",
+    quantized: bool = True,
+    verify: bool = True,
+    dense_runtime: str | None = None,
+) -> tuple[TwoPathRanker, ItemVocab, dict[str, Any], np.ndarray]:
     """-> (model in eval mode, vocabulary, config, catalogue stats). Verifies the manifest first.
 
     ``dense_runtime`` (int8 only) overrides the version's ``int8_dense_runtime`` (benchmarks)."""
@@ -242,8 +253,14 @@ def load_model(version_dir: str | Path, device: str = "cpu", quantized: bool = T
         if quantized:
             qstate = load_state(folder / WEIGHTS_INT8, device)
             runtime = dense_runtime or config.get("int8_dense_runtime", "fp32")
-            if runtime.startswith("onnxruntime") and device != "cpu":
-                runtime = "fp32"  # the ONNX MLP runs on the CPU provider only
+            if runtime.startswith("onnxruntime") and (device != "cpu" or not _onnxruntime_available()):
+                log.warning(
+                    "%s: int8 dense runtime %s unavailable here (device %s); using fp32 dense layers",
+                    folder,
+                    runtime,
+                    device,
+                )
+                runtime = "fp32"
             model = build_int8_model(model_config, qstate, runtime)
         else:
             model = TwoPathRanker(model_config)
@@ -252,13 +269,20 @@ def load_model(version_dir: str | Path, device: str = "cpu", quantized: bool = T
         raise
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ArtifactError(f"{folder}: weights do not fit the model config: {exc}") from None
-    except ImportError as exc:
-        raise ArtifactError(f"{folder}: the int8 dense runtime is not installed: {exc}") from None
     return model.to(device).eval(), vocab, config, catalogue
 
 
-def load_version(version_dir: str | Path, device: str = "cpu", quantized: bool = True,
-                 dense_runtime: str | None = None) -> Ranker:
+def _onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_version(
+    version_dir: str | Path, device: str = "cpu", quantized: bool = True, dense_runtime: str | None = None
+) -> Ranker:
     """Verify the manifest, rebuild the model (int8 when ``quantized``) and return a :class:`Ranker`.
 
     Raises :class:`ArtifactError` with the reason when the version must not be served.
@@ -269,5 +293,13 @@ def load_version(version_dir: str | Path, device: str = "cpu", quantized: bool =
         router = PathRouter(RouterConfig(**config.get("router", {})))
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"{folder}: bad router config: {exc}") from None
-    return Ranker(model, vocab, config, version=str(config.get("version", folder.name)), router=router,
-                  catalogue_stats=catalogue, device=device, quantized=quantized)
+    return Ranker(
+        model,
+        vocab,
+        config,
+        version=str(config.get("version", folder.name)),
+        router=router,
+        catalogue_stats=catalogue,
+        device=device,
+        quantized=quantized,
+    )

@@ -69,15 +69,27 @@ def cooccurrence_scorer(data: TrainingData, eval_set: EvalSet) -> ScoreFn:
     return score
 
 
-def als_scorer(data: TrainingData, eval_set: EvalSet, factors: int = 64, iterations: int = 15,
-               regularization: float = 0.05, alpha: float = 10.0, seed: int = 0, threads: int = 0) -> ScoreFn:
+def als_scorer(
+    data: TrainingData,
+    eval_set: EvalSet,
+    factors: int = 64,
+    iterations: int = 15,
+    regularization: float = 0.05,
+    alpha: float = 10.0,
+    seed: int = 0,
+    threads: int = 0,
+) -> ScoreFn:
     from implicit.cpu.als import AlternatingLeastSquares  # heavy import, only for evaluation
 
     counts = _user_item_matrix(data)  # duplicates (user, item) sum to interaction counts
     counts.sum_duplicates()
     model = AlternatingLeastSquares(
-        factors=factors, regularization=regularization, alpha=alpha, iterations=iterations,
-        random_state=seed, num_threads=threads,
+        factors=factors,
+        regularization=regularization,
+        alpha=alpha,
+        iterations=iterations,
+        random_state=seed,
+        num_threads=threads,
     )
     with warnings.catch_warnings():
         # implicit warns about OpenBLAS threads; the caller limits BLAS to one thread around this.

@@ -26,26 +26,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Runs single-process or under torchrun (DDP over gloo)."
         ),
     )
-    add_flag(train, "--events", nargs="+", required=True, metavar="PATH",
-             help="JSON Lines or Parquet event logs (files or folders), or onlineretail | otto | synthetic")
-    add_flag(train, "--until", metavar="RFC3339",
-             help="train on events strictly before this instant; later events are the evaluation set "
-                  "(default: now, i.e. every event, no evaluation)")
-    add_flag(train, "--eval-until", metavar="RFC3339", help="ignore events at or after this instant for evaluation")
-    add_flag(train, "--out", type=Path, default=Path("artifacts/models"), help="models folder to publish into")
+    add_flag(
+        train,
+        "--events",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="JSON Lines or Parquet event logs (files or folders), or onlineretail | otto | synthetic",
+    )
+    add_flag(
+        train,
+        "--until",
+        metavar="RFC3339",
+        help="train on events strictly before this instant; later events are the evaluation set "
+        "(default: now, i.e. every event, no evaluation)",
+    )
+    add_flag(
+        train, "--eval-until", metavar="RFC3339", help="ignore events at or after this instant for evaluation"
+    )
+    add_flag(
+        train, "--out", type=Path, default=Path("artifacts/models"), help="models folder to publish into"
+    )
     add_flag(train, "--epochs", type=positive_int, default=10, help="passes over the training contexts")
     add_flag(train, "--batch-size", type=positive_int, default=128, help="contexts per step (per process)")
     add_flag(train, "--lr", type=positive_float, default=3e-3, help="AdamW learning rate")
     add_flag(train, "--seed", type=non_negative_int, default=0, help="seed of every random choice")
     add_flag(train, "--embedding-dim", type=positive_int, default=64, help="item embedding width")
-    add_flag(train, "--min-item-count", type=positive_int, default=2,
-             help="items seen fewer times share the unknown-item row")
-    add_flag(train, "--init-from", type=Path, metavar="VERSION_DIR",
-             help="warm start from this model version (item rows matched by item id)")
-    add_flag(train, "--threads", type=non_negative_int, default=0,
-             help="torch threads per process (0: automatic, one; use torchrun for more cores)")
-    add_flag(train, "--synthetic-events", type=positive_int, default=100_000,
-             help="events generated for --events synthetic")
+    add_flag(
+        train,
+        "--min-item-count",
+        type=positive_int,
+        default=2,
+        help="items seen fewer times share the unknown-item row",
+    )
+    add_flag(
+        train,
+        "--init-from",
+        type=Path,
+        metavar="VERSION_DIR",
+        help="warm start from this model version (item rows matched by item id)",
+    )
+    add_flag(
+        train,
+        "--threads",
+        type=non_negative_int,
+        default=0,
+        help="torch threads per process (0: automatic, one; use torchrun for more cores)",
+    )
+    add_flag(
+        train,
+        "--synthetic-events",
+        type=positive_int,
+        default=100_000,
+        help="events generated for --events synthetic",
+    )
     add_flag(train, "--no-bench", type=None, default=False, help="skip the latency measurement")
     add_flag(train, "--no-progress", type=None, default=False, help="no progress bar")
     train.set_defaults(handler=_train)
@@ -54,12 +88,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="evaluate a model version and the baselines on a temporal split of event logs",
         description="HR@10 and NDCG@10 with full ranking, per path, fp32 and int8, against popularity, "
-                    "item-to-item co-occurrence and ALS trained on the same split.",
+        "item-to-item co-occurrence and ALS trained on the same split.",
     )
-    add_flag(ev, "--model", type=Path, default=Path("artifacts/models"),
-             help="a model version folder, or a models folder (its newest version)")
-    add_flag(ev, "--events", nargs="+", required=True, metavar="PATH",
-             help="JSON Lines or Parquet event logs, or onlineretail | otto | synthetic")
+    add_flag(
+        ev,
+        "--model",
+        type=Path,
+        default=Path("artifacts/models"),
+        help="a model version folder, or a models folder (its newest version)",
+    )
+    add_flag(
+        ev,
+        "--events",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="JSON Lines or Parquet event logs, or onlineretail | otto | synthetic",
+    )
     add_flag(ev, "--until", metavar="RFC3339", help="the cut (default: where the model's training stopped)")
     add_flag(ev, "--eval-until", metavar="RFC3339", help="ignore events at or after this instant")
     add_flag(ev, "--threads", type=non_negative_int, default=0, help="torch threads (0: automatic)")

@@ -161,7 +161,9 @@ def build(
     user_ids = np.asarray(user_ids, dtype=object)
 
     snapshots, bucket_ms, t0, catalogue = _item_snapshots(item_rows, types, ts, V, until_ms)
-    contexts, final_state = _user_contexts(user_codes, item_rows, types, ts, history_len, t0, bucket_ms, len(user_ids))
+    contexts, final_state = _user_contexts(
+        user_codes, item_rows, types, ts, history_len, t0, bucket_ms, len(user_ids)
+    )
     eval_set = None
     if not later.empty:
         eval_set = _eval_set(later, user_ids, final_state, vocab, history_len, item_dense(catalogue))
@@ -226,8 +228,16 @@ def _item_snapshots(
         if k:  # snapshot 0 (events before the first one) stays zeros
             snaps[k] = item_dense(np.concatenate([counts, trend[:, None]], axis=1))
     if cuts[n_snaps] < len(rows):
-        _apply(rows[cuts[n_snaps]:], types[cuts[n_snaps]:], ts[cuts[n_snaps]:], counts, trend, last, weights,
-               half_life_ms)
+        _apply(
+            rows[cuts[n_snaps] :],
+            types[cuts[n_snaps] :],
+            ts[cuts[n_snaps] :],
+            counts,
+            trend,
+            last,
+            weights,
+            half_life_ms,
+        )
     catalogue = np.concatenate([counts, trend[:, None]], axis=1).astype(np.float32)
     catalogue[PAD] = 0.0
     snaps[:, PAD] = 0.0
@@ -261,7 +271,14 @@ def _recent_rows(recent: dict, L: int) -> list[int]:
 
 
 def _user_contexts(
-    users: np.ndarray, rows: np.ndarray, types: np.ndarray, ts: np.ndarray, L: int, t0: int, bucket: int, n_users: int
+    users: np.ndarray,
+    rows: np.ndarray,
+    types: np.ndarray,
+    ts: np.ndarray,
+    L: int,
+    t0: int,
+    bucket: int,
+    n_users: int,
 ) -> tuple[Contexts, list[_UserState]]:
     """One context per (user, instant), features from the user's strictly earlier events."""
     order = np.lexsort((np.arange(len(ts)), ts, users))  # by user, then time, then arrival
@@ -316,12 +333,22 @@ def _sort_contexts(c: Contexts) -> Contexts:
     sizes = np.diff(c.pos_ptr)[order]
     ptr = np.zeros(len(order) + 1, dtype=np.int64)
     np.cumsum(sizes, out=ptr[1:])
-    rows = np.concatenate([c.pos_rows[c.pos_ptr[g] : c.pos_ptr[g + 1]] for g in order]) if len(order) else c.pos_rows
-    return Contexts(c.hist[order], c.user_dense[order], c.snapshot[order], ptr, rows, c.ts[order], c.user[order])
+    rows = (
+        np.concatenate([c.pos_rows[c.pos_ptr[g] : c.pos_ptr[g + 1]] for g in order])
+        if len(order)
+        else c.pos_rows
+    )
+    return Contexts(
+        c.hist[order], c.user_dense[order], c.snapshot[order], ptr, rows, c.ts[order], c.user[order]
+    )
 
 
 def _eval_set(
-    later: pd.DataFrame, user_ids: np.ndarray, states: list[_UserState], vocab: ItemVocab, L: int,
+    later: pd.DataFrame,
+    user_ids: np.ndarray,
+    states: list[_UserState],
+    vocab: ItemVocab,
+    L: int,
     item_dense_at_cut: np.ndarray,
 ) -> EvalSet:
     later = later[~later["user_id"].astype(str).str.startswith(GUEST_PREFIX)]
@@ -351,7 +378,9 @@ def _eval_set(
     np.cumsum([len(t) for t in targets], out=ptr[1:])
     return EvalSet(
         hist=hist,
-        user_dense=user_dense(np.asarray(dense_counts, dtype=np.float32).reshape(-1, 3), np.asarray(since, np.float32)),
+        user_dense=user_dense(
+            np.asarray(dense_counts, dtype=np.float32).reshape(-1, 3), np.asarray(since, np.float32)
+        ),
         target_ptr=ptr,
         target_rows=np.concatenate(targets) if targets else np.zeros(0, np.int64),
         user=np.asarray(users, dtype=object),

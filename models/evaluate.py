@@ -36,8 +36,9 @@ def model_scorer(model: TwoPathRanker, eval_set: EvalSet, path: str, head: int =
     cold = eval_set.cold
 
     def batch(lo: int, hi: int, cand: torch.Tensor, dense: torch.Tensor) -> RankBatch:
-        return RankBatch(torch.from_numpy(eval_set.hist[lo:hi]), torch.from_numpy(eval_set.user_dense[lo:hi]),
-                         cand, dense)
+        return RankBatch(
+            torch.from_numpy(eval_set.hist[lo:hi]), torch.from_numpy(eval_set.user_dense[lo:hi]), cand, dense
+        )
 
     def score(lo: int, hi: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -48,7 +49,9 @@ def model_scorer(model: TwoPathRanker, eval_set: EvalSet, path: str, head: int =
                 return model.full(batch(lo, hi, rows, item_dense), light_scores=light)
             h = min(head, light.shape[1])
             top = torch.topk(light, h, dim=1).indices  # B x h
-            full_head = model.full(batch(lo, hi, rows[top], item_dense[top]), light_scores=light.gather(1, top))
+            full_head = model.full(
+                batch(lo, hi, rows[top], item_dense[top]), light_scores=light.gather(1, top)
+            )
             out = light.clone()
             warm = torch.from_numpy(~cold[lo:hi])
             # The head stays above the tail; inside it, the full path orders.
@@ -59,14 +62,18 @@ def model_scorer(model: TwoPathRanker, eval_set: EvalSet, path: str, head: int =
     return score
 
 
-def routed_compute(config_model, eval_set: EvalSet, router: RouterConfig, n_candidates: int) -> dict[str, float]:
+def routed_compute(
+    config_model, eval_set: EvalSet, router: RouterConfig, n_candidates: int
+) -> dict[str, float]:
     """Mean multiply-adds per request of always-full vs routed (at no load) for ``n_candidates``."""
     macs = path_macs(config_model, history_len=config_model.light.history_len)
     cold = eval_set.cold
     light = macs["light_per_user"] + n_candidates * macs["light_per_candidate"]
     full = macs["full_per_user"] + n_candidates * macs["full_per_candidate"]
     head = PathRouter(router).head_for(n_candidates)
-    cascade = light + macs["full_per_user"] + head * (macs["full_per_candidate"] - macs["light_per_candidate"])
+    cascade = (
+        light + macs["full_per_user"] + head * (macs["full_per_candidate"] - macs["light_per_candidate"])
+    )
     if n_candidates <= head:
         cascade = full
     routed = float(np.where(cold, light, cascade).mean()) if len(cold) else cascade
@@ -81,8 +88,9 @@ def routed_compute(config_model, eval_set: EvalSet, router: RouterConfig, n_cand
     }
 
 
-def evaluate_model(model: TwoPathRanker, eval_set: EvalSet, paths=("light", "full", "routed"),
-                   head: int = 20) -> dict[str, dict[str, float]]:
+def evaluate_model(
+    model: TwoPathRanker, eval_set: EvalSet, paths=("light", "full", "routed"), head: int = 20
+) -> dict[str, dict[str, float]]:
     out = {}
     model.eval().prepare_inference()
     for path in paths:
@@ -125,7 +133,10 @@ def quality_report(
         "users": len(eval_set),
         "cold_users": int(eval_set.cold.sum()),
         "baselines": evaluate_baselines(data, eval_set, seed),
-        "model": {"fp32": evaluate_model(fp32, eval_set, head=head), "int8": evaluate_model(int8, eval_set, head=head)},
+        "model": {
+            "fp32": evaluate_model(fp32, eval_set, head=head),
+            "int8": evaluate_model(int8, eval_set, head=head),
+        },
         "compute": {
             "full_ranking": routed_compute(fp32.config, eval_set, router, len(data.vocab) - FIRST_ITEM_ROW),
             "100_candidates": routed_compute(fp32.config, eval_set, router, 100),

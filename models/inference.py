@@ -110,9 +110,7 @@ class Ranker:
         if not inputs:
             return []
         prepared = self._prepare(inputs)
-        routes = [
-            self.router.route(len(p.hist) > 0, len(p.cand), load, force_path) for p in prepared
-        ]
+        routes = [self.router.route(len(p.hist) > 0, len(p.cand), load, force_path) for p in prepared]
         scores: list[np.ndarray | None] = [None] * len(inputs)
         with torch.inference_mode():
             light_ids = [i for i, r in enumerate(routes) if r.path in ("light", "cascade")]
@@ -164,7 +162,9 @@ class Ranker:
         cands = (self.vocab.item_ids * (100 // max(len(self.vocab.item_ids), 1) + 1))[:100] or ["x"]
         for n in (1, 8):
             inputs = [
-                RankInput(known, (3.0, 1.0, 1.0), 60.0, cands, np.ones((len(cands), ITEM_DENSE_DIM), np.float32))
+                RankInput(
+                    known, (3.0, 1.0, 1.0), 60.0, cands, np.ones((len(cands), ITEM_DENSE_DIM), np.float32)
+                )
                 for _ in range(n)
             ]
             for path in ("light", "full", "cascade"):
@@ -175,7 +175,10 @@ class Ranker:
     def _prepare(self, inputs: list[RankInput]) -> list[_Prepared]:
         counts = np.asarray([inp.user_counts for inp in inputs], dtype=np.float32).reshape(-1, 3)
         since = np.asarray(
-            [math.nan if inp.seconds_since_last_event is None else inp.seconds_since_last_event for inp in inputs],
+            [
+                math.nan if inp.seconds_since_last_event is None else inp.seconds_since_last_event
+                for inp in inputs
+            ],
             dtype=np.float32,
         )
         users = user_dense(counts, since)
@@ -234,8 +237,9 @@ class Ranker:
         sizes = [len(h) for h in heads] if heads is not None else [len(p.cand) for p in group]
         return [out[k, :n].copy() for k, n in enumerate(sizes)]
 
-    def _cascade(self, ids: list[int], prepared: list[_Prepared], routes: list[Route],
-                 scores: list[np.ndarray | None]) -> None:
+    def _cascade(
+        self, ids: list[int], prepared: list[_Prepared], routes: list[Route], scores: list[np.ndarray | None]
+    ) -> None:
         """Re-score the light path's head of each request with the full path (one forward for all heads).
 
         The head stays above the tail: a cascade only reorders what the light path put first.

@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from models.features import ITEM_DENSE_DIM
-from models.inference import RankInput, Ranker
+from models.inference import Ranker, RankInput
 
 BATCH_SIZES = (1, 8, 32, 128)
 

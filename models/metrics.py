@@ -20,7 +20,9 @@ K = 10
 ScoreFn = Callable[[int, int], torch.Tensor | np.ndarray]
 
 
-def hit_and_ndcg(top_rows: np.ndarray, targets: list[np.ndarray], k: int = K) -> tuple[np.ndarray, np.ndarray]:
+def hit_and_ndcg(
+    top_rows: np.ndarray, targets: list[np.ndarray], k: int = K
+) -> tuple[np.ndarray, np.ndarray]:
     """``top_rows``: ``U x >=k`` item rows best first; ``targets``: per user, the relevant rows -> (hits, ndcgs)."""
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     hits = np.zeros(len(targets))
@@ -45,7 +47,10 @@ def evaluate_scores(eval_set: EvalSet, score: ScoreFn, chunk: int = 256, k: int 
         h, n = hit_and_ndcg(top, [eval_set.targets(u) for u in range(lo, hi)], k)
         hits.append(h)
         ndcgs.append(n)
-    return {"hit": np.concatenate(hits) if hits else np.zeros(0), "ndcg": np.concatenate(ndcgs) if ndcgs else np.zeros(0)}
+    return {
+        "hit": np.concatenate(hits) if hits else np.zeros(0),
+        "ndcg": np.concatenate(ndcgs) if ndcgs else np.zeros(0),
+    }
 
 
 def summarize(per_user: dict[str, np.ndarray], cold: np.ndarray, k: int = K) -> dict[str, float]:

@@ -264,8 +264,15 @@ class InteractionMLP(nn.Module):
         D = self.dim
         return cand_emb @ self.pair_in.weight[:, 2 * D : 3 * D].T
 
-    def forward(self, attended: Tensor, cand_emb: Tensor, item_hidden: Tensor, item_dense: Tensor, rep: Tensor,
-                user: Tensor) -> Tensor:
+    def forward(
+        self,
+        attended: Tensor,
+        cand_emb: Tensor,
+        item_hidden: Tensor,
+        item_dense: Tensor,
+        rep: Tensor,
+        user: Tensor,
+    ) -> Tensor:
         D, W = self.dim, self.pair_in.weight
         h = attended @ W[:, :D].T + (attended * cand_emb) @ W[:, D : 2 * D].T + item_hidden
         h = h + item_dense @ W[:, 3 * D : -1].T + rep.unsqueeze(-1) * W[:, -1]
@@ -404,8 +411,16 @@ class TwoPathRanker(nn.Module):
         rep = self.repeat(batch.hist, batch.cand)
         return self.residual_from(u, hist_emb, mask, rows, rep, batch.item_dense, batch.user_dense)
 
-    def residual_from(self, u: Tensor, hist_emb: Tensor, mask: Tensor, rows: CandidateRows, rep: Tensor,
-                      item_dense: Tensor, user_dense: Tensor) -> Tensor:
+    def residual_from(
+        self,
+        u: Tensor,
+        hist_emb: Tensor,
+        mask: Tensor,
+        rows: CandidateRows,
+        rep: Tensor,
+        item_dense: Tensor,
+        user_dense: Tensor,
+    ) -> Tensor:
         query = rows.query if rows.query is not None else self.attention.queries(rows.emb)
         hidden = rows.hidden if rows.hidden is not None else self.mlp.item_hidden(rows.emb)
         attended = self.attention(query, hist_emb, mask)  # B x C x D
@@ -432,5 +447,9 @@ def path_macs(config: RankerConfig, history_len: int) -> dict[str, float]:
     mlp += sum(a * b for a, b in zip(hidden, hidden[1:], strict=False)) + hidden[-1]
     full_cand = L * A + L * D + D + mlp
     full_user = L * D * (A + D) + (D + config.user_dense_dim) * hidden[0]
-    return {"light_per_candidate": float(light_cand), "light_per_user": float(light_user),
-            "full_per_candidate": float(full_cand + light_cand), "full_per_user": float(full_user + light_user)}
+    return {
+        "light_per_candidate": float(light_cand),
+        "light_per_user": float(light_user),
+        "full_per_candidate": float(full_cand + light_cand),
+        "full_per_user": float(full_user + light_user),
+    }

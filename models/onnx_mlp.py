@@ -78,8 +78,13 @@ def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **att
     return body
 
 
-def model_proto(nodes: list[bytes], initializers: list[bytes], inputs: list[bytes], outputs: list[bytes],
-                name: str = "graph") -> bytes:
+def model_proto(
+    nodes: list[bytes],
+    initializers: list[bytes],
+    inputs: list[bytes],
+    outputs: list[bytes],
+    name: str = "graph",
+) -> bytes:
     graph = b"".join(_bytes(1, n) for n in nodes) + _bytes(2, name)
     graph += b"".join(_bytes(5, t) for t in initializers)
     graph += b"".join(_bytes(11, i) for i in inputs) + b"".join(_bytes(12, o) for o in outputs)
@@ -99,10 +104,20 @@ def mlp_graph(weights: list[np.ndarray], biases: list[np.ndarray], int8: bool, e
         if int8:
             scale = np.maximum(np.abs(w).max(axis=1) / 127.0, 1e-12).astype(np.float32)
             q = np.clip(np.round(w / scale[:, None]), -127, 127).astype(np.int8).T.copy()
-            inits += [tensor_proto(f"w{k}", q), tensor_proto(f"s{k}", scale),
-                      tensor_proto(f"z{k}", np.zeros(len(scale), np.int8)), tensor_proto(f"b{k}", b)]
-            nodes.append(node("DynamicQuantizeMatMul", [current, f"w{k}", f"s{k}", f"z{k}", f"b{k}"], [out],
-                              domain="com.microsoft"))
+            inits += [
+                tensor_proto(f"w{k}", q),
+                tensor_proto(f"s{k}", scale),
+                tensor_proto(f"z{k}", np.zeros(len(scale), np.int8)),
+                tensor_proto(f"b{k}", b),
+            ]
+            nodes.append(
+                node(
+                    "DynamicQuantizeMatMul",
+                    [current, f"w{k}", f"s{k}", f"z{k}", f"b{k}"],
+                    [out],
+                    domain="com.microsoft",
+                )
+            )
         else:
             inits += [tensor_proto(f"w{k}", np.ascontiguousarray(w.T)), tensor_proto(f"b{k}", b)]
             nodes.append(node("Gemm", [current, f"w{k}", f"b{k}"], [out]))
@@ -143,12 +158,18 @@ class OnnxInteractionMLP(nn.Module):
         D = mlp.dim
         w0 = mlp.pair_in.weight.detach().float()
         linears = [m for m in mlp.rest if isinstance(m, nn.Linear)]
-        weights = [torch.cat([w0[:, : 2 * D], w0[:, 3 * D :]], dim=1)] + [m.weight.detach().float() for m in linears]
+        weights = [torch.cat([w0[:, : 2 * D], w0[:, 3 * D :]], dim=1)] + [
+            m.weight.detach().float() for m in linears
+        ]
         biases = [mlp.pair_in.bias.detach().float()] + [m.bias.detach().float() for m in linears]
         self.int8 = int8
-        self._model_bytes = mlp_graph([w.numpy() for w in weights], [b.numpy() for b in biases], int8, extra=True)
+        self._model_bytes = mlp_graph(
+            [w.numpy() for w in weights], [b.numpy() for b in biases], int8, extra=True
+        )
         self._threads = threads
-        self._sessions = threading.local()  # a session per thread: run() is thread-safe, but cheap to keep apart
+        self._sessions = (
+            threading.local()
+        )  # a session per thread: run() is thread-safe, but cheap to keep apart
 
     def _session(self):
         sess = getattr(self._sessions, "session", None)
@@ -159,11 +180,25 @@ class OnnxInteractionMLP(nn.Module):
     def item_hidden(self, cand_emb: Tensor) -> Tensor:
         return self.inner.item_hidden(cand_emb)
 
-    def forward(self, attended: Tensor, cand_emb: Tensor, item_hidden: Tensor, item_dense: Tensor, rep: Tensor,
-                user: Tensor) -> Tensor:
+    def forward(
+        self,
+        attended: Tensor,
+        cand_emb: Tensor,
+        item_hidden: Tensor,
+        item_dense: Tensor,
+        rep: Tensor,
+        user: Tensor,
+    ) -> Tensor:
         B, C, _ = attended.shape
-        x = torch.cat([attended, attended * cand_emb, item_dense, rep.unsqueeze(-1)], dim=2).reshape(B * C, -1)
+        x = torch.cat([attended, attended * cand_emb, item_dense, rep.unsqueeze(-1)], dim=2).reshape(
+            B * C, -1
+        )
         extra = (item_hidden + self.inner.user_in(user).unsqueeze(1)).reshape(B * C, -1)
-        y = self._session().run(None, {"x": x.detach().float().contiguous().numpy(),
-                                       "extra": extra.detach().float().contiguous().numpy()})[0]
+        y = self._session().run(
+            None,
+            {
+                "x": x.detach().float().contiguous().numpy(),
+                "extra": extra.detach().float().contiguous().numpy(),
+            },
+        )[0]
         return torch.from_numpy(y).reshape(B, C)

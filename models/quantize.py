@@ -1,12 +1,18 @@
 """INT8 storage and the int8 model.
 
-Every weight matrix (item embeddings, projections, MLP layers) is stored as int8 with one
-float32 scale per row (symmetric, per output channel), which makes the served weight file about
-4x smaller than fp32. At load time the item table stays int8 (:class:`~models.model.Int8ItemEmbedding`:
-lookups move a quarter of the bytes) and the dense layers are dequantized to fp32, because on this
-CPU fp32 GEMMs at the batch sizes the server forms beat the int8 kernels we measured
-(``benchmarks/model_bench.py``, figures in docs/MODEL.md). ``dense_runtime="torch-dynamic"`` keeps
-the MLP int8 through ``torch.ao`` dynamic quantization where that ever wins.
+Every weight matrix (item embeddings, projections, MLP layers) and the per-item bias are stored as
+int8 with float32 scales (per row; one for the bias vector), which makes the served weight file
+3.5-4x smaller than fp32. What runs, chosen by measurement on this CPU (``benchmarks/model_bench.py``,
+figures in docs/MODEL.md), one torch thread, 100-12,800 candidate rows per forward:
+
+* item table: int8 rows, dequantized once at load into the per-item inference table
+  (:meth:`~models.model.TwoPathRanker.prepare_inference`): gathering and rescaling int8 rows per
+  request was 2x slower than fp32 gathers for a cache-resident table. Catalogues whose table would
+  pass 256 MB keep the int8 table at run time (:class:`~models.model.Int8ItemEmbedding`), where the
+  smaller memory traffic wins;
+* interaction MLP: ONNX Runtime int8 (:mod:`models.onnx_mlp`), 1.3-4.5x faster than torch fp32 for
+  those GEMMs; ``torch.ao`` dynamic int8 was slower than fp32 below ~3,000 rows;
+* everything else (attention over the history, small projections): fp32 torch.
 """
 
 from __future__ import annotations
@@ -77,13 +83,16 @@ def dequantize_state_dict(qstate: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def build_int8_model(config: RankerConfig, qstate: dict[str, Tensor], dense_runtime: str = "fp32") -> TwoPathRanker:
+def build_int8_model(
+    config: RankerConfig, qstate: dict[str, Tensor], dense_runtime: str = "fp32"
+) -> TwoPathRanker:
     """The served int8 model from an int8 state dict: int8 item table, dense layers per ``dense_runtime``."""
     model = TwoPathRanker(config)
     dense = dequantize_state_dict(qstate)
     model.load_state_dict(dense, strict=True)
-    model.items = Int8ItemEmbedding(qstate["items.weight" + QSUFFIX], qstate["items.weight" + SSUFFIX],
-                                    dense["items.bias"])
+    model.items = Int8ItemEmbedding(
+        qstate["items.weight" + QSUFFIX], qstate["items.weight" + SSUFFIX], dense["items.bias"]
+    )
     model.eval()
     return with_dense_runtime(model, dense_runtime)
 

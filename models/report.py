@@ -35,8 +35,12 @@ def training_curve(history: TrainHistory, path: Path) -> None:
     if history.epoch_loss:
         per_epoch = len(history.step_loss) / len(history.epoch_loss)
         ax2 = ax.twinx()
-        ax2.plot(np.arange(1, len(history.epoch_loss) + 1) * per_epoch, history.epoch_loss, "k.--",
-                 label="epoch mean (light + full)")
+        ax2.plot(
+            np.arange(1, len(history.epoch_loss) + 1) * per_epoch,
+            history.epoch_loss,
+            "k.--",
+            label="epoch mean (light + full)",
+        )
         ax2.set_ylabel("epoch mean loss")
         ax2.legend(loc="upper center")
     ax.set_xlabel("step")
@@ -57,27 +61,64 @@ def check_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
         served = model["int8"]["routed"]["ndcg@10"]
         pop = base["popularity"]["ndcg@10"]
         best_name, best = max(((n, b["ndcg@10"]) for n, b in base.items()), key=lambda x: x[1])
-        checks.append(_check("routed int8 NDCG@10 >= 1.3x popularity", served, POPULARITY_MULTIPLE * pop,
-                             f"{served:.4f} vs popularity {pop:.4f} ({served / pop:.2f}x)" if pop else f"{served:.4f}"))
-        checks.append(_check("routed int8 NDCG@10 above every baseline", served, best, f"{served:.4f} vs best baseline "
-                             f"{best_name} {best:.4f}", strict=True))
+        checks.append(
+            _check(
+                "routed int8 NDCG@10 >= 1.3x popularity",
+                served,
+                POPULARITY_MULTIPLE * pop,
+                f"{served:.4f} vs popularity {pop:.4f} ({served / pop:.2f}x)" if pop else f"{served:.4f}",
+            )
+        )
+        checks.append(
+            _check(
+                "routed int8 NDCG@10 above every baseline",
+                served,
+                best,
+                f"{served:.4f} vs best baseline {best_name} {best:.4f}",
+                strict=True,
+            )
+        )
         for path in ("light", "full", "routed"):
             f32, i8 = model["fp32"][path]["ndcg@10"], model["int8"][path]["ndcg@10"]
             rel = (i8 - f32) / f32 if f32 else 0.0
-            checks.append(_check(f"{path}: int8 NDCG@10 within 1% of fp32", rel, -RELATIVE_TOLERANCE,
-                                 f"int8 {i8:.4f} vs fp32 {f32:.4f} ({rel:+.2%})"))
+            checks.append(
+                _check(
+                    f"{path}: int8 NDCG@10 within 1% of fp32",
+                    rel,
+                    -RELATIVE_TOLERANCE,
+                    f"int8 {i8:.4f} vs fp32 {f32:.4f} ({rel:+.2%})",
+                )
+            )
         full, routed = model["int8"]["full"]["ndcg@10"], served
         rel = (routed - full) / full if full else 0.0
-        checks.append(_check("routed NDCG@10 within 1% of always-full", rel, -RELATIVE_TOLERANCE,
-                             f"routed {routed:.4f} vs always-full {full:.4f} ({rel:+.2%})"))
+        checks.append(
+            _check(
+                "routed NDCG@10 within 1% of always-full",
+                rel,
+                -RELATIVE_TOLERANCE,
+                f"routed {routed:.4f} vs always-full {full:.4f} ({rel:+.2%})",
+            )
+        )
         for key, comp in quality["compute"].items():
-            checks.append(_check(f"routed compute >= 40% below always-full ({key.replace('_', ' ')})",
-                                 comp["reduction"], MIN_COMPUTE_REDUCTION, f"{comp['reduction']:.0%} less"))
+            checks.append(
+                _check(
+                    f"routed compute >= 40% below always-full ({key.replace('_', ' ')})",
+                    comp["reduction"],
+                    MIN_COMPUTE_REDUCTION,
+                    f"{comp['reduction']:.0%} less",
+                )
+            )
     sizes = metrics.get("sizes", {})
     if sizes:
-        checks.append(_check("int8 artifact >= 3.5x smaller than fp32", sizes["ratio"], MIN_SIZE_RATIO,
-                             f"{sizes['weights_int8_bytes']:,} vs {sizes['weights_fp32_bytes']:,} bytes "
-                             f"({sizes['ratio']:.2f}x)"))
+        checks.append(
+            _check(
+                "int8 artifact >= 3.5x smaller than fp32",
+                sizes["ratio"],
+                MIN_SIZE_RATIO,
+                f"{sizes['weights_int8_bytes']:,} vs {sizes['weights_fp32_bytes']:,} bytes "
+                f"({sizes['ratio']:.2f}x)",
+            )
+        )
     seconds = metrics.get("training", {}).get("total_seconds")
     if seconds is not None:
         checks.append(_check("retrain <= 5 min", -seconds, -MAX_RETRAIN_SECONDS, f"{seconds:.0f} s"))
@@ -103,9 +144,12 @@ def quality_markdown(metrics: dict[str, Any]) -> str:
             "",
         ]
     if training:
-        lines += [f"Training: {training.get('epochs')} epochs in {training.get('train_seconds', 0):.0f} s "
-                  f"({training.get('world_size', 1)} process(es), {training.get('threads')} thread(s) each); "
-                  f"whole run {training.get('total_seconds', 0):.0f} s.", ""]
+        lines += [
+            f"Training: {training.get('epochs')} epochs in {training.get('train_seconds', 0):.0f} s "
+            f"({training.get('world_size', 1)} process(es), {training.get('threads')} thread(s) each); "
+            f"whole run {training.get('total_seconds', 0):.0f} s.",
+            "",
+        ]
     quality = metrics.get("quality", {})
     if not quality.get("evaluated"):
         lines += [f"No evaluation: {quality.get('reason', 'no evaluation set')}.", ""]
@@ -126,22 +170,33 @@ def quality_markdown(metrics: dict[str, Any]) -> str:
             for path in ("light", "full", "routed"):
                 lines.append(_row("two-path ranker", path, precision, quality["model"][precision][path], pop))
         lines.append("")
-        lines += ["| compute per request (multiply-adds) | candidates | cascade head | always-full | routed | "
-                  "reduction |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| compute per request (multiply-adds) | candidates | cascade head | always-full | routed | "
+            "reduction |",
+            "|---|---|---|---|---|---|",
+        ]
         for key, comp in quality["compute"].items():
-            lines.append(f"| {key.replace('_', ' ')} | {comp['candidates']:,} | {comp['cascade_head']} | "
-                         f"{comp['always_full_macs']:,.0f} | {comp['routed_macs']:,.0f} | {comp['reduction']:.0%} |")
+            lines.append(
+                f"| {key.replace('_', ' ')} | {comp['candidates']:,} | {comp['cascade_head']} | "
+                f"{comp['always_full_macs']:,.0f} | {comp['routed_macs']:,.0f} | {comp['reduction']:.0%} |"
+            )
         lines.append("")
     sizes = metrics.get("sizes")
     if sizes:
-        lines += [f"Weights: fp32 {sizes['weights_fp32_bytes']:,} bytes, int8 {sizes['weights_int8_bytes']:,} bytes "
-                  f"({sizes['ratio']:.2f}x smaller).", ""]
+        lines += [
+            f"Weights: fp32 {sizes['weights_fp32_bytes']:,} bytes, int8 {sizes['weights_int8_bytes']:,} bytes "
+            f"({sizes['ratio']:.2f}x smaller).",
+            "",
+        ]
     latency = metrics.get("latency_ms")
     if latency:
-        lines += ["Forward latency (one `rank_batch` call, p50 ms, 100 candidates per request, "
-                  f"{latency.get('threads', 1)} torch thread):", "",
-                  "| precision | path | " + " | ".join(f"{b} req" for b in latency["batch_sizes"]) + " |",
-                  "|---|---|" + "---|" * len(latency["batch_sizes"])]
+        lines += [
+            "Forward latency (one `rank_batch` call, p50 ms, 100 candidates per request, "
+            f"{latency.get('threads', 1)} torch thread):",
+            "",
+            "| precision | path | " + " | ".join(f"{b} req" for b in latency["batch_sizes"]) + " |",
+            "|---|---|" + "---|" * len(latency["batch_sizes"]),
+        ]
         for precision in ("fp32", "int8"):
             for path, per_batch in latency.get(precision, {}).items():
                 cells = " | ".join(f"{per_batch[str(b)]['p50_ms']:.2f}" for b in latency["batch_sizes"])
@@ -158,5 +213,7 @@ def quality_markdown(metrics: dict[str, Any]) -> str:
 
 def _row(name: str, path: str, precision: str, row: dict[str, float], pop: float) -> str:
     ratio = f"{row['ndcg@10'] / pop:.2f}x" if pop else "-"
-    return (f"| {name} | {path} | {precision} | {row['hr@10']:.4f} | {row['ndcg@10']:.4f} | "
-            f"{row['warm_ndcg@10']:.4f} | {row['cold_ndcg@10']:.4f} | {ratio} |")
+    return (
+        f"| {name} | {path} | {precision} | {row['hr@10']:.4f} | {row['ndcg@10']:.4f} | "
+        f"{row['warm_ndcg@10']:.4f} | {row['cold_ndcg@10']:.4f} | {ratio} |"
+    )

@@ -22,7 +22,7 @@ import torch
 from models import artifacts, data, evaluate, latency, report
 from models.inference import Ranker
 from models.model import ItemEmbeddingConfig, RankerConfig, TwoPathRanker
-from models.quantize import build_int8_model, quantize_state_dict
+from models.quantize import SERVED_DENSE_RUNTIME, build_int8_model, quantize_state_dict
 from models.router import PathRouter, RouterConfig
 from models.train import TrainConfig, fit, warm_start
 from recstack.errors import UserError
@@ -57,10 +57,14 @@ def load_events(sources: list[str], synthetic_events: int = 100_000, seed: int =
     frames, paths = [], []
     for value in sources:
         if value in SOURCE_WORDS:
-            frames.append(src.load_source(value, limit=synthetic_events if value == "synthetic" else None, seed=seed))
+            frames.append(
+                src.load_source(value, limit=synthetic_events if value == "synthetic" else None, seed=seed)
+            )
         else:
             if not Path(value).exists():
-                raise UserError(f"--events: {value} is neither an event log nor one of {', '.join(SOURCE_WORDS)}")
+                raise UserError(
+                    f"--events: {value} is neither an event log nor one of {', '.join(SOURCE_WORDS)}"
+                )
             paths.append(value)
     if paths:
         frames.append(src.load_event_log(paths))
@@ -85,9 +89,12 @@ def _sizes(model: TwoPathRanker) -> dict[str, Any]:
     return {"weights_fp32_bytes": a, "weights_int8_bytes": b, "ratio": round(a / b, 3)}
 
 
-def _ranker(model: TwoPathRanker, built: data.TrainingData, router: RouterConfig, version: str,
-            quantized: bool) -> Ranker:
-    return Ranker(model, built.vocab, {}, version, PathRouter(router), built.catalogue_stats, quantized=quantized)
+def _ranker(
+    model: TwoPathRanker, built: data.TrainingData, router: RouterConfig, version: str, quantized: bool
+) -> Ranker:
+    return Ranker(
+        model, built.vocab, {}, version, PathRouter(router), built.catalogue_stats, quantized=quantized
+    )
 
 
 def bench_latency(fp32: Ranker, int8: Ranker, quick: bool = True) -> dict[str, Any]:
@@ -131,13 +138,20 @@ def run_train(job: TrainJob) -> Path | None:
     torch.manual_seed(cfg.seed)
     model_config = RankerConfig(ItemEmbeddingConfig(num_rows=len(built.vocab), dim=job.embedding_dim))
     if old is not None and old[0].config.embedding.dim != job.embedding_dim:
-        raise UserError(f"--init-from: that version has embedding width {old[0].config.embedding.dim}, "
-                        f"this run {job.embedding_dim}")
+        raise UserError(
+            f"--init-from: that version has embedding width {old[0].config.embedding.dim}, "
+            f"this run {job.embedding_dim}"
+        )
     model = TwoPathRanker(model_config)
     carried = 0
     if old is not None:
         carried = warm_start(model, built.vocab, old[0].state_dict(), old[1])
-        log.info("warm start from %s: %d of %d item rows carried over", job.init_from, carried, len(built.vocab.item_ids))
+        log.info(
+            "warm start from %s: %d of %d item rows carried over",
+            job.init_from,
+            carried,
+            len(built.vocab.item_ids),
+        )
     history = fit(model, built, cfg, progress=job.progress)
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -146,14 +160,14 @@ def run_train(job: TrainJob) -> Path | None:
         return None
 
     router = RouterConfig()
-    int8 = build_int8_model(model_config, quantize_state_dict(model.state_dict()))
+    int8 = build_int8_model(model_config, quantize_state_dict(model.state_dict()), SERVED_DENSE_RUNTIME)
     log.info("evaluating (model per path, fp32 and int8, and baselines)")
     quality = evaluate.quality_report(built, model, int8, router, seed=cfg.seed)
     version = artifacts.new_version_name()
     metrics: dict[str, Any] = {
         "version": version,
         "protocol": "per user with an interaction at/after --until (guests excluded): the items of the user's "
-                    "next instant after the cut; features at the cut; full ranking over the vocabulary",
+        "next instant after the cut; features at the cut; full ranking over the vocabulary",
         "data": built.summary,
         "quality": quality,
         "sizes": _sizes(model),
@@ -182,7 +196,7 @@ def run_train(job: TrainJob) -> Path | None:
         "events": job.events,
         "data": built.summary,
         "router": router.to_dict(),
-        "int8_dense_runtime": "fp32",
+        "int8_dense_runtime": SERVED_DENSE_RUNTIME,
         "features": _feature_settings(),
         "training": metrics["training"],
     }
@@ -194,8 +208,9 @@ def run_train(job: TrainJob) -> Path | None:
         (folder / "report.md").write_text(report.quality_markdown(metrics))
         artifacts.write_metrics(folder, metrics)
 
-    folder = artifacts.publish_version(job.out, model, built.vocab, built.catalogue_stats, config,
-                                       extra_files=write_reports, version=version)
+    folder = artifacts.publish_version(
+        job.out, model, built.vocab, built.catalogue_stats, config, extra_files=write_reports, version=version
+    )
     _finish_distributed()
     return folder
 
@@ -228,14 +243,20 @@ def resolve_version(path: Path) -> Path:
     return versions[-1]
 
 
-def run_evaluate(model_dir: Path, events: list[str], until: str | None, eval_until: str | None,
-                 threads: int = 0, seed: int = 0) -> dict[str, Any]:
+def run_evaluate(
+    model_dir: Path,
+    events: list[str],
+    until: str | None,
+    eval_until: str | None,
+    threads: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Evaluate a saved version on a split of the given logs (baselines trained on the same split)."""
     torch.set_num_threads(_threads(threads))
     folder = resolve_version(model_dir)
     try:
         fp32, vocab, config, _ = artifacts.load_model(folder, quantized=False)
-        int8, _, _, _ = artifacts.load_model(folder, quantized=True, verify=False)
+        int8, _, _, _ = artifacts.load_model(folder, quantized=True, verify=False)  # the served form
     except artifacts.ArtifactError as exc:
         raise UserError(f"--model: {exc}") from None
     until_text = until or config.get("trained_until")
@@ -244,14 +265,23 @@ def run_evaluate(model_dir: Path, events: list[str], until: str | None, eval_unt
     until_ms = data.parse_until(until_text)
     trained_until = config.get("trained_until")
     if trained_until and until_ms < data.parse_until(trained_until):
-        log.warning("--until %s is before the model's training cut %s: the model has seen part of the "
-                    "evaluation period", until_text, trained_until)
+        log.warning(
+            "--until %s is before the model's training cut %s: the model has seen part of the "
+            "evaluation period",
+            until_text,
+            trained_until,
+        )
     eval_until_ms = data.parse_until(eval_until, "--eval-until") if eval_until else None
     built = data.build(load_events(events, seed=seed), until_ms, eval_until_ms, vocab=vocab)
     router = RouterConfig(**config.get("router", {}))
     quality = evaluate.quality_report(built, fp32, int8, router, seed=seed)
-    return {"version": folder.name, "until": data.ms_to_rfc3339(until_ms), "data": built.summary, "quality": quality,
-            "targets": report.check_targets({"quality": quality})}
+    return {
+        "version": folder.name,
+        "until": data.ms_to_rfc3339(until_ms),
+        "data": built.summary,
+        "quality": quality,
+        "targets": report.check_targets({"quality": quality}),
+    }
 
 
 def print_summary(metrics: dict[str, Any]) -> str:

@@ -58,7 +58,9 @@ class PathRouter:
         frac = min(1.0, (load - c.shrink_from_load) / span)
         return max(c.min_head, round(head - frac * (head - c.min_head)))
 
-    def route(self, has_history: bool, n_candidates: int, load: float = 0.0, force: str | None = None) -> Route:
+    def route(
+        self, has_history: bool, n_candidates: int, load: float = 0.0, force: str | None = None
+    ) -> Route:
         if force is not None:
             if force not in PATHS:
                 raise ValueError(f"force_path must be one of {PATHS}, got {force!r}")

@@ -123,7 +123,9 @@ class TrainStep(nn.Module):
         n_pos = valid.sum(dim=1)
         has = n_pos > 0
         pos_logit = (light.gather(1, idx[:, :P]) + res[:, :P]) * valid
-        log_z = torch.logsumexp(light, dim=1) + torch.logsumexp(res[:, P:], dim=1) - math.log(res.shape[1] - P)
+        log_z = (
+            torch.logsumexp(light, dim=1) + torch.logsumexp(res[:, P:], dim=1) - math.log(res.shape[1] - P)
+        )
         per_context = log_z - pos_logit.sum(dim=1) / n_pos.clamp_min(1)
         loss_full = per_context[has].mean() if bool(has.any()) else res.sum() * 0.0
         if self.distill > 0:
@@ -131,7 +133,9 @@ class TrainStep(nn.Module):
             # holds more of what the full path would have put first.
             drawn_light = light.gather(1, idx[:, P:])
             teacher = torch.softmax((drawn_light + res[:, P:]).detach(), dim=1)
-            loss_light = loss_light + self.distill * -(teacher * torch.log_softmax(drawn_light, dim=1)).sum(1).mean()
+            loss_light = (
+                loss_light + self.distill * -(teacher * torch.log_softmax(drawn_light, dim=1)).sum(1).mean()
+            )
         return loss_light, loss_full
 
 
@@ -139,8 +143,9 @@ class AdamW:
     """Adam with decoupled weight decay, written out: ``torch.optim`` pulls in the torch compiler
     stack on first use, which costs seconds per process where bytecode is not cached."""
 
-    def __init__(self, params, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+    def __init__(
+        self, params, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
         self.params = [p for p in params if p.requires_grad]
         self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
         self.m = [torch.zeros_like(p) for p in self.params]
@@ -183,7 +188,9 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def warm_start(model: TwoPathRanker, vocab: ItemVocab, old_state: dict[str, Tensor], old_vocab: ItemVocab) -> int:
+def warm_start(
+    model: TwoPathRanker, vocab: ItemVocab, old_state: dict[str, Tensor], old_vocab: ItemVocab
+) -> int:
     """Copy a previous version's weights: item rows matched by item id, other tensors where shapes agree.
     Returns the number of item rows carried over."""
     own = model.state_dict()
@@ -228,7 +235,9 @@ class _BatchMaker:
             cand_rows = self.all_rows
             log_q = np.zeros(len(cand_rows), dtype=np.float32)
         else:
-            sampled = rng.choice(len(self.sample_p), size=cfg.sampled_negatives, p=self.sample_p) + FIRST_ITEM_ROW
+            sampled = (
+                rng.choice(len(self.sample_p), size=cfg.sampled_negatives, p=self.sample_p) + FIRST_ITEM_ROW
+            )
             cand_rows = np.unique(np.concatenate([sampled, *pos_lists]))
             q = self.sample_p[cand_rows - FIRST_ITEM_ROW] * cfg.sampled_negatives
             log_q = np.log(np.maximum(q, 1e-12)).astype(np.float32)
@@ -314,8 +323,12 @@ def fit(
             history.step_full.append(float(loss_full.detach()))
             epoch_losses.append(history.step_loss[-1])
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(epoch_losses[-50:]):.3f}",
-                            light=f"{history.step_light[-1]:.3f}", full=f"{history.step_full[-1]:.3f}")
+            bar.set_postfix(
+                epoch=epoch + 1,
+                loss=f"{np.mean(epoch_losses[-50:]):.3f}",
+                light=f"{history.step_light[-1]:.3f}",
+                full=f"{history.step_full[-1]:.3f}",
+            )
         history.epoch_loss.append(float(np.mean(epoch_losses)))
         if on_epoch is not None and rank == 0:
             on_epoch(epoch, history.epoch_loss[-1])

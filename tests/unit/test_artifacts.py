@@ -21,22 +21,29 @@ ITEMS = [f"item-{i}" for i in range(30)]
 def tiny_model(seed: int = 0) -> tuple[TwoPathRanker, ItemVocab]:
     torch.manual_seed(seed)
     vocab = ItemVocab(ITEMS)
-    cfg = RankerConfig(ItemEmbeddingConfig(num_rows=len(vocab), dim=8), full=FullPathConfig(attention_dim=4,
-                                                                                             mlp_hidden=(8,)))
+    cfg = RankerConfig(
+        ItemEmbeddingConfig(num_rows=len(vocab), dim=8), full=FullPathConfig(attention_dim=4, mlp_hidden=(8,))
+    )
     return TwoPathRanker(cfg).eval(), vocab
 
 
 def publish(tmp_path, seed: int = 0, version: str | None = None):
     m, vocab = tiny_model(seed)
     stats = np.random.default_rng(seed).random((len(vocab), 4)).astype(np.float32)
-    return publish_version(tmp_path, m, vocab, stats, {"note": "test"}, metrics={"hr@10": 0.5, "ndcg@10": 0.2},
-                           version=version)
+    return publish_version(
+        tmp_path, m, vocab, stats, {"note": "test"}, metrics={"hr@10": 0.5, "ndcg@10": 0.2}, version=version
+    )
 
 
 def requests() -> list[RankInput]:
     return [
-        RankInput(["item-1", "item-2", "never-seen"], (5.0, 1.0, 0.0), 30.0, ITEMS[:25] + ["new-item"],
-                  np.ones((26, 4), np.float32)),
+        RankInput(
+            ["item-1", "item-2", "never-seen"],
+            (5.0, 1.0, 0.0),
+            30.0,
+            ITEMS[:25] + ["new-item"],
+            np.ones((26, 4), np.float32),
+        ),
         RankInput([], (0.0, 0.0, 0.0), None, ["item-3", "item-4"], np.zeros((2, 4), np.float32)),
     ]
 
@@ -89,8 +96,11 @@ def test_loaded_fp32_matches_the_trained_model(tmp_path):
 def test_int8_scores_close_to_fp32(tmp_path):
     folder = publish(tmp_path)
     fp32, int8 = load_version(folder, quantized=False), load_version(folder, quantized=True)
-    for x, y in zip(fp32.rank_batch(requests(), force_path="full"), int8.rank_batch(requests(), force_path="full"),
-                    strict=True):
+    for x, y in zip(
+        fp32.rank_batch(requests(), force_path="full"),
+        int8.rank_batch(requests(), force_path="full"),
+        strict=True,
+    ):
         assert np.allclose(x.scores, y.scores, atol=0.05)
 
 

@@ -16,17 +16,49 @@ def test_two_process_gloo_training_publishes_one_version(tmp_path):
     frame = synthetic(1_500, n_users=40, n_items=60, n_categories=6, seed=5)
     with log.open("w") as fh:
         for row in frame.itertuples(index=False):
-            fh.write(json.dumps({"event_id": row.event_id, "user_id": row.user_id, "item_id": row.item_id,
-                                 "event_type": row.event_type, "ts": int(row.ts)}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "event_id": row.event_id,
+                        "user_id": row.user_id,
+                        "item_id": row.item_id,
+                        "event_type": row.event_type,
+                        "ts": int(row.ts),
+                    }
+                )
+                + "\n"
+            )
     until = int(frame["ts"].quantile(0.8))
     from models.data import ms_to_rfc3339
 
     out = tmp_path / "models"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "recstack.cli", "--log-level", "WARNING", "train", "--events", str(log), "--until",
-           ms_to_rfc3339(until), "--out", str(out), "--epochs", "2", "--batch-size", "16", "--embedding-dim", "8",
-           "--no-bench", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "recstack.cli",
+        "--log-level",
+        "WARNING",
+        "train",
+        "--events",
+        str(log),
+        "--until",
+        ms_to_rfc3339(until),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--embedding-dim",
+        "8",
+        "--no-bench",
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
     versions = list_versions(out)

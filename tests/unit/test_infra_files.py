@@ -103,7 +103,7 @@ def test_topics_are_created_by_a_one_shot_service(compose: dict) -> None:
     [
         ("stream", "stream", {"RECSTACK_BOOTSTRAP", "RECSTACK_REDIS", "RECSTACK_GROUP"}),
         ("ranking", "serve", {"RECSTACK_REDIS", "RECSTACK_MODELS", "RECSTACK_PORT"}),
-        ("trainer", "train", {"RECSTACK_MODELS"}),
+        ("trainer", "train", {"RECSTACK_OUT"}),
     ],
 )
 def test_recstack_services_run_their_subcommand(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.inference import RankInput, Ranker
+from models.inference import Ranker, RankInput
 from models.model import FullPathConfig, ItemEmbeddingConfig, RankerConfig, TwoPathRanker
 from models.router import PathRouter, RouterConfig
 from models.vocab import ItemVocab
@@ -20,8 +20,9 @@ ITEMS = [f"i{i}" for i in range(60)]
 def ranker() -> Ranker:
     torch.manual_seed(0)
     vocab = ItemVocab(ITEMS)
-    cfg = RankerConfig(ItemEmbeddingConfig(num_rows=len(vocab), dim=8), full=FullPathConfig(attention_dim=4,
-                                                                                             mlp_hidden=(8,)))
+    cfg = RankerConfig(
+        ItemEmbeddingConfig(num_rows=len(vocab), dim=8), full=FullPathConfig(attention_dim=4, mlp_hidden=(8,))
+    )
     model = TwoPathRanker(cfg)
     with torch.no_grad():
         model.residual_bound.fill_(2.0)
@@ -34,15 +35,27 @@ def request(n_hist: int = 5, n_cand: int = 30, seed: int = 0) -> RankInput:
     rng = np.random.default_rng(seed)
     hist = [ITEMS[i] for i in rng.choice(len(ITEMS), n_hist, replace=False)]
     cands = [ITEMS[i] for i in rng.choice(len(ITEMS), n_cand, replace=False)]
-    return RankInput(hist, (float(n_hist), 1.0, 0.0), 60.0 if n_hist else None, cands,
-                     rng.random((n_cand, 4)).astype(np.float32))
+    return RankInput(
+        hist,
+        (float(n_hist), 1.0, 0.0),
+        60.0 if n_hist else None,
+        cands,
+        rng.random((n_cand, 4)).astype(np.float32),
+    )
 
 
 def test_router_rules():
-    router = PathRouter(RouterConfig(cascade_head=20, cascade_head_fraction=0.02, shrink_from_load=0.5,
-                                     min_head=10, light_from_load=0.9))
+    router = PathRouter(
+        RouterConfig(
+            cascade_head=20,
+            cascade_head_fraction=0.02,
+            shrink_from_load=0.5,
+            min_head=10,
+            light_from_load=0.9,
+        )
+    )
     assert router.route(False, 100).path == "light"  # cold user
-    assert router.route(True, 100) .path == "cascade" and router.route(True, 100).head == 20
+    assert router.route(True, 100).path == "cascade" and router.route(True, 100).head == 20
     assert router.route(True, 4000).head == 80  # long lists get a wider head
     assert router.route(True, 15).path == "full"  # the head would be everything
     assert router.route(True, 100, load=0.7).head == 15  # shrinking under load
@@ -68,7 +81,9 @@ def test_rank_batch_routes_and_returns_scores_per_candidate(ranker):
 
 @pytest.mark.parametrize("path", ["light", "full", "cascade"])
 def test_batched_scores_equal_one_at_a_time(ranker, path):
-    inputs = [request(n_hist=h, n_cand=c, seed=s) for s, (h, c) in enumerate([(5, 30), (1, 7), (20, 12), (0, 9)])]
+    inputs = [
+        request(n_hist=h, n_cand=c, seed=s) for s, (h, c) in enumerate([(5, 30), (1, 7), (20, 12), (0, 9)])
+    ]
     together = ranker.rank_batch(inputs, force_path=path)
     for inp, o in zip(inputs, together, strict=True):
         alone = ranker.rank_batch([inp], force_path=path)[0]
@@ -89,7 +104,9 @@ def test_cascade_reorders_only_the_light_head(ranker):
 
 
 def test_unknown_items_and_bad_stats(ranker):
-    out = ranker.rank_batch([RankInput(["zz"], (0, 0, 0), None, ["nope", "i1"], np.zeros((2, 4), np.float32))])
+    out = ranker.rank_batch(
+        [RankInput(["zz"], (0, 0, 0), None, ["nope", "i1"], np.zeros((2, 4), np.float32))]
+    )
     assert np.isfinite(out[0].scores).all()
     with pytest.raises(ValueError, match="item_stats has 1 rows for 2 candidates"):
         ranker.rank_batch([RankInput([], (0, 0, 0), None, ["a", "b"], np.zeros((1, 4), np.float32))])

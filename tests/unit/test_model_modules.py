@@ -30,7 +30,9 @@ V, D, L = 40, 8, 6
 
 
 def config(**kw) -> RankerConfig:
-    cfg = RankerConfig(ItemEmbeddingConfig(num_rows=V, dim=D), full=FullPathConfig(attention_dim=4, mlp_hidden=(16, 8)))
+    cfg = RankerConfig(
+        ItemEmbeddingConfig(num_rows=V, dim=D), full=FullPathConfig(attention_dim=4, mlp_hidden=(16, 8))
+    )
     cfg.light.history_len = L
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -112,7 +114,9 @@ def test_repeat_signal_layouts_agree():
     assert torch.all(dense[0] == 0)  # cold user
     # an item in slot s of user 1 gets that slot's weight
     item = int(b.hist[1, 0])
-    assert float(dense[1, item - 2]) == pytest.approx(float(torch.nn.functional.softplus(rep.slot_logit[0].detach())))
+    assert float(dense[1, item - 2]) == pytest.approx(
+        float(torch.nn.functional.softplus(rep.slot_logit[0].detach()))
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -129,7 +133,9 @@ def test_repeat_signal_is_positive_exactly_for_history_items(history, candidate)
 def test_user_tower_and_item_bias_shapes():
     cfg = config()
     tower = UserTower(cfg)
-    assert tower(torch.randn(4, L, D), torch.ones(4, L, dtype=torch.bool), torch.randn(4, USER_DENSE_DIM)).shape == (4, D)
+    assert tower(
+        torch.randn(4, L, D), torch.ones(4, L, dtype=torch.bool), torch.randn(4, USER_DENSE_DIM)
+    ).shape == (4, D)
     bias = ItemFeatureBias(cfg)
     assert bias(torch.randn(4, 7, ITEM_DENSE_DIM)).shape == (4, 7)
     assert bias(torch.randn(7, ITEM_DENSE_DIM)).shape == (7,)
@@ -138,7 +144,9 @@ def test_user_tower_and_item_bias_shapes():
 def test_target_attention_shapes_and_cold_users_are_finite():
     att = TargetAttention(config())
     with torch.no_grad():
-        out = att(att.queries(torch.randn(2, 5, D)), torch.randn(2, L, D), torch.zeros(2, L, dtype=torch.bool))
+        out = att(
+            att.queries(torch.randn(2, 5, D)), torch.randn(2, L, D), torch.zeros(2, L, dtype=torch.bool)
+        )
     assert out.shape == (2, 5, D)
     assert torch.isfinite(out).all()
 
@@ -148,14 +156,26 @@ def test_interaction_mlp_shapes():
     mlp = InteractionMLP(cfg).eval()
     a, e = torch.randn(3, 5, D), torch.randn(3, 5, D)
     with torch.no_grad():
-        out = mlp(a, e, mlp.item_hidden(e), torch.randn(3, 5, ITEM_DENSE_DIM), torch.rand(3, 5),
-                  torch.randn(3, D + USER_DENSE_DIM))
+        out = mlp(
+            a,
+            e,
+            mlp.item_hidden(e),
+            torch.randn(3, 5, ITEM_DENSE_DIM),
+            torch.rand(3, 5),
+            torch.randn(3, D + USER_DENSE_DIM),
+        )
         # the block-wise first layer equals the concatenated one
         pair = torch.cat([a, a * e, e, torch.zeros(3, 5, ITEM_DENSE_DIM), torch.zeros(3, 5, 1)], dim=2)
         h = mlp.pair_in(pair) + mlp.user_in(torch.zeros(3, D + USER_DENSE_DIM)).unsqueeze(1)
         ref = mlp.rest(h).squeeze(-1)
-        got = mlp(a, e, mlp.item_hidden(e), torch.zeros(3, 5, ITEM_DENSE_DIM), torch.zeros(3, 5),
-                  torch.zeros(3, D + USER_DENSE_DIM))
+        got = mlp(
+            a,
+            e,
+            mlp.item_hidden(e),
+            torch.zeros(3, 5, ITEM_DENSE_DIM),
+            torch.zeros(3, 5),
+            torch.zeros(3, D + USER_DENSE_DIM),
+        )
     assert out.shape == (3, 5)
     assert torch.allclose(got, ref, atol=1e-5)
 

@@ -27,8 +27,9 @@ def cut_of(events: pd.DataFrame, q: float = 0.7) -> int:
 
 
 def tiny(vocab_rows: int) -> TwoPathRanker:
-    cfg = RankerConfig(ItemEmbeddingConfig(num_rows=vocab_rows, dim=8),
-                       full=FullPathConfig(attention_dim=4, mlp_hidden=(8,)))
+    cfg = RankerConfig(
+        ItemEmbeddingConfig(num_rows=vocab_rows, dim=8), full=FullPathConfig(attention_dim=4, mlp_hidden=(8,))
+    )
     return TwoPathRanker(cfg)
 
 
@@ -102,7 +103,9 @@ def test_item_counters_come_from_events_before_the_context(events):
         rows = past[past["item_id"] == item]
         trend, last = 0.0, None
         for t, kind in zip(rows["ts"], rows["event_type"], strict=True):
-            trend = trend * (2.0 ** (-(t - last) / (TRENDING_HALF_LIFE_S * 1000))) if last is not None else trend
+            trend = (
+                trend * (2.0 ** (-(t - last) / (TRENDING_HALF_LIFE_S * 1000))) if last is not None else trend
+            )
             trend += TRENDING_WEIGHTS[kind]
             last = t
         raw = [(rows["event_type"] == k).sum() for k in ("view", "add_to_cart", "purchase")] + [trend]

@@ -28,8 +28,16 @@ def one_thread():
 @pytest.fixture(scope="module")
 def version(tmp_path_factory):
     out = tmp_path_factory.mktemp("models")
-    job = TrainJob(events=["otto"], out=out, until=UNTIL, train=TrainConfig(epochs=2, batch_size=16),
-                   embedding_dim=16, min_item_count=1, bench=False, progress=False)
+    job = TrainJob(
+        events=["otto"],
+        out=out,
+        until=UNTIL,
+        train=TrainConfig(epochs=2, batch_size=16),
+        embedding_dim=16,
+        min_item_count=1,
+        bench=False,
+        progress=False,
+    )
     folder = run_train(job)
     assert folder is not None
     return folder
@@ -70,9 +78,17 @@ def test_evaluate_a_saved_version(version):
 
 
 def test_warm_start_from_previous_version(version, tmp_path):
-    job = TrainJob(events=["otto"], out=tmp_path, until=UNTIL, init_from=version,
-                   train=TrainConfig(epochs=1, batch_size=16), embedding_dim=16, min_item_count=1, bench=False,
-                   progress=False)
+    job = TrainJob(
+        events=["otto"],
+        out=tmp_path,
+        until=UNTIL,
+        init_from=version,
+        train=TrainConfig(epochs=1, batch_size=16),
+        embedding_dim=16,
+        min_item_count=1,
+        bench=False,
+        progress=False,
+    )
     folder = run_train(job)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["training"]["warm_start_item_rows"] == len(load_version(version).vocab.item_ids)
@@ -83,7 +99,10 @@ def test_cli_bad_values_name_the_flag(tmp_path, capsys):
     assert "--until" in capsys.readouterr().err
     assert main(["train", "--events", "nowhere.jsonl", "--out", str(tmp_path)]) == 2
     assert "--events" in capsys.readouterr().err
-    assert main(["train", "--events", "otto", "--init-from", str(tmp_path / "nope"), "--out", str(tmp_path)]) == 2
+    assert (
+        main(["train", "--events", "otto", "--init-from", str(tmp_path / "nope"), "--out", str(tmp_path)])
+        == 2
+    )
     assert "--init-from" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--events", "otto", "--epochs", "0"])
