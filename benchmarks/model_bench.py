@@ -125,12 +125,12 @@ def bench_dense(fp32_model, reps: int) -> list[dict]:
                 "ort_int8": float(np.abs(sessions["ort_int8"].run(None, {"x": xn})[0] - ref).max()),
             }
 
-            def run(model):
-                return lambda: model(x)
-
-            fns = {"torch_fp32": run(eager), "torch_int8": run(dynamic)}
+            fns = {
+                "torch_fp32": lambda m=eager, x=x: m(x),
+                "torch_int8": lambda m=dynamic, x=x: m(x),
+            }
             for name, sess in sessions.items():
-                fns[name] = (lambda s: lambda: s.run(None, {"x": xn}))(sess)
+                fns[name] = lambda s=sess, xn=xn: s.run(None, {"x": xn})
             ms = interleaved(fns, reps=max(5, reps // b), min_seconds=0.3)
         rows_out.append({"requests": b, "rows": n, "ms": ms, "max_abs_error_vs_fp32": errors})
     return rows_out
@@ -148,8 +148,8 @@ def bench_embeddings(fp32_ranker, reps: int) -> list[dict]:
             rows = torch.randint(2, table.shape[0], (b, CANDIDATES))
             ms = interleaved(
                 {
-                    "fp32_gather": lambda: table[rows],
-                    "int8_gather_rescale": lambda: q[rows].float() * scale[rows].unsqueeze(-1),
+                    "fp32_gather": lambda t=table, r=rows: t[r],
+                    "int8_gather_rescale": lambda q=q, s=scale, r=rows: q[r].float() * s[r].unsqueeze(-1),
                 },
                 reps=max(10, reps // b),
                 min_seconds=0.2,
@@ -188,7 +188,7 @@ def bench_paths(version: Path, reps: int) -> list[dict]:
         inputs = synthetic_requests(rankers["fp32"], b, CANDIDATES, seed=b)
         for path in ("light", "full", "cascade"):
             fns = {
-                name: (lambda r, p: lambda: r.rank_batch(inputs, force_path=p))(r, path)
+                name: lambda r=r, p=path, i=inputs: r.rank_batch(i, force_path=p)
                 for name, r in rankers.items()
             }
             ms = interleaved(fns, reps=max(5, reps // b), min_seconds=0.3)
@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     results["dense"] = bench_dense(fp32.model, args.reps)
     print("1. interaction MLP (the full path's GEMMs), ms per call")
     print(
-        "| requests x 100 | rows | torch fp32 | torch int8 (dynamic) | ORT fp32 | ORT int8 | max |err| int8 ORT |"
+        "| requests x 100 | rows | torch fp32 | torch int8 (dynamic) | ORT fp32 | ORT int8 "
+        "| max abs error ORT int8 |"
     )
     print("|---|---|---|---|---|---|---|")
     for r in results["dense"]:

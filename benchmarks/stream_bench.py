@@ -74,13 +74,11 @@ def _applied_total(client, topic: str) -> int:
     return sum(int(v) + 1 for v in client.hvals(applied_key(topic)))
 
 
-def _start_consumer(args, topic: str, metrics_port: int, log_dir: str) -> subprocess.Popen:
+def _start_consumer(args, topic: str, metrics_port: int, log_dir: str, stderr) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
         "recstack.cli",
-        "--log-level",
-        "WARNING",
         "stream",
         "--bootstrap",
         args.bootstrap,
@@ -99,7 +97,7 @@ def _start_consumer(args, topic: str, metrics_port: int, log_dir: str) -> subpro
         "--max-batch",
         str(args.max_batch),
     ]
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -342,8 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         publish(
             frame_to_events(frame), total=len(frame), bootstrap=args.bootstrap, topic=topic, progress=False
         )
-        proc = _start_consumer(args, topic, metrics_port, log_dir)
-        throughput = measure_throughput(args, client, topic, len(frame), proc)
+        consumer_log = open(Path(log_dir) / "consumer.log", "w")  # noqa: SIM115 (closed below)
+        proc = _start_consumer(args, topic, metrics_port, log_dir, consumer_log)
+        try:
+            throughput = measure_throughput(args, client, topic, len(frame), proc)
+        except RuntimeError:
+            consumer_log.flush()
+            tail = (Path(log_dir) / "consumer.log").read_text().splitlines()[-30:]
+            print("consumer log (last lines):\n" + "\n".join(tail), file=sys.stderr)
+            raise
         print(f"consumer: {throughput['events_per_s']:,.0f} events/s", file=sys.stderr)
         push = measure_feast_push(args, client, sorted(frame["user_id"].unique().tolist()))
         print(f"feast push: {push['rows_per_s']:,.0f} rows/s", file=sys.stderr)

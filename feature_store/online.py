@@ -385,34 +385,50 @@ _MERGE_SCRIPT_TEMPLATE = r"""#!lua
 -- Users (one partition owns a user) arrive fully merged by the caller, with the raw bytes of the
 -- three counters it read: equal bytes mean nobody wrote the user since (every applied event
 -- changes one counter). Items are shared by all partitions, so they are merged here.
+-- This runs once per batch over thousands of values: the codec below avoids tables and
+-- concatenations where it can (Lua 5.1 has no integers; values stay below 2^53).
 local UF = {%(user_fields)s}
 local IF = {%(item_fields)s}
 
-local byte, char, concat, floor = string.byte, string.char, table.concat, math.floor
+local byte, char, floor, unpack = string.byte, string.char, math.floor, unpack
+local concat = table.concat
 
 local function read_varint(s, pos)
-  local result, mult = 0, 1
+  local b = byte(s, pos)
+  if not b then error('truncated varint') end
+  if b < 128 then return b, pos + 1 end
+  local result, mult = b - 128, 128
+  pos = pos + 1
   while true do
-    local b = byte(s, pos)
+    b = byte(s, pos)
     if not b then error('truncated varint') end
     pos = pos + 1
-    result = result + (b %% 128) * mult
-    if b < 128 then return result, pos end
+    if b < 128 then return result + b * mult, pos end
+    result = result + (b - 128) * mult
     mult = mult * 128
   end
 end
 
-local function varint(n)
-  if n < 0 then n = 0 end
-  n = floor(n)
-  if n < 128 then return char(n) end
-  local out = {}
-  while n >= 128 do
-    out[#out + 1] = char(n %% 128 + 128)
-    n = floor(n / 128)
+-- ``tag`` (one byte) followed by the varint of n, a whole number >= 0.
+local function tagged_varint(tag, n)
+  if n < 128 then return char(tag, n) end
+  if n < 16384 then return char(tag, n %% 128 + 128, floor(n / 128)) end
+  if n < 2097152 then
+    return char(tag, n %% 128 + 128, floor(n / 128) %% 128 + 128, floor(n / 16384))
   end
-  out[#out + 1] = char(n)
-  return concat(out)
+  if n < 268435456 then
+    return char(tag, n %% 128 + 128, floor(n / 128) %% 128 + 128, floor(n / 16384) %% 128 + 128,
+      floor(n / 2097152))
+  end
+  local lo, hi = n %% 268435456, floor(n / 268435456)
+  local out = {tag, lo %% 128 + 128, floor(lo / 128) %% 128 + 128, floor(lo / 16384) %% 128 + 128,
+    floor(lo / 2097152) + 128}
+  while hi >= 128 do
+    out[#out + 1] = hi %% 128 + 128
+    hi = floor(hi / 128)
+  end
+  out[#out + 1] = hi
+  return char(unpack(out))
 end
 
 -- feast.types.Value: int64_val = 4 (tag 32), float_val = 6 (tag 53), double_val = 5 (tag 41),
@@ -420,6 +436,11 @@ end
 local function dec_int(s)
   if not s or byte(s, 1) ~= 32 then return 0 end
   return (read_varint(s, 2))
+end
+
+local function enc_int(n)
+  if n < 0 then n = 0 end
+  return tagged_varint(32, floor(n))
 end
 
 local function dec_float(s)
@@ -430,15 +451,13 @@ local function dec_float(s)
   return 0
 end
 
-local function enc_int(n) return '\32' .. varint(n) end
 local function enc_float(x) return '\53' .. struct.pack('<f', x) end
-local function enc_str(x) return '\18' .. varint(#x) .. x end
 
--- google.protobuf.Timestamp: seconds = 1 (tag 8), nanos = 2 (tag 16).
+-- google.protobuf.Timestamp: seconds = 1 (tag 8), nanos = 2 (tag 16) -> milliseconds.
 local function dec_ts_ms(s)
   if not s then return nil end
-  local secs, nanos, p = 0, 0, 1
-  while p <= #s do
+  local secs, nanos, p, n = 0, 0, 1, #s
+  while p <= n do
     local tag = byte(s, p)
     local v
     v, p = read_varint(s, p + 1)
@@ -447,23 +466,15 @@ local function dec_ts_ms(s)
   return secs * 1000 + nanos / 1000000
 end
 
-local function enc_ts(ms)
-  local secs = floor(ms / 1000)
-  local nanos = (ms - secs * 1000) * 1000000
-  local out = ''
-  if secs > 0 then out = '\8' .. varint(secs) end
-  if nanos > 0 then out = out .. '\16' .. varint(nanos) end
-  return out
-end
-
 local now_ms = tonumber(ARGV[1])
-local half_life_ms = tonumber(ARGV[2])
-local seen_ttl = tonumber(ARGV[3])
-local n_fence = tonumber(ARGV[4])
-local n_seen = tonumber(ARGV[5])
-local n_users = tonumber(ARGV[6])
-local n_items = tonumber(ARGV[7])
-local a = 8
+local now_ts = ARGV[2]  -- now_ms as an encoded Timestamp
+local half_life_ms = tonumber(ARGV[3])
+local seen_ttl = ARGV[4]
+local n_fence = tonumber(ARGV[5])
+local n_seen = tonumber(ARGV[6])
+local n_users = tonumber(ARGV[7])
+local n_items = tonumber(ARGV[8])
+local a = 9
 local offsets_key = KEYS[1]
 
 -- 1. offset fence
@@ -480,7 +491,7 @@ for _ = 1, n_fence do
 end
 
 -- 2. users unchanged since the caller read them
-local writes = {}
+local writes, n_writes = {}, 0
 local stale = {}
 local k = 2 + n_seen
 for u = 1, n_users do
@@ -491,16 +502,18 @@ for u = 1, n_users do
     stale[#stale + 1] = u - 1
   end
   a = a + 3
-  local w = {}
+  local w, n = {}, 0
   for f = 1, 9 do
     local v = ARGV[a + f - 1]
     if v ~= '' then
-      w[#w + 1] = UF[f]
-      w[#w + 1] = v
+      w[n + 1] = UF[f]
+      w[n + 2] = v
+      n = n + 2
     end
   end
   a = a + 9
-  writes[#writes + 1] = {key, w}
+  n_writes = n_writes + 1
+  writes[n_writes] = {key, w}
 end
 if #stale > 0 then return {'stale', concat(stale, ',')} end
 
@@ -516,33 +529,25 @@ for _ = 1, n_items do
   local old_s, old_t = dec_float(cur[4]), dec_int(cur[5])
   local s
   if last >= old_t then
-    s = old_s * 2 ^ (-(last - old_t) / half_life_ms) + trend
+    if old_s ~= 0 and last > old_t then s = old_s * 2 ^ ((old_t - last) / half_life_ms) + trend
+    else s = old_s + trend end
   else
-    s = old_s + trend * 2 ^ (-(old_t - last) / half_life_ms)
+    s = old_s + trend * 2 ^ ((last - old_t) / half_life_ms)
     last = old_t
   end
-  local w = {
-    IF[1], enc_int(dec_int(cur[1]) + dv),
-    IF[2], enc_int(dec_int(cur[2]) + dc),
-    IF[3], enc_int(dec_int(cur[3]) + dp),
-    IF[4], enc_float(s),
-    IF[5], enc_int(last),
-  }
+  local w = {IF[4], enc_float(s), IF[5], enc_int(last)}
+  local n = 4
+  -- counters the batch does not change are left alone, unless never written (Feast reads 0)
+  if dv ~= 0 or not cur[1] then w[n + 1] = IF[1]; w[n + 2] = enc_int(dec_int(cur[1]) + dv); n = n + 2 end
+  if dc ~= 0 or not cur[2] then w[n + 1] = IF[2]; w[n + 2] = enc_int(dec_int(cur[2]) + dc); n = n + 2 end
+  if dp ~= 0 or not cur[3] then w[n + 1] = IF[3]; w[n + 2] = enc_int(dec_int(cur[3]) + dp); n = n + 2 end
   -- written-at never moves backwards (several writers, skewed clocks)
-  local ts_ms = dec_ts_ms(cur[6])
-  if not ts_ms or ts_ms < now_ms then
-    w[#w + 1] = IF[8]
-    w[#w + 1] = enc_ts(now_ms)
-  end
-  if category ~= '' then
-    w[#w + 1] = IF[6]
-    w[#w + 1] = enc_str(category)
-  end
-  if price ~= '' then
-    w[#w + 1] = IF[7]
-    w[#w + 1] = enc_float(tonumber(price))
-  end
-  writes[#writes + 1] = {key, w}
+  local stored_ms = dec_ts_ms(cur[6])
+  if not stored_ms or stored_ms < now_ms then w[n + 1] = IF[8]; w[n + 2] = now_ts; n = n + 2 end
+  if category ~= '' then w[n + 1] = IF[6]; w[n + 2] = tagged_varint(18, #category) .. category; n = n + 2 end
+  if price ~= '' then w[n + 1] = IF[7]; w[n + 2] = enc_float(tonumber(price)); n = n + 2 end
+  n_writes = n_writes + 1
+  writes[n_writes] = {key, w}
 end
 
 -- 4. event-id dedup: set every key; if one was already there, undo and report
@@ -561,8 +566,9 @@ if #dups > 0 then
 end
 
 -- 5. write
-for i = 1, #writes do
-  if #writes[i][2] > 0 then redis.call('HSET', writes[i][1], unpack(writes[i][2])) end
+for i = 1, n_writes do
+  local w = writes[i][2]
+  if #w > 0 then redis.call('HSET', writes[i][1], unpack(w)) end
 end
 if #offsets > 0 then redis.call('HSET', offsets_key, unpack(offsets)) end
 return {'ok'}
@@ -632,6 +638,7 @@ class FeatureWriter:
         keys: list[bytes] = [guard.offsets_key, *guard.seen_keys]
         args: list[Any] = [
             now,
+            _timestamp_bytes(now),
             repr(self._half_life_ms),
             guard.seen_ttl_s,
             len(guard.expected),
@@ -655,10 +662,16 @@ class FeatureWriter:
                 )
             else:
                 current, expected_counters = known[user_id]
-            merged, values = _merge_user_values(current, users[user_id], now)
+            merged, values = _merge_user_values(current, users[user_id], now, expected_counters)
             args += expected_counters
             args += values
-            written.append((user_id, merged, (values[0], values[1], values[2])))
+            # the counters as stored afterwards: written ones, or the ones left as they were
+            stored_counters = (
+                values[0] or expected_counters[0],
+                values[1] or expected_counters[1],
+                values[2] or expected_counters[2],
+            )
+            written.append((user_id, merged, stored_counters))
         extend = args.extend
         for item_id, d in items.items():
             keys.append(item_key(item_id))
@@ -701,17 +714,26 @@ class FeatureWriter:
 
 
 def _merge_user_values(
-    current: UserFeatures | None, delta: UserDelta, now_ms: int
+    current: UserFeatures | None, delta: UserDelta, now_ms: int, stored_counters: tuple[bytes, bytes, bytes]
 ) -> tuple[UserFeatures, list[bytes]]:
-    """The merged user and the 9 encoded field values for the script (``_UNCHANGED``: left as stored)."""
+    """The merged user and the 9 encoded field values for the script (``_UNCHANGED``: left as stored).
+
+    A counter the batch does not change is left alone, unless it was never written (so that Feast
+    reads 0 rather than nothing)."""
     merged = merge_user(current, delta)
     written_at = merged.written_at_ms
     if written_at < now_ms:  # written-at never moves backwards (several writers, skewed clocks)
         merged.written_at_ms = now_ms
     values = [
-        ValueProto(int64_val=merged.views).SerializeToString(),
-        ValueProto(int64_val=merged.add_to_carts).SerializeToString(),
-        ValueProto(int64_val=merged.purchases).SerializeToString(),
+        ValueProto(int64_val=merged.views).SerializeToString()
+        if delta.views or not stored_counters[0]
+        else _UNCHANGED,
+        ValueProto(int64_val=merged.add_to_carts).SerializeToString()
+        if delta.add_to_carts or not stored_counters[1]
+        else _UNCHANGED,
+        ValueProto(int64_val=merged.purchases).SerializeToString()
+        if delta.purchases or not stored_counters[2]
+        else _UNCHANGED,
         ValueProto(int64_val=merged.last_event_ts).SerializeToString(),
         ValueProto(string_list_val=StringList(val=merged.recent_items)).SerializeToString(),
         ValueProto(string_list_val=StringList(val=merged.purchased_items)).SerializeToString()

@@ -83,17 +83,17 @@ def als_scorer(
 
     counts = _user_item_matrix(data)  # duplicates (user, item) sum to interaction counts
     counts.sum_duplicates()
-    model = AlternatingLeastSquares(
-        factors=factors,
-        regularization=regularization,
-        alpha=alpha,
-        iterations=iterations,
-        random_state=seed,
-        num_threads=threads,
-    )
     with warnings.catch_warnings():
         # implicit warns about OpenBLAS threads; the caller limits BLAS to one thread around this.
         warnings.filterwarnings("ignore", message=".*OpenBLAS.*", category=RuntimeWarning)
+        model = AlternatingLeastSquares(
+            factors=factors,
+            regularization=regularization,
+            alpha=alpha,
+            iterations=iterations,
+            random_state=seed,
+            num_threads=threads,
+        )
         model.fit(counts, show_progress=False)
     user_factors = np.asarray(model.user_factors)
     item_factors = np.asarray(model.item_factors)[FIRST_ITEM_ROW:]

@@ -51,16 +51,16 @@ class _Buffers:
         self.item = np.zeros((0, 0, ITEM_DENSE_DIM), dtype=np.float32)
         self.user = np.zeros((0, USER_DENSE_DIM), dtype=np.float32)
 
-    def views(self, b: int, l: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        if b > self.hist.shape[0] or l > self.hist.shape[1]:
-            self.hist = np.zeros((max(b, self.hist.shape[0]), max(l, self.hist.shape[1], 1)), dtype=np.int64)
+    def views(self, b: int, h: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if b > self.hist.shape[0] or h > self.hist.shape[1]:
+            self.hist = np.zeros((max(b, self.hist.shape[0]), max(h, self.hist.shape[1], 1)), dtype=np.int64)
         if b > self.cand.shape[0] or c > self.cand.shape[1]:
             rows, cols = max(b, self.cand.shape[0]), max(c, self.cand.shape[1])
             self.cand = np.zeros((rows, cols), dtype=np.int64)
             self.item = np.zeros((rows, cols, ITEM_DENSE_DIM), dtype=np.float32)
         if b > self.user.shape[0]:
             self.user = np.zeros((b, USER_DENSE_DIM), dtype=np.float32)
-        return self.hist[:b, :l], self.cand[:b, :c], self.item[:b, :c], self.user[:b]
+        return self.hist[:b, :h], self.cand[:b, :c], self.item[:b, :c], self.user[:b]
 
 
 @dataclass
@@ -184,7 +184,7 @@ class Ranker:
         users = user_dense(counts, since)
         sizes = [len(inp.candidates) for inp in inputs]
         stats = [np.asarray(inp.item_stats, dtype=np.float32).reshape(-1, ITEM_DENSE_DIM) for inp in inputs]
-        for inp, s, n in zip(inputs, stats, sizes, strict=True):
+        for s, n in zip(stats, sizes, strict=True):
             if s.shape[0] != n:
                 raise ValueError(f"item_stats has {s.shape[0]} rows for {n} candidates")
         items = item_dense(np.concatenate(stats)) if stats else np.zeros((0, ITEM_DENSE_DIM), np.float32)
@@ -208,9 +208,9 @@ class Ranker:
         """Pack ``group`` into padded tensors (to its longest history and candidate list)."""
         b = len(group)
         sizes = [len(h) for h in heads] if heads is not None else [len(p.cand) for p in group]
-        l = max((len(p.hist) for p in group), default=0)
+        longest = max((len(p.hist) for p in group), default=0)
         c = max(sizes, default=0)
-        hist, cand, item, user = self._buffers(slot).views(b, l, c)
+        hist, cand, item, user = self._buffers(slot).views(b, longest, c)
         hist.fill(PAD)
         cand.fill(PAD)
         item.fill(0.0)

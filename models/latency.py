@@ -45,7 +45,7 @@ def measure(
         for b in batch_sizes:
             inputs = synthetic_requests(ranker, b, n_candidates, seed=b)
             ranker.rank_batch(inputs, force_path=path)  # warm the buffers for this shape
-            times = []
+            times: list[float] = []
             started = time.perf_counter()
             while len(times) < min_reps or time.perf_counter() - started < min_seconds:
                 t0 = time.perf_counter()

@@ -23,7 +23,9 @@ ScoreFn = Callable[[int, int], torch.Tensor | np.ndarray]
 def hit_and_ndcg(
     top_rows: np.ndarray, targets: list[np.ndarray], k: int = K
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``top_rows``: ``U x >=k`` item rows best first; ``targets``: per user, the relevant rows -> (hits, ndcgs)."""
+    """``top_rows``: ``U x >=k`` item rows, best first; ``targets``: the relevant rows per user.
+
+    Returns per-user (hits, ndcgs)."""
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     hits = np.zeros(len(targets))
     ndcg = np.zeros(len(targets))

@@ -109,6 +109,9 @@ class Int8ItemEmbedding(nn.Module):
 
     def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor) -> None:
         super().__init__()
+        self.qweight: Tensor
+        self.scale: Tensor
+        self.bias: Tensor
         self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.to(torch.float32).contiguous())
         self.register_buffer("bias", bias.to(torch.float32).contiguous())
@@ -173,7 +176,9 @@ class RepeatSignal(nn.Module):
 
 
 class UserTower(nn.Module):
-    """The light path's user vector: ``hist_emb B x L x D``, ``mask B x L``, ``user_dense B x Fu`` -> ``B x D``."""
+    """The light path's user vector.
+
+    ``hist_emb B x L x D``, ``mask B x L``, ``user_dense B x Fu`` -> ``B x D``."""
 
     def __init__(self, config: RankerConfig) -> None:
         super().__init__()
@@ -316,7 +321,7 @@ class TwoPathRanker(nn.Module):
     def __init__(self, config: RankerConfig) -> None:
         super().__init__()
         self.config = config
-        self.items: nn.Module = ItemEmbedding(config.embedding)
+        self.items: ItemEmbedding | Int8ItemEmbedding = ItemEmbedding(config.embedding)
         self.user = UserTower(config)
         self.item_bias = ItemFeatureBias(config)
         self.repeat = RepeatSignal(config.light.history_len)
@@ -398,7 +403,12 @@ class TwoPathRanker(nn.Module):
         rows = self.candidate_rows(batch.cand)
         cand, item_dense = batch.cand, batch.item_dense
         if cand.dim() == 1:  # shared candidates: gathered once, broadcast to every user
-            rows = CandidateRows(*(None if t is None else t.expand(B, *t.shape) for t in rows))
+            rows = CandidateRows(
+                rows.emb.expand(B, *rows.emb.shape),
+                rows.bias.expand(B, *rows.bias.shape),
+                None if rows.query is None else rows.query.expand(B, *rows.query.shape),
+                None if rows.hidden is None else rows.hidden.expand(B, *rows.hidden.shape),
+            )
             cand, item_dense = cand.expand(B, -1), item_dense.expand(B, -1, -1)
         rep = self.repeat(batch.hist, cand)
         if light_scores is None:

@@ -14,11 +14,12 @@ layer, computed in torch from tables) -> first layer + ReLU -> ... -> ``y [n, 1]
 from __future__ import annotations
 
 import struct
-import threading
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from models.model import InteractionMLP
 
 ONNX_FLOAT, ONNX_INT8 = 1, 3
 _IR_VERSION = 8
@@ -151,7 +152,7 @@ class OnnxInteractionMLP(nn.Module):
     the GEMMs on ONNX Runtime. The per-item block (:meth:`item_hidden`, tabled at load) and the
     per-user block stay in torch: they are computed once per item or user, not per candidate."""
 
-    def __init__(self, mlp: nn.Module, int8: bool = True, threads: int = 1) -> None:
+    def __init__(self, mlp: InteractionMLP, int8: bool = True, threads: int = 1) -> None:
         super().__init__()
         self.inner = mlp.eval()
         self.dim = mlp.dim
@@ -163,19 +164,9 @@ class OnnxInteractionMLP(nn.Module):
         ]
         biases = [mlp.pair_in.bias.detach().float()] + [m.bias.detach().float() for m in linears]
         self.int8 = int8
-        self._model_bytes = mlp_graph(
-            [w.numpy() for w in weights], [b.numpy() for b in biases], int8, extra=True
-        )
-        self._threads = threads
-        self._sessions = (
-            threading.local()
-        )  # a session per thread: run() is thread-safe, but cheap to keep apart
-
-    def _session(self):
-        sess = getattr(self._sessions, "session", None)
-        if sess is None:
-            sess = self._sessions.session = session(self._model_bytes, self._threads)
-        return sess
+        model_bytes = mlp_graph([w.numpy() for w in weights], [b.numpy() for b in biases], int8, extra=True)
+        # One session, created now rather than on the first request; its run() is thread-safe.
+        self._session = session(model_bytes, threads)
 
     def item_hidden(self, cand_emb: Tensor) -> Tensor:
         return self.inner.item_hidden(cand_emb)
@@ -194,7 +185,7 @@ class OnnxInteractionMLP(nn.Module):
             B * C, -1
         )
         extra = (item_hidden + self.inner.user_in(user).unsqueeze(1)).reshape(B * C, -1)
-        y = self._session().run(
+        y = self._session.run(
             None,
             {
                 "x": x.detach().float().contiguous().numpy(),

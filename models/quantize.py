@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.model import Int8ItemEmbedding, RankerConfig, TwoPathRanker
+from models.model import Int8ItemEmbedding, InteractionMLP, RankerConfig, TwoPathRanker
 
 QSUFFIX = ".q"
 SSUFFIX = ".scale"
@@ -102,18 +102,20 @@ def with_dense_runtime(model: TwoPathRanker, dense_runtime: str) -> TwoPathRanke
     if dense_runtime not in DENSE_RUNTIMES:
         raise ValueError(f"dense_runtime must be one of {DENSE_RUNTIMES}, got {dense_runtime!r}")
     if dense_runtime == "torch-dynamic":
-        model.mlp = TorchDynamicMLP(model.mlp)
+        model.mlp = TorchDynamicMLP(model.mlp)  # type: ignore[assignment]  # same interface
     elif dense_runtime.startswith("onnxruntime"):
         from models.onnx_mlp import OnnxInteractionMLP
 
-        model.mlp = OnnxInteractionMLP(model.mlp, int8=dense_runtime == "onnxruntime-int8")
+        model.mlp = OnnxInteractionMLP(  # type: ignore[assignment]  # same interface
+            model.mlp, int8=dense_runtime == "onnxruntime-int8"
+        )
     return model
 
 
 class TorchDynamicMLP(nn.Module):
     """The interaction MLP with ``torch.ao`` dynamic int8 on its stacked layers (kept for comparison)."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: InteractionMLP) -> None:
         super().__init__()
         self.inner = mlp
         self.dim = mlp.dim

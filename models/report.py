@@ -27,7 +27,7 @@ def training_curve(history: TrainHistory, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     steps = np.arange(1, len(history.step_loss) + 1)
-    for name, values in (("light", history.step_light), ("full", history.step_full)):
+    for name, values in (("light (+ distillation)", history.step_light), ("full", history.step_full)):
         if values:
             window = max(1, len(values) // 50)
             smooth = np.convolve(values, np.ones(window) / window, mode="valid")
@@ -139,8 +139,9 @@ def quality_markdown(metrics: dict[str, Any]) -> str:
         lines += [
             f"Trained on {data.get('train_events', 0):,} events from {data.get('train_first_ts')} to "
             f"{data.get('train_last_ts')} (only events before `--until` {data.get('until')}); "
-            f"{data.get('items_in_vocab', 0):,} items in the vocabulary, {data.get('contexts', 0):,} training "
-            f"contexts; {data.get('duplicate_event_ids', 0):,} duplicate event ids dropped.",
+            f"{data.get('items_in_vocab', 0):,} items in the vocabulary, "
+            f"{data.get('contexts', 0):,} training contexts; "
+            f"{data.get('duplicate_event_ids', 0):,} duplicate event ids dropped.",
             "",
         ]
     if training:
@@ -160,7 +161,8 @@ def quality_markdown(metrics: dict[str, Any]) -> str:
             "user's next instant after the cut (Online Retail: their next invoice); features as at the cut; "
             "full ranking over every item of the vocabulary.",
             "",
-            "| model | path | precision | HR@10 | NDCG@10 | warm NDCG@10 | cold NDCG@10 | NDCG vs popularity |",
+            "| model | path | precision | HR@10 | NDCG@10 | warm NDCG@10 | cold NDCG@10 "
+            "| NDCG vs popularity |",
             "|---|---|---|---|---|---|---|---|",
         ]
         pop = quality["baselines"]["popularity"]["ndcg@10"]
@@ -184,8 +186,8 @@ def quality_markdown(metrics: dict[str, Any]) -> str:
     sizes = metrics.get("sizes")
     if sizes:
         lines += [
-            f"Weights: fp32 {sizes['weights_fp32_bytes']:,} bytes, int8 {sizes['weights_int8_bytes']:,} bytes "
-            f"({sizes['ratio']:.2f}x smaller).",
+            f"Weights: fp32 {sizes['weights_fp32_bytes']:,} bytes, "
+            f"int8 {sizes['weights_int8_bytes']:,} bytes ({sizes['ratio']:.2f}x smaller).",
             "",
         ]
     latency = metrics.get("latency_ms")

@@ -54,7 +54,8 @@ def load_events(sources: list[str], synthetic_events: int = 100_000, seed: int =
 
     if not sources:
         raise UserError("--events: give at least one event log or one of " + ", ".join(SOURCE_WORDS))
-    frames, paths = [], []
+    frames: list[pd.DataFrame] = []
+    paths: list[str | Path] = []
     for value in sources:
         if value in SOURCE_WORDS:
             frames.append(
@@ -102,10 +103,10 @@ def bench_latency(fp32: Ranker, int8: Ranker, quick: bool = True) -> dict[str, A
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        kwargs = {"min_seconds": 0.05, "min_reps": 3} if quick else {}
+        min_seconds, min_reps = (0.05, 3) if quick else (0.2, 3)
         out: dict[str, Any] = {"threads": 1, "candidates": 100, "batch_sizes": list(latency.BATCH_SIZES)}
-        out["fp32"] = latency.measure(fp32, **kwargs)
-        out["int8"] = latency.measure(int8, **kwargs)
+        for name, ranker in (("fp32", fp32), ("int8", int8)):
+            out[name] = latency.measure(ranker, min_seconds=min_seconds, min_reps=min_reps)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -166,8 +167,8 @@ def run_train(job: TrainJob) -> Path | None:
     version = artifacts.new_version_name()
     metrics: dict[str, Any] = {
         "version": version,
-        "protocol": "per user with an interaction at/after --until (guests excluded): the items of the user's "
-        "next instant after the cut; features at the cut; full ranking over the vocabulary",
+        "protocol": "per user with an interaction at/after --until (guests excluded): the items of the "
+        "user's next instant after the cut; features at the cut; full ranking over the vocabulary",
         "data": built.summary,
         "quality": quality,
         "sizes": _sizes(model),
@@ -222,7 +223,8 @@ def _feature_settings() -> dict[str, Any]:
         "recent_items": features.RECENT_ITEMS,
         "trending_half_life_s": features.TRENDING_HALF_LIFE_S,
         "trending_weights": features.TRENDING_WEIGHTS,
-        "user_dense": "log1p(views, add_to_carts, purchases), log1p(hours since last event), no-last-event flag",
+        "user_dense": "log1p(views, add_to_carts, purchases), log1p(hours since last event), "
+        "no-last-event flag",
         "item_dense": "log1p(views, add_to_carts, purchases, trending)",
     }
 

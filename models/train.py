@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from models.data import TrainingData
-from models.model import RankBatch, TwoPathRanker
+from models.model import ItemEmbedding, RankBatch, TwoPathRanker
 from models.vocab import FIRST_ITEM_ROW, ItemVocab
 
 log = logging.getLogger(__name__)
@@ -317,6 +317,7 @@ def fit(
             loss.backward()
             optimizer.step(learning_rate(config, len(history.step_loss), total))
             with torch.no_grad():
+                assert isinstance(model.items, ItemEmbedding)
                 model.items.weight[0].zero_()  # padding row stays empty
             history.step_loss.append(float(loss.detach()))
             history.step_light.append(float(loss_light.detach()))

@@ -282,60 +282,61 @@ def parse_event(raw: bytes | str) -> Event:
     return validate(obj)
 
 
-_JSON_WHITESPACE = b" \t\n\r"
 _scan_once = json.JSONDecoder().scan_once  # the scanner json.loads itself uses
 
 
 def parse_events(values: Sequence[bytes | None]) -> list[Event | InvalidEvent]:
     """Many Kafka message values -> one :class:`Event` or :class:`InvalidEvent` each, in order.
 
-    Same result as calling :func:`parse_event` on each value, but the UTF-8 decoding of the
-    whole batch is one call and each value is scanned in place, which roughly halves the cost
-    per event. A value the fast path cannot take whole (not UTF-8, not exactly one JSON value)
-    goes through :func:`parse_event`, so every reason is the one it would give.
+    Same result as calling :func:`parse_event` on each value, but an ASCII batch is decoded in
+    one call and each value is scanned in place. A value the fast path cannot take whole (not
+    exactly one JSON value, surrounding whitespace, absent) goes through :func:`parse_event`, so
+    every reason is the one it would give.
     """
-    stripped: list[bytes] = []
-    for raw in values:
-        stripped.append(raw.strip(_JSON_WHITESPACE) if isinstance(raw, bytes) else b"")
     try:
-        text = b"".join(stripped).decode("utf-8")
-    except UnicodeDecodeError:
-        return [_parse_or_reason(raw) for raw in values]
-    if len(text) != sum(map(len, stripped)):  # some value is not ASCII: offsets differ, go by values
-        return _parse_each_value(values, stripped)
+        joined = b"".join(values)  # type: ignore[arg-type]
+    except TypeError:  # a record without a value
+        return _parse_each_value(values)
+    if not joined.isascii():  # offsets in the decoded text would differ from byte offsets
+        return _parse_each_value(values)
+    text = joined.decode("ascii")
+    scan = _scan_once
     out: list[Event | InvalidEvent] = []
+    append = out.append
     pos = 0
-    for raw, value in zip(values, stripped, strict=True):
-        end = pos + len(value)
-        parsed: Event | InvalidEvent
+    for raw in values:
+        end = pos + len(raw)  # type: ignore[arg-type]
         try:
-            obj, stop = _scan_once(text, pos) if value else (None, -1)
+            obj, stop = scan(text, pos)
         except (StopIteration, ValueError, RecursionError):
             stop = -1
         if stop == end:
-            parsed = _validate_or_reason(obj)
+            try:
+                append(validate(obj))
+            except InvalidEvent as exc:
+                append(exc)
+            except Exception as exc:  # a validation bug must not stop a consumer: dead-letter it
+                append(_unexpected(exc))
         else:
-            parsed = _parse_or_reason(raw)
-        out.append(parsed)
+            append(_parse_or_reason(raw))
         pos = end
     return out
 
 
-def _parse_each_value(values: Sequence[bytes | None], stripped: list[bytes]) -> list[Event | InvalidEvent]:
+def _parse_each_value(values: Sequence[bytes | None]) -> list[Event | InvalidEvent]:
     out: list[Event | InvalidEvent] = []
-    for raw, value in zip(values, stripped, strict=True):
-        parsed: Event | InvalidEvent
+    for raw in values:
         try:
-            text = value.decode("utf-8")
-            obj, stop = _scan_once(text, 0) if text else (None, -1)
-        except (UnicodeDecodeError, StopIteration, ValueError, RecursionError):
+            text = raw.decode("utf-8")  # type: ignore[union-attr]
+            obj, stop = _scan_once(text, 0)
+        except (AttributeError, UnicodeDecodeError, StopIteration, ValueError, RecursionError):
             stop = -1
-        if value and stop == len(text):
-            parsed = _validate_or_reason(obj)
-        else:
-            parsed = _parse_or_reason(raw)
-        out.append(parsed)
+        out.append(_validate_or_reason(obj) if stop >= 0 and stop == len(text) else _parse_or_reason(raw))
     return out
+
+
+def _unexpected(exc: Exception) -> InvalidEvent:
+    return InvalidEvent(None, f"could not be validated ({type(exc).__name__}: {exc})")
 
 
 def _validate_or_reason(obj: Any) -> Event | InvalidEvent:
@@ -344,7 +345,7 @@ def _validate_or_reason(obj: Any) -> Event | InvalidEvent:
     except InvalidEvent as exc:
         return exc
     except Exception as exc:  # a validation bug must not stop a consumer: dead-letter the record
-        return InvalidEvent(None, f"could not be validated ({type(exc).__name__}: {exc})")
+        return _unexpected(exc)
 
 
 def _parse_or_reason(raw: bytes | None) -> Event | InvalidEvent:
@@ -353,7 +354,7 @@ def _parse_or_reason(raw: bytes | None) -> Event | InvalidEvent:
     except InvalidEvent as exc:
         return exc
     except Exception as exc:  # a validation bug must not stop a consumer: dead-letter the record
-        return InvalidEvent(None, f"could not be validated ({type(exc).__name__}: {exc})")
+        return _unexpected(exc)
 
 
 def ms_to_datetime(ts_ms: int) -> datetime:

@@ -65,7 +65,7 @@ class MicroBatcher(Generic[T, R]):
         max_queue_delay_s: float = 0.001,
         max_queue: int = 64,
         max_queue_wait_s: float = 0.0,
-        max_concurrent_batches: int = 2,
+        max_concurrent_batches: int = 1,
         metrics: RankingMetrics | None = None,
     ) -> None:
         self._compute = compute

@@ -48,12 +48,14 @@ class RankingConfig:
     # More requests waiting than this: new ones are refused at once with RESOURCE_EXHAUSTED.
     # A memory and burst guard; latency under overload is bounded by max_queue_wait_ms.
     max_queue: int = 64
-    # A request that waited longer than this is shed when its batch forms: with a batch's
-    # compute (~2-4 ms) and gRPC's own time on top it could not make the 10 ms p99 anyway.
+    # A request that waited longer than this is shed when its batch forms: with its batch's
+    # compute (~1-3 ms) and gRPC's own time on top it could not make the 10 ms p99 anyway.
     # Half of it is where the model starts to trade quality for speed (load 0.5). 0 = no limit.
-    max_queue_wait_ms: float = 6.0
-    # Batches in flight at once: 2 lets one batch's Redis round trip overlap another's forward.
-    max_concurrent_batches: int = 2
+    max_queue_wait_ms: float = 8.0
+    # Batches computed at once. On 2 cores one worker is best (measured: a second one halves the
+    # batch size and both then fight the event loop for CPU and the GIL); with more cores a
+    # second lets one batch's Redis round trip overlap another's forward pass.
+    max_concurrent_batches: int = 1
 
     # --- features ------------------------------------------------------------------------------
     redis_url: str = "redis://127.0.0.1:6379/0"

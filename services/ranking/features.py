@@ -1,7 +1,8 @@
 """FeatureFetcher: the features of a whole micro-batch in one Redis round trip, and what to do without Redis.
 
 * One non-transactional pipeline per batch reads every user's hash and every candidate item
-  hash not in the item cache (:func:`feature_store.online.read_features`).
+  hash not in the item cache (:func:`feature_store.online.read_features`, over the lean
+  transport of :mod:`services.ranking.redis_client`).
 * Item features change slowly: a small in-process cache keeps them ``item_cache_ttl_s``
   (unknown items too, so a cold item costs one read per TTL). User features are always fresh.
 * Every read has a short socket timeout. A failure or timeout marks Redis down: that batch
@@ -23,11 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from feature_store.online import ItemFeatures, UserFeatures, read_features
 from services.ranking.metrics import RankingMetrics
+from services.ranking.redis_client import PipelinedRedis
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +38,6 @@ class BatchFeatures:
     # item id -> item_transform(ItemFeatures, or None: unknown item or no data while Redis is down)
     items: dict[str, Any]
     degraded: bool
-
-
-def connect(redis_url: str, timeout_s: float) -> redis.Redis:
-    """A client that fails fast: short timeouts, no retries (the fetcher has its own fallback)."""
-    return redis.Redis.from_url(
-        redis_url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
 
 
 class FeatureFetcher:
@@ -66,7 +55,8 @@ class FeatureFetcher:
     ) -> None:
         self._url = redis_url
         self._timeout = timeout_s
-        self._client = connect(redis_url, timeout_s)
+        # Fails fast (short timeouts, no retries): the fetcher's own fallback is the retry policy.
+        self._client = PipelinedRedis(redis_url, timeout_s)
         self._ttl = item_cache_ttl_s
         self._cache_max = item_cache_max_items
         self._retry_interval = retry_interval_s

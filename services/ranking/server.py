@@ -37,6 +37,7 @@ from services.ranking.validation import validate_rank, validate_recommend
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+_SERVICE_PREFIX = f"/{SERVICE_NAME}/"
 # Load balancers probe health without credentials; everything else needs the token when auth is on.
 _AUTH_EXEMPT = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 
@@ -87,7 +88,7 @@ class _Boundary(grpc.aio.ServerInterceptor):
         method = details.method
         if not self._authorized(details):
             return self._refusal(method, handler)
-        if handler.unary_unary is None or not method.startswith(f"/{SERVICE_NAME}/"):
+        if handler.unary_unary is None or not method.startswith(_SERVICE_PREFIX):
             return handler  # health, reflection: standard servicers with their own statuses
         wrapped = self._wrapped.get(method)
         if wrapped is None:

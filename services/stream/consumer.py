@@ -103,6 +103,7 @@ class _Batch:
     records: list[Any]
     parsed: list[Event | InvalidEvent]
     started: float
+    polled: dict[int, int]  # partition -> last offset polled
     plan: _Plan = field(default_factory=_Plan)
     to_log: list[Event] = field(default_factory=list)
     dlq_sent: set[int] = field(default_factory=set)
@@ -115,7 +116,8 @@ class _Batch:
     def parse(cls, polled: dict[TopicPartition, list[Any]]) -> _Batch:
         started = time.perf_counter()
         records = [rec for recs in polled.values() for rec in recs]
-        return cls(records, parse_events([rec.value for rec in records]), started)
+        last = {tp.partition: recs[-1].offset for tp, recs in polled.items()}
+        return cls(records, parse_events([rec.value for rec in records]), started, last)
 
     def first_outcome(self) -> ApplyResult | BaseException | None:
         if self.future is None:
@@ -429,9 +431,9 @@ class StreamConsumer:
         for p, offset in plan.last_offsets.items():
             self._applied[p] = offset
         position = self._position
-        for rec in records:
-            if rec.offset >= position.get(rec.partition, -1):
-                position[rec.partition] = rec.offset + 1
+        for p, offset in batch.polled.items():
+            if offset >= position.get(p, -1):
+                position[p] = offset + 1
         if self._event_log is not None:
             self._event_log.append(applied_events)
             self._event_log.append(batch.to_log)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -69,7 +69,7 @@ def valid_events(draw) -> dict:
 def _expected_ts(value) -> int:
     if isinstance(value, int):
         return value
-    return int(datetime.fromisoformat(value).timestamp() * 1000)
+    return (datetime.fromisoformat(value) - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
 
 
 @given(valid_events())

@@ -17,6 +17,15 @@ from recstack.errors import UserError
 from recstack.sources import synthetic
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small ops: a second thread only adds waiting on a shared machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def events() -> pd.DataFrame:
     return synthetic(4_000, n_users=60, n_items=50, seed=3)

@@ -21,6 +21,7 @@ UNTIL = "2022-08-01T12:00:00Z"  # OTTO sample: ~1/6 of its events fall before th
 @pytest.fixture(autouse=True)
 def one_thread():
     before = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
