@@ -145,7 +145,7 @@ class PipelinedRedis:
                     n = sock.recv_into(buffer)
                     if n == 0:
                         raise redis.ConnectionError("Redis closed the connection")
-                    reader.feed(buffer, 0, n)
+                    reader.feed(buffer, 0, n)  # type: ignore[arg-type]  # hiredis takes any buffer
                     continue
                 replies.append(reply)
         except TimeoutError as exc:
