@@ -51,8 +51,10 @@ def interleaved(fns: dict[str, callable], reps: int, min_seconds: float = 0.0) -
         fn()
     started = time.perf_counter()
     r = 0
+    items = list(fns.items())
     while r < reps or time.perf_counter() - started < min_seconds:
-        for name, fn in fns.items():
+        shift = r % len(items)  # rotate who goes first: no variant always runs on a cold cache
+        for name, fn in items[shift:] + items[:shift]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)

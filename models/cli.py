@@ -48,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         train, "--out", type=Path, default=Path("artifacts/models"), help="models folder to publish into"
     )
     add_flag(train, "--epochs", type=positive_int, default=10, help="passes over the training contexts")
-    add_flag(train, "--batch-size", type=positive_int, default=128, help="contexts per step (per process)")
-    add_flag(train, "--lr", type=positive_float, default=3e-3, help="AdamW learning rate")
+    add_flag(train, "--batch-size", type=positive_int, default=256, help="contexts per step (per process)")
+    add_flag(train, "--lr", type=positive_float, default=6e-3, help="AdamW learning rate")
     add_flag(train, "--seed", type=non_negative_int, default=0, help="seed of every random choice")
     add_flag(train, "--embedding-dim", type=positive_int, default=64, help="item embedding width")
     add_flag(

@@ -212,7 +212,8 @@ def _item_snapshots(
     max_snaps = max(2, MAX_SNAPSHOT_FLOATS // (V * ITEM_DENSE_DIM))
     bucket = max(MIN_BUCKET_MS, -(-span // max_snaps))
     n_snaps = span // bucket + 1
-    weights = np.asarray([TRENDING_WEIGHTS[t] for t in sorted(EVENT_TYPE_INDEX, key=lambda t: EVENT_TYPE_INDEX[t])])
+    by_index = sorted(EVENT_TYPE_INDEX, key=lambda t: EVENT_TYPE_INDEX[t])
+    weights = np.asarray([TRENDING_WEIGHTS[t] for t in by_index])
     half_life_ms = TRENDING_HALF_LIFE_S * 1000.0
     # One snapshot per bucket boundary: boundary k covers events with ts < t0 + k * bucket.
     boundary_of_event = (ts - t0) // bucket + 1  # first boundary that includes the event

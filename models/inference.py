@@ -20,7 +20,7 @@ import torch
 
 from models.features import ITEM_DENSE_DIM, USER_DENSE_DIM, item_dense, user_dense
 from models.model import RankBatch, TwoPathRanker
-from models.router import PathRouter, Route
+from models.router import PathRouter
 from models.vocab import FIRST_ITEM_ROW, PAD, ItemVocab
 
 
@@ -113,19 +113,12 @@ class Ranker:
         routes = [self.router.route(len(p.hist) > 0, len(p.cand), load, force_path) for p in prepared]
         scores: list[np.ndarray | None] = [None] * len(inputs)
         with torch.inference_mode():
-            light_ids = [i for i, r in enumerate(routes) if r.path in ("light", "cascade")]
-            full_ids = [i for i, r in enumerate(routes) if r.path == "full"]
-            if light_ids:
-                light = self._forward("light", [prepared[i] for i in light_ids], None)
-                for i, s in zip(light_ids, light, strict=True):
-                    scores[i] = s
-            cascade_ids = [i for i in light_ids if routes[i].path == "cascade"]
-            if cascade_ids:
-                self._cascade(cascade_ids, prepared, routes, scores)
-            if full_ids:
-                full = self._forward("full", [prepared[i] for i in full_ids], None)
-                for i, s in zip(full_ids, full, strict=True):
-                    scores[i] = s
+            for path in ("light", "cascade", "full"):
+                ids = [i for i, r in enumerate(routes) if r.path == path]
+                if ids:
+                    heads = [routes[i].head for i in ids] if path == "cascade" else None
+                    for i, s in zip(ids, self._forward(path, [prepared[i] for i in ids], heads), strict=True):
+                        scores[i] = s
         return [RankOutput(scores=s, path=r.path) for s, r in zip(scores, routes, strict=True)]  # type: ignore[arg-type]
 
     def candidates(self, recent_items: Sequence[str], k: int, exclude: set[str] | None = None) -> list[str]:
@@ -204,24 +197,20 @@ class Ranker:
             local[slot] = _Buffers()
         return local[slot]
 
-    def _batch(self, slot: str, group: list[_Prepared], heads: list[np.ndarray] | None) -> RankBatch:
+    def _batch(self, slot: str, group: list[_Prepared]) -> RankBatch:
         """Pack ``group`` into padded tensors (to its longest history and candidate list)."""
         b = len(group)
-        sizes = [len(h) for h in heads] if heads is not None else [len(p.cand) for p in group]
         longest = max((len(p.hist) for p in group), default=0)
-        c = max(sizes, default=0)
+        c = max((len(p.cand) for p in group), default=0)
         hist, cand, item, user = self._buffers(slot).views(b, longest, c)
         hist.fill(PAD)
         cand.fill(PAD)
         item.fill(0.0)
         for k, p in enumerate(group):
+            n = len(p.cand)
             hist[k, : len(p.hist)] = p.hist
-            if heads is None:
-                cand[k, : sizes[k]] = p.cand
-                item[k, : sizes[k]] = p.item
-            else:
-                cand[k, : sizes[k]] = p.cand[heads[k]]
-                item[k, : sizes[k]] = p.item[heads[k]]
+            cand[k, :n] = p.cand
+            item[k, :n] = p.item
             user[k] = p.user
         to = self.device
         return RankBatch(
@@ -231,40 +220,14 @@ class Ranker:
             item_dense=torch.from_numpy(item).to(to),
         )
 
-    def _forward(self, path: str, group: list[_Prepared], heads: list[np.ndarray] | None) -> list[np.ndarray]:
-        batch = self._batch(path, group, heads)
-        out = (self.model.light(batch) if path == "light" else self.model.full(batch)).float().cpu().numpy()
-        sizes = [len(h) for h in heads] if heads is not None else [len(p.cand) for p in group]
-        return [out[k, :n].copy() for k, n in enumerate(sizes)]
-
-    def _cascade(
-        self, ids: list[int], prepared: list[_Prepared], routes: list[Route], scores: list[np.ndarray | None]
-    ) -> None:
-        """Re-score the light path's head of each request with the full path (one forward for all heads).
-
-        The head stays above the tail: a cascade only reorders what the light path put first.
-        """
-        heads = []
-        for i in ids:
-            light = scores[i]
-            assert light is not None
-            h = min(routes[i].head, len(light))
-            heads.append(np.argpartition(-light, h - 1)[:h] if h < len(light) else np.arange(len(light)))
-        batch = self._batch("head", [prepared[i] for i in ids], heads)
-        light_t = torch.zeros(batch.cand.shape, dtype=torch.float32, device=self.device)
-        for k, i in enumerate(ids):
-            light_t[k, : len(heads[k])] = torch.from_numpy(scores[i][heads[k]])  # type: ignore[index]
-        full = self.model.full(batch, light_scores=light_t).float().cpu().numpy()
-        for k, i in enumerate(ids):
-            light = scores[i]
-            assert light is not None
-            head, head_scores = heads[k], full[k, : len(heads[k])]
-            out = light.copy()
-            if len(head) < len(light):
-                tail = np.ones(len(light), dtype=bool)
-                tail[head] = False
-                gap = out[tail].max() - head_scores.min()
-                if gap >= 0:
-                    out[tail] -= gap + 1e-3
-            out[head] = head_scores
-            scores[i] = out.astype(np.float32, copy=False)
+    def _forward(self, path: str, group: list[_Prepared], heads: list[int] | None) -> list[np.ndarray]:
+        """One forward pass of ``path`` for ``group`` -> each request's scores (its own length)."""
+        batch = self._batch(path, group)
+        if path == "light":
+            out = self.model.light(batch)
+        elif path == "full":
+            out = self.model.full(batch)
+        else:
+            out = self.model.cascade(batch, torch.tensor(heads, dtype=torch.int64, device=self.device))
+        scores = out.float().cpu().numpy()
+        return [scores[k, : len(p.cand)].copy() for k, p in enumerate(group)]

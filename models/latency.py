@@ -31,32 +31,39 @@ def synthetic_requests(ranker: Ranker, n: int, n_candidates: int = 100, seed: in
 
 
 def measure(
-    ranker: Ranker,
+    rankers: dict[str, Ranker],
     paths: tuple[str, ...] = ("light", "full", "cascade"),
     batch_sizes: tuple[int, ...] = BATCH_SIZES,
     n_candidates: int = 100,
     min_seconds: float = 0.2,
-    min_reps: int = 3,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """-> ``{path: {batch_size: {"p50_ms", "mean_ms", "per_request_us"}}}`` for ONE ``rank_batch`` call."""
-    out: dict[str, dict[str, dict[str, float]]] = {}
+    min_reps: int = 5,
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """-> ``{name: {path: {batch_size: {"p50_ms", "mean_ms", "per_request_us"}}}}`` for ONE
+    ``rank_batch`` call. The rankers run interleaved, call by call, so a machine busy with other
+    work slows each of them alike and their ratio stays meaningful."""
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {name: {} for name in rankers}
+    first = next(iter(rankers.values()))
     for path in paths:
-        out[path] = {}
         for b in batch_sizes:
-            inputs = synthetic_requests(ranker, b, n_candidates, seed=b)
-            ranker.rank_batch(inputs, force_path=path)  # warm the buffers for this shape
-            times: list[float] = []
+            inputs = synthetic_requests(first, b, n_candidates, seed=b)
+            times: dict[str, list[float]] = {name: [] for name in rankers}
+            order = list(rankers.items())
+            for _, ranker in order:
+                ranker.rank_batch(inputs, force_path=path)  # warm the buffers for this shape
             started = time.perf_counter()
-            while len(times) < min_reps or time.perf_counter() - started < min_seconds:
-                t0 = time.perf_counter()
-                ranker.rank_batch(inputs, force_path=path)
-                times.append(time.perf_counter() - t0)
-                if len(times) >= 1000:
-                    break
-            arr = np.asarray(times) * 1000.0
-            out[path][str(b)] = {
-                "p50_ms": round(float(np.median(arr)), 3),
-                "mean_ms": round(float(arr.mean()), 3),
-                "per_request_us": round(float(np.median(arr)) * 1000.0 / b, 1),
-            }
+            rounds = 0
+            while rounds < 1000 and (rounds < min_reps or time.perf_counter() - started < min_seconds):
+                shift = rounds % len(order)  # rotate who goes first: nobody always meets a cold cache
+                for name, ranker in order[shift:] + order[:shift]:
+                    t0 = time.perf_counter()
+                    ranker.rank_batch(inputs, force_path=path)
+                    times[name].append(time.perf_counter() - t0)
+                rounds += 1
+            for name, values in times.items():
+                arr = np.asarray(values) * 1000.0
+                out[name].setdefault(path, {})[str(b)] = {
+                    "p50_ms": round(float(np.median(arr)), 3),
+                    "mean_ms": round(float(arr.mean()), 3),
+                    "per_request_us": round(float(np.median(arr)) * 1000.0 / b, 1),
+                }
     return out

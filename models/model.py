@@ -93,7 +93,7 @@ class ItemEmbedding(nn.Module):
 
     def forward(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``rows``: any shape ``S`` of int64 -> (``S x D`` float32, ``S`` float32)."""
-        return self.weight[rows], self.bias[rows]
+        return nn.functional.embedding(rows, self.weight), self.bias[rows]
 
     def table(self) -> Tensor:
         """The whole ``V x D`` table in float32 (for scoring every item)."""
@@ -285,6 +285,16 @@ class InteractionMLP(nn.Module):
         return self.rest(h).squeeze(-1)
 
 
+class InferenceTables(NamedTuple):
+    """Per-item rows precomputed for serving (each ``V x ...`` fp32, contiguous, gathered whole):
+    ``emb`` (history), ``light`` = [emb, bias] (light candidates), ``full`` = [emb, bias, scaled
+    attention query, first MLP block] (full-path candidates)."""
+
+    emb: Tensor
+    light: Tensor
+    full: Tensor
+
+
 class CandidateRows(NamedTuple):
     """What the paths need of each candidate: embedding ``... x D``, bias ``...``, and at inference the
     precomputed attention query ``... x A`` and first-layer block ``... x H1`` (else None)."""
@@ -331,7 +341,7 @@ class TwoPathRanker(nn.Module):
         # near each other but cannot lift an item the light path put far down, which keeps
         # always-full ranking over a whole catalogue sane where training rarely looked.
         self.residual_bound = nn.Parameter(torch.tensor(math.log(math.expm1(4.0))))
-        self._table: Tensor | None = None  # inference only, see prepare_inference
+        self._tables: InferenceTables | None = None  # inference only, see prepare_inference
 
     # -- inference tables -----------------------------------------------------------------------
     def prepare_inference(self, max_bytes: int = 256 << 20) -> bool:
@@ -343,32 +353,35 @@ class TwoPathRanker(nn.Module):
         table is in use; training (``.train()``) drops it.
         """
         c = self.config
-        width = c.embedding.dim + 1 + c.full.attention_dim + c.full.mlp_hidden[0]
+        D = c.embedding.dim
+        width = D + (D + 1) + (D + 1 + c.full.attention_dim + c.full.mlp_hidden[0])
         if c.embedding.num_rows * width * 4 > max_bytes:
-            self._table = None
+            self._tables = None
             return False
         with torch.no_grad():
-            emb = self.items.table().float()
+            emb = self.items.table().float().contiguous()
             rows = torch.arange(emb.shape[0], device=emb.device)
             _, bias = self.items(rows)
-            self._table = torch.cat(
-                [emb, bias.unsqueeze(1), self.attention.queries(emb), self.mlp.item_hidden(emb)], dim=1
+            light = torch.cat([emb, bias.unsqueeze(1)], dim=1).contiguous()
+            full = torch.cat(
+                [light, self.attention.queries(emb), self.mlp.item_hidden(emb)], dim=1
             ).contiguous()
+            self._tables = InferenceTables(emb, light, full)
         return True
 
     def train(self, mode: bool = True) -> TwoPathRanker:
         if mode:
-            self._table = None  # weights are about to change
+            self._tables = None  # weights are about to change
         return super().train(mode)
 
     def candidate_rows(self, rows: Tensor, full: bool = True) -> CandidateRows:
         """Per-candidate inputs; ``full=False`` gathers only what the light path reads."""
-        if self._table is not None:
+        if self._tables is not None:
             D, A = self.config.embedding.dim, self.config.full.attention_dim
             if not full:
-                t = self._table[:, : D + 1][rows]
+                t = nn.functional.embedding(rows, self._tables.light)
                 return CandidateRows(t[..., :D], t[..., D], None, None)
-            t = self._table[rows]
+            t = nn.functional.embedding(rows, self._tables.full)
             return CandidateRows(t[..., :D], t[..., D], t[..., D + 1 : D + 1 + A], t[..., D + 1 + A :])
         emb, bias = self.items(rows)
         return CandidateRows(emb, bias, None, None)
@@ -376,8 +389,8 @@ class TwoPathRanker(nn.Module):
     # -- light ----------------------------------------------------------------------------------
     def user_vector(self, hist: Tensor, user_dense: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """-> (user vector ``B x D``, history embeddings ``B x L x D``, history mask ``B x L``)."""
-        if self._table is not None:
-            hist_emb = self._table[:, : self.config.embedding.dim][hist]
+        if self._tables is not None:
+            hist_emb = nn.functional.embedding(hist, self._tables.emb)
         else:
             hist_emb = self.items(hist)[0]
         mask = hist != 0
@@ -437,6 +450,36 @@ class TwoPathRanker(nn.Module):
         raw = self.mlp(attended, rows.emb, hidden, item_dense, rep, torch.cat([u, user_dense], dim=1))
         bound = nn.functional.softplus(self.residual_bound)
         return bound * torch.tanh(raw / bound)
+
+    def cascade(self, batch: RankBatch, head: Tensor) -> Tensor:
+        """Light over every candidate, full over each user's light head of ``head[b]`` candidates.
+
+        ``batch.cand``: ``B x C`` (PAD-padded); ``head``: ``B`` int64 -> ``B x C`` scores in which
+        the head stays above the rest (a cascade only re-orders what the light path put first) and
+        is ordered by the full path; the rest keeps the light order. One pass: the user side is
+        computed once for both paths, the head picked and gathered in torch.
+        """
+        u, hist_emb, mask = self.user_vector(batch.hist, batch.user_dense)
+        cand, item_dense = batch.cand, batch.item_dense
+        rep = self.repeat(batch.hist, cand)
+        light = self.light_from(u, self.candidate_rows(cand, full=False), rep, item_dense)  # B x C
+        pad = cand == 0
+        h = int(min(int(head.max()), cand.shape[1])) if head.numel() else 0
+        if h == 0:
+            return light
+        top = torch.topk(light.masked_fill(pad, float("-inf")), h, dim=1).indices  # B x h
+        in_head = (torch.arange(h, device=cand.device).unsqueeze(0) < head.unsqueeze(1)) & ~pad.gather(1, top)
+        cand_h = cand.gather(1, top)
+        item_h = item_dense.gather(1, top.unsqueeze(2).expand(-1, -1, item_dense.shape[2]))
+        rows_h = self.candidate_rows(cand_h)
+        res = self.residual_from(u, hist_emb, mask, rows_h, rep.gather(1, top), item_h, batch.user_dense)
+        full_h = light.gather(1, top) + res  # B x h
+        is_head = torch.zeros_like(pad).scatter(1, top, in_head)
+        tail_max = light.masked_fill(is_head | pad, float("-inf")).amax(dim=1)
+        head_min = full_h.masked_fill(~in_head, float("inf")).amin(dim=1)
+        gap = (tail_max - head_min + 1e-3).clamp_min(0.0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        out = light - gap.unsqueeze(1)
+        return out.scatter(1, top, torch.where(in_head, full_h, out.gather(1, top)))
 
     def forward(self, batch: RankBatch) -> Tensor:
         return self.full(batch)

@@ -103,10 +103,9 @@ def bench_latency(fp32: Ranker, int8: Ranker, quick: bool = True) -> dict[str, A
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        min_seconds, min_reps = (0.05, 3) if quick else (0.2, 3)
+        min_seconds, min_reps = (0.1, 5) if quick else (0.5, 20)
         out: dict[str, Any] = {"threads": 1, "candidates": 100, "batch_sizes": list(latency.BATCH_SIZES)}
-        for name, ranker in (("fp32", fp32), ("int8", int8)):
-            out[name] = latency.measure(ranker, min_seconds=min_seconds, min_reps=min_reps)
+        out.update(latency.measure({"fp32": fp32, "int8": int8}, min_seconds=min_seconds, min_reps=min_reps))
     finally:
         torch.set_num_threads(threads)
     return out

@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    # Online Retail: the validation split (cut 2011-10-09) peaks around 10 epochs.
+    # Chosen on Online Retail's validation split (train < 2011-10-09, evaluate the next month):
+    # 10 epochs of 256 at 6e-3 matched 10 of 128 at 3e-3 on the routed path (NDCG@10 0.203 vs
+    # 0.204, within run-to-run noise), beat it on the light path (0.201 vs 0.195), in 35% less time.
     epochs: int = 10
-    batch_size: int = 128  # contexts per step (per process under DDP)
-    lr: float = 3e-3
+    batch_size: int = 256  # contexts per step (per process under DDP)
+    lr: float = 6e-3
     weight_decay: float = 1e-6
     seed: int = 0
     full_positives: int = 8  # positives per context the full path scores (a random subset)

@@ -232,7 +232,7 @@ def test_inference_tables_give_the_same_scores(int8):
     for x, y in zip(before, after, strict=True):
         assert torch.allclose(x, y, atol=1e-5)
     m.train()
-    assert m._table is None
+    assert m._tables is None
     assert not m.prepare_inference(max_bytes=10)
 
 
