@@ -198,6 +198,35 @@ def bench_paths(version: Path, reps: int) -> list[dict]:
     return out
 
 
+def bench_routing(version: Path, reps: int, cold_share: float = 0.16) -> list[dict]:
+    """Served int8 model: routed at no load vs always-full, on requests of which ``cold_share`` are
+    cold users (Online Retail's evaluation month: 272 of 1,667)."""
+    from models.artifacts import load_version
+    from models.inference import RankInput
+    from models.latency import synthetic_requests
+
+    ranker = load_version(version)
+    out = []
+    for b in BATCHES:
+        inputs = synthetic_requests(ranker, b, CANDIDATES, seed=b)
+        n_cold = round(b * cold_share)
+        for k in range(n_cold):
+            inp = inputs[k]
+            inputs[k] = RankInput([], (0.0, 0.0, 0.0), None, inp.candidates, inp.item_stats)
+        ms = interleaved(
+            {
+                "routed": lambda i=inputs: ranker.rank_batch(i),
+                "always_full": lambda i=inputs: ranker.rank_batch(i, force_path="full"),
+            },
+            reps=max(5, reps // b),
+            min_seconds=0.3,
+        )
+        out.append(
+            {"requests": b, "cold": n_cold, "ms": ms, "reduction": 1 - ms["routed"] / ms["always_full"]}
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model version folder or models folder (default: random-init model)")
@@ -248,6 +277,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {r['path']} | {r['requests']} | {ms['fp32']:.3f} | {ms['int8_torch_dense']:.3f} | "
             f"{ms['int8_ort_dense']:.3f} | {best / ms['fp32']:.2f} |"
+        )
+    results["routing"] = bench_routing(folder, args.reps)
+    print("\n4. served int8 model, routed (no load) vs always-full, 16% cold users, ms per rank_batch call")
+    print("| requests | cold | always-full | routed | reduction |")
+    print("|---|---|---|---|---|")
+    for r in results["routing"]:
+        ms = r["ms"]
+        print(
+            f"| {r['requests']} | {r['cold']} | {ms['always_full']:.3f} | {ms['routed']:.3f} "
+            f"| {r['reduction']:.0%} |"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

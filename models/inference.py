@@ -112,9 +112,15 @@ class Ranker:
         prepared = self._prepare(inputs)
         routes = [self.router.route(len(p.hist) > 0, len(p.cand), load, force_path) for p in prepared]
         scores: list[np.ndarray | None] = [None] * len(inputs)
+        groups = {
+            path: [i for i, r in enumerate(routes) if r.path == path] for path in ("light", "cascade", "full")
+        }
+        if groups["cascade"] and groups["light"]:
+            # Light requests ride along in the cascade pass with an empty head (their scores are the
+            # light scores): one pass fewer, whose fixed cost outweighs a head's worth of residuals.
+            groups["cascade"] = sorted(groups["cascade"] + groups.pop("light"))
         with torch.inference_mode():
-            for path in ("light", "cascade", "full"):
-                ids = [i for i, r in enumerate(routes) if r.path == path]
+            for path, ids in groups.items():
                 if ids:
                     heads = [routes[i].head for i in ids] if path == "cascade" else None
                     for i, s in zip(ids, self._forward(path, [prepared[i] for i in ids], heads), strict=True):

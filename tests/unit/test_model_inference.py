@@ -141,3 +141,11 @@ def test_warmup_and_concurrent_batches(ranker):
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_light_requests_riding_in_a_cascade_pass_get_light_scores(ranker):
+    warm, cold = request(seed=3), request(n_hist=0, seed=4)
+    mixed = ranker.rank_batch([warm, cold])
+    assert [o.path for o in mixed] == ["cascade", "light"]
+    assert np.allclose(mixed[1].scores, ranker.rank_batch([cold], force_path="light")[0].scores, atol=1e-5)
+    assert np.allclose(mixed[0].scores, ranker.rank_batch([warm])[0].scores, atol=1e-5)

@@ -42,6 +42,7 @@ def test_onnx_mlp_matches_torch(int8):
     assert float((got - ref).abs().max()) <= tolerance
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch.ao deprecation notices
 @pytest.mark.parametrize("runtime", DENSE_RUNTIMES)
 def test_every_dense_runtime_scores_like_fp32(runtime):
     torch.manual_seed(1)
