@@ -39,6 +39,10 @@ $(STAMP): pyproject.toml constraints.txt
 		$(PYTHON) -m pip install --quiet --user --break-system-packages "uv==$(UV_VERSION)"; }
 	@[ -x $(VENV_PY) ] || $(UV) venv --quiet $(VENV) --python $$($(PYTHON) -c 'import sys; print(sys.executable)')
 	$(UV) pip install --python $(VENV_PY) -c constraints.txt -e '.[dev]'
+	@# Byte-compile once here: with PYTHONDONTWRITEBYTECODE set, every process would otherwise
+	@# recompile torch and feast on import (15-30 s per start-up on this machine).
+	@echo "==> install: byte-compiling the environment"
+	@$(VENV_PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	@touch $@
 
 lock: ## re-pin constraints.txt (the lock file) after changing pyproject.toml

@@ -104,6 +104,7 @@ class BatchedBackend(ModelOwner):
             max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
             max_queue=config.max_queue,
             max_queue_wait_s=config.max_queue_wait_ms / 1000.0,
+            shed_min_queue=config.shed_min_queue,
             max_concurrent_batches=config.max_concurrent_batches,
             metrics=metrics,
         )

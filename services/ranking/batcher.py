@@ -65,6 +65,7 @@ class MicroBatcher(Generic[T, R]):
         max_queue_delay_s: float = 0.001,
         max_queue: int = 64,
         max_queue_wait_s: float = 0.0,
+        shed_min_queue: int = 1,
         max_concurrent_batches: int = 1,
         metrics: RankingMetrics | None = None,
     ) -> None:
@@ -74,6 +75,7 @@ class MicroBatcher(Generic[T, R]):
         self._max_delay = max_queue_delay_s
         self._max_queue = max_queue
         self._max_wait = max_queue_wait_s  # 0: no time limit in the queue
+        self._shed_min_queue = shed_min_queue  # wait-based shedding needs at least this backlog
         self._max_concurrent = max_concurrent_batches
         self._metrics = metrics or RankingMetrics()
         self._queue: collections.deque[_Job[T]] = collections.deque()
@@ -183,6 +185,7 @@ class MicroBatcher(Generic[T, R]):
         cost = 0
         queue = self._queue
         queue_delay = self._metrics.queue_delay
+        shed_on_wait = self._max_wait > 0 and len(queue) >= self._shed_min_queue
         while queue:
             job = queue[0]
             if batch and cost + job.cost > self._max_cost:
@@ -196,7 +199,7 @@ class MicroBatcher(Generic[T, R]):
                 self._metrics.shed.labels("deadline").inc()
                 job.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
                 continue
-            if self._max_wait > 0 and now - job.enqueued > self._max_wait:
+            if shed_on_wait and now - job.enqueued > self._max_wait:
                 self._metrics.shed.labels("queue_wait").inc()
                 job.future.set_exception(
                     Overloaded(

@@ -60,6 +60,8 @@ _GROUPS: dict[str, list[_Flag]] = {
          "with this many requests waiting, new ones get RESOURCE_EXHAUSTED"),
         ("--max-queue-wait-ms", "max_queue_wait_ms", non_negative_float,
          "requests that waited longer are shed with RESOURCE_EXHAUSTED (0 = no limit)"),
+        ("--shed-min-queue", "shed_min_queue", positive_int,
+         "wait-based shedding applies only with at least this many requests waiting"),
         ("--max-concurrent-batches", "max_concurrent_batches", positive_int,
          "micro-batches computed at once (worker threads)"),
         ("--max-candidates", "max_candidates", positive_int,

@@ -52,6 +52,9 @@ class RankingConfig:
     # compute (~1-3 ms) and gRPC's own time on top it could not make the 10 ms p99 anyway.
     # Half of it is where the model starts to trade quality for speed (load 0.5). 0 = no limit.
     max_queue_wait_ms: float = 8.0
+    # ...but only while at least this many requests are waiting: a real backlog, not a lone
+    # request that met a short stall (a GC pause, a model swap) on an otherwise idle server.
+    shed_min_queue: int = 8
     # Batches computed at once. On 2 cores one worker is best (measured: a second one halves the
     # batch size and both then fight the event loop for CPU and the GIL); with more cores a
     # second lets one batch's Redis round trip overlap another's forward pass.
@@ -99,6 +102,7 @@ class RankingConfig:
             "max_concurrent_batches",
             "item_cache_max_items",
             "torch_threads",
+            "shed_min_queue",
         )
         for name in positive:
             if getattr(self, name) <= 0:

@@ -51,6 +51,7 @@ SEEN_PREFIX = b"recstack:eid:"
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 5.0
 _DLQ_ACK_TIMEOUT_S = 30.0
+_METADATA_RECHECK_S = 5.0
 
 
 def seen_key(event_id: str) -> bytes:
@@ -180,6 +181,7 @@ class StreamConsumer:
         # parses the next batch (redis-py waits for the reply without holding the GIL).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-writer")
         self._inflight: _Batch | None = None
+        self._metadata_checked = time.monotonic()
         # Event-log files are written on their own thread: a roll of 30 s of events takes a while.
         self._log_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-eventlog")
         self._rolling: _Roll | None = None
@@ -205,6 +207,9 @@ class StreamConsumer:
                     self._stop.wait(1.0)
                     continue
                 self._position_assigned()
+                if not batch and not self._consumer.assignment():
+                    self._while_unassigned()
+                    continue
                 batch = {tp: recs for tp, recs in batch.items() if tp not in self._unpositioned and recs}
                 # Parse this batch while the previous one's Redis write is still running, then
                 # finish that write before planning this one (its fence expects that write).
@@ -226,6 +231,23 @@ class StreamConsumer:
                 log.info("stopping with a batch not applied; it will be read again")
             self._shutdown()
 
+    def _while_unassigned(self) -> None:
+        """No partitions: wait a little instead of spinning, and now and then refresh the topic
+        metadata. kafka-python can join the group before it has the topic's metadata, get an
+        empty assignment, and only notice the partitions at the next periodic metadata refresh."""
+        assert self._consumer is not None
+        now = time.monotonic()
+        if now - self._metadata_checked >= _METADATA_RECHECK_S:
+            self._metadata_checked = now
+            try:
+                self._consumer.topics()  # a metadata request: a change in partitions triggers a rejoin
+            except KafkaError as exc:
+                log.warning("metadata refresh failed (%s)", exc)
+        self._finish_inflight()
+        if self._event_log is not None:
+            self._finish_roll(main_thread=True)
+        self._stop.wait(self.config.poll_timeout_ms / 1000)
+
     def _connect(self) -> None:
         cfg = self.config
         delay = _BACKOFF_START_S
@@ -241,6 +263,7 @@ class StreamConsumer:
                     session_timeout_ms=cfg.session_timeout_ms,
                     heartbeat_interval_ms=max(1_000, cfg.session_timeout_ms // 3),
                     max_partition_fetch_bytes=4 * 1024 * 1024,
+                    metadata_max_age_ms=30_000,  # partitions added to the topic are seen within 30 s
                     fetch_max_bytes=64 * 1024 * 1024,
                     # CRC32C in pure Python costs ~40 us per record (a 7x slowdown); the broker
                     # verifies CRCs when records are written and TCP protects them in transit.

@@ -269,3 +269,26 @@ def test_requests_that_waited_too_long_are_shed_and_load_rises_with_the_wait():
     assert batcher.load(0.001, 80) == pytest.approx(0.8)  # or the queue's depth, whichever is larger
     assert batcher.load(0.050, 1) == 1.0
     assert MicroBatcher(Recorder(), None, max_queue=10).load(5.0, 5) == 0.5  # type: ignore[arg-type]
+
+
+def test_a_short_backlog_is_computed_late_rather_than_shed():
+    """A stall on a lightly loaded server (queue shorter than shed_min_queue) sheds nothing."""
+
+    async def main():
+        rec = Recorder(hold=True)
+        batcher, metrics, pool = _batcher(
+            rec, max_concurrent_batches=1, max_queue=100, max_queue_wait_s=0.02, shed_min_queue=3
+        )
+        await batcher.start()
+        running = asyncio.ensure_future(batcher.submit("a", cost=1))
+        await _wait_until(rec.started.is_set)
+        stale = asyncio.ensure_future(batcher.submit("stale", cost=1))
+        await asyncio.sleep(0.05)  # waited longer than max_queue_wait, but it is alone in the queue
+        rec.release.set()
+        assert await running == "r-a"
+        assert await stale == "r-stale"
+        await batcher.stop()
+        pool.shutdown()
+        assert metrics.value("recstack_ranking_shed_total", {"reason": "queue_wait"}) == 0
+
+    asyncio.run(main())
