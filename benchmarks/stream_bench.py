@@ -18,7 +18,7 @@ One run, three measurements:
 
     .venv/bin/python benchmarks/stream_bench.py --json artifacts/bench/stream.json
 
-Needs Kafka and Redis (``make up``). Uses Redis database 3 by default (flushed before and after).
+Needs Kafka and Redis (``make up``). Uses a free Redis database (flushed before and after).
 """
 
 from __future__ import annotations
@@ -69,6 +69,25 @@ def _delete_topics(bootstrap: str, names: list[str]) -> None:
             admin.close()
     except Exception as exc:  # cleanup only
         print(f"warning: could not delete topics {names}: {exc}", file=sys.stderr)
+
+
+def _reserve_database(server: str):
+    """A free database of ``server`` (1-14), locked like tests/integration/conftest.py does, so
+    that a test running at the same time never gets it. Returns (url, release)."""
+    import redis
+
+    locks = redis.Redis.from_url(f"{server}/15")
+    owner = f"stream-bench:{os.getpid()}"
+    for db in range(1, 15):
+        key = f"recstack-tests:db:{db}"
+        if locks.set(key, owner, nx=True, px=30 * 60 * 1000):
+
+            def release(key=key) -> None:
+                if locks.get(key) == owner.encode():
+                    locks.delete(key)
+
+            return f"{server}/{db}", release
+    raise RuntimeError(f"every database 1-14 of {server} is reserved by running tests; give --redis")
 
 
 def _applied_total(client, topic: str) -> int:
@@ -312,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--bootstrap", default=os.environ.get("RECSTACK_BOOTSTRAP", "127.0.0.1:9092"))
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/3", help="flushed before and after")
+    parser.add_argument(
+        "--redis",
+        default=None,
+        help="Redis URL to use, flushed before and after (default: a free database 1-14 of "
+        "redis://127.0.0.1:6379, reserved the way the test suite reserves them)",
+    )
     parser.add_argument("--events", type=int, default=200_000, help="backlog for the throughput run")
     parser.add_argument("--max-batch", type=int, default=2_000)
     parser.add_argument("--push-rows", type=int, default=10_000)
@@ -334,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     from recstack.sources import synthetic
     from services.replay.publisher import frame_to_events, publish
 
+    release = None
+    if args.redis is None:
+        args.redis, release = _reserve_database("redis://127.0.0.1:6379")
     client = redis.Redis.from_url(args.redis)
     client.flushdb()
     topic = f"bench-stream-{uuid.uuid4().hex[:8]}"
@@ -369,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
         _delete_topics(args.bootstrap, [topic, f"{topic}.dlq"])
         client.flushdb()
+        if release is not None:
+            release()
 
     ratio = throughput["events_per_s"] / push["rows_per_s"]
     ratio_best = throughput["events_per_s"] / push["best_rows_per_s"]

@@ -12,9 +12,12 @@ Two users of this module:
 
 * the ranking service reads with :func:`read_features` (one non-transactional pipeline for a whole
   request, decoding cached per raw value);
-* the stream consumer writes with :func:`apply_batch`: one Lua script per batch that checks the
-  partition offsets and event ids it was given, merges the batch's deltas into the stored values
-  and records the new offsets, all atomically (see ``docs/FEATURES.md`` for the update rules).
+* the stream consumer writes with :class:`FeatureWriter`: one Lua script call per batch that
+  checks the partition offsets, the users and the event ids the batch was planned on, merges the
+  batch into the stored values and records the new offsets, all atomically (``docs/FEATURES.md``).
+
+The feature dataclasses and update rules live in :mod:`feature_store.values` (no Feast import) and
+are re-exported here.
 
 ``_ts:<view>`` is the time the values were *written* (the consumer's clock, never moved
 backwards), not an event time: the features are lifetime aggregates, so an old event replayed
@@ -346,7 +349,7 @@ class BatchGuard:
     ``applied``. ``seen_keys`` must all be absent; they are set to ``seen_values`` with a TTL.
     """
 
-    offsets_key: bytes
+    offsets_key: bytes | str
     expected: dict[int, int]
     applied: dict[int, int]
     seen_keys: list[bytes] = field(default_factory=list)
@@ -635,7 +638,7 @@ class FeatureWriter:
         ``state`` comes from :meth:`read` for these users (remembered users need not be in it).
         """
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        keys: list[bytes] = [guard.offsets_key, *guard.seen_keys]
+        keys: list[bytes | str] = [guard.offsets_key, *guard.seen_keys]
         args: list[Any] = [
             now,
             _timestamp_bytes(now),

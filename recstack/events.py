@@ -282,7 +282,7 @@ def parse_event(raw: bytes | str) -> Event:
     return validate(obj)
 
 
-_scan_once = json.JSONDecoder().scan_once  # the scanner json.loads itself uses
+_scan_once = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # the scanner json.loads uses
 
 
 def parse_events(values: Sequence[bytes | None]) -> list[Event | InvalidEvent]:

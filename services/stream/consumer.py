@@ -17,6 +17,11 @@ How exactly-once works (the full argument is in ``docs/FEATURES.md``):
   their dedup key says this very record applied them. Kafka offsets are committed at each roll.
 * **Dead letters** are sent and acknowledged before the batch's offsets are stored, so a crash
   can repeat a dead letter (at least once, identified by its source headers) but never lose one.
+
+Threads: the main thread polls, parses, plans and aggregates; one writer thread runs the batch's
+script while the main thread polls and parses the next batch (which is planned only once that
+write is done, since its fence expects it); one thread writes event-log files. kafka-python runs
+the rebalance callbacks on its IO thread while the main thread waits inside ``poll``.
 """
 
 from __future__ import annotations
@@ -30,13 +35,13 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import prometheus_client  # noqa: F401  (before Feast, see services/stream/cli.py)
 import redis
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 from feature_store.online import ApplyResult, BatchGuard, FeatureWriter
 from recstack.events import Event, InvalidEvent, parse_events
@@ -52,6 +57,7 @@ _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 5.0
 _DLQ_ACK_TIMEOUT_S = 30.0
 _METADATA_RECHECK_S = 5.0
+_JOIN_STUCK_S = 30.0
 
 
 def seen_key(event_id: str) -> bytes:
@@ -59,14 +65,14 @@ def seen_key(event_id: str) -> bytes:
     return SEEN_PREFIX + hashlib.blake2b(event_id.encode(), digest_size=16).digest()
 
 
-def applied_key(topic: str) -> bytes:
+def applied_key(topic: str) -> str:
     """Hash partition -> last offset applied to the features."""
-    return f"recstack:stream:{topic}:applied".encode()
+    return f"recstack:stream:{topic}:applied"
 
 
-def logged_key(topic: str) -> bytes:
+def logged_key(topic: str) -> str:
     """Hash partition -> last offset whose events are in rolled event-log files."""
-    return f"recstack:stream:{topic}:logged".encode()
+    return f"recstack:stream:{topic}:logged"
 
 
 # Raise a partition's logged offset, never lower it (a late writer must not move it back).
@@ -182,6 +188,7 @@ class StreamConsumer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-writer")
         self._inflight: _Batch | None = None
         self._metadata_checked = time.monotonic()
+        self._unassigned_since: float | None = None  # since when the group has not been stable
         # Event-log files are written on their own thread: a roll of 30 s of events takes a while.
         self._log_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-eventlog")
         self._rolling: _Roll | None = None
@@ -195,19 +202,22 @@ class StreamConsumer:
     def run(self) -> None:
         cfg = self.config
         self._connect()
-        assert self._consumer is not None
-        self._consumer.subscribe([cfg.topic], listener=_Listener(self))
+        self._subscribe()
         log.info("consuming %s as group %s (redis %s)", cfg.topic, cfg.group, cfg.redis)
         try:
             while not self._stop.is_set():
+                consumer = self._consumer  # replaced when joining the group gets stuck
+                assert consumer is not None
                 try:
-                    batch = self._consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=cfg.max_batch)
+                    batch = consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=cfg.max_batch)
                 except KafkaError as exc:
                     log.warning("poll failed (%s); retrying", exc)
                     self._stop.wait(1.0)
                     continue
                 self._position_assigned()
-                if not batch and not self._consumer.assignment():
+                if consumer.assignment():
+                    self._unassigned_since = None
+                elif not batch:
                     self._while_unassigned()
                     continue
                 batch = {tp: recs for tp, recs in batch.items() if tp not in self._unpositioned and recs}
@@ -231,10 +241,22 @@ class StreamConsumer:
                 log.info("stopping with a batch not applied; it will be read again")
             self._shutdown()
 
+    def _subscribe(self) -> None:
+        assert self._consumer is not None
+        try:
+            # Know the topic's partitions before joining: a join without them yields an empty
+            # assignment and an immediate second join, which kafka-python does not always survive.
+            self._consumer.partitions_for_topic(self.config.topic)
+        except KafkaError as exc:
+            log.warning("no metadata for %s yet (%s)", self.config.topic, exc)
+        self._consumer.subscribe([self.config.topic], listener=_Listener(self))
+        self._metadata_checked = self._unassigned_since = time.monotonic()
+
     def _while_unassigned(self) -> None:
-        """No partitions: wait a little instead of spinning, and now and then refresh the topic
-        metadata. kafka-python can join the group before it has the topic's metadata, get an
-        empty assignment, and only notice the partitions at the next periodic metadata refresh."""
+        """No partitions: wait a little instead of spinning, refresh the topic metadata now and
+        then (kafka-python can join before it knows the topic's partitions, then wait for its
+        periodic metadata refresh), and start over with a new client if joining the group does
+        not finish (seen with kafka-python 3.0 after a join that got no partitions)."""
         assert self._consumer is not None
         now = time.monotonic()
         if now - self._metadata_checked >= _METADATA_RECHECK_S:
@@ -243,6 +265,17 @@ class StreamConsumer:
                 self._consumer.topics()  # a metadata request: a change in partitions triggers a rejoin
             except KafkaError as exc:
                 log.warning("metadata refresh failed (%s)", exc)
+        stable = self._consumer.group_metadata().state == MemberState.STABLE
+        if stable or self._unassigned_since is None:
+            self._unassigned_since = None if stable else now
+        elif now - self._unassigned_since > _JOIN_STUCK_S:
+            log.warning(
+                "joining group %s has not finished in %.0f s; reconnecting", self.config.group, _JOIN_STUCK_S
+            )
+            self._consumer.close(autocommit=False)
+            self._consumer = None
+            self._connect()
+            self._subscribe()
         self._finish_inflight()
         if self._event_log is not None:
             self._finish_roll(main_thread=True)
@@ -269,13 +302,14 @@ class StreamConsumer:
                     # verifies CRCs when records are written and TCP protects them in transit.
                     check_crcs=False,
                 )
-                self._producer = KafkaProducer(
-                    bootstrap_servers=cfg.bootstrap,
-                    client_id=f"{cfg.client_id}-dlq",
-                    acks="all",
-                    retries=10,
-                    linger_ms=5,
-                )
+                if self._producer is None:
+                    self._producer = KafkaProducer(
+                        bootstrap_servers=cfg.bootstrap,
+                        client_id=f"{cfg.client_id}-dlq",
+                        acks="all",
+                        retries=10,
+                        linger_ms=5,
+                    )
                 return
             except KafkaError as exc:
                 if self._consumer is not None:
@@ -519,7 +553,7 @@ class StreamConsumer:
         for i, owner in zip(fenced, state.seen[n:], strict=True):
             rec = records[i]
             if owner is None or owner == f"{topic}:{rec.partition}:{rec.offset}".encode():
-                batch.to_log.append(parsed[i])
+                batch.to_log.append(cast(Event, parsed[i]))
         if any(owner is not None for owner in state.seen[:n]):  # ids applied by earlier records
             keep = [j for j in range(n) if state.seen[j] is None]
             plan.duplicates += n - len(keep)
