@@ -179,30 +179,6 @@ stop() {
     rm -f "$PID_FILE"
 }
 
-status() {
-    local pid
-    if pid=$(running_pid); then
-        log "running (pid $pid) on 127.0.0.1:$KAFKA_PORT; log: $LOG_FILE"
-        return 0
-    fi
-    if port_open "$KAFKA_PORT"; then
-        log "not started by 'make up', but port $KAFKA_PORT is taken by $(port_owner "$KAFKA_PORT")"
-    else
-        log "stopped"
-    fi
-    return 3
-}
+status() { report_status "$KAFKA_PORT"; }
 
-case "${1:-}" in
-start) start ;;
-stop) stop ;;
-restart)
-    stop
-    start
-    ;;
-status) status ;;
-*)
-    echo "usage: $0 start|stop|restart|status" >&2
-    exit 2
-    ;;
-esac
+run_command "$@"

@@ -121,3 +121,35 @@ apt_install() {
 need_python() {
     [[ -x $PYTHON ]] || die "$PYTHON not found: run 'make install' first (or set RECSTACK_PYTHON)"
 }
+
+# `status` of a service script: its running_pid (defined by the script) and what holds its port.
+report_status() {
+    local port=$1 pid
+    if pid=$(running_pid); then
+        log "running (pid $pid) on 127.0.0.1:$port; log: $LOG_FILE"
+        return 0
+    fi
+    if port_open "$port"; then
+        log "not started by 'make up', but port $port is taken by $(port_owner "$port")"
+    else
+        log "stopped"
+    fi
+    return 3
+}
+
+# The start|stop|restart|status entry point shared by kafka.sh and redis.sh.
+run_command() {
+    case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    restart)
+        stop
+        start
+        ;;
+    status) status ;;
+    *)
+        echo "usage: $0 start|stop|restart|status" >&2
+        exit 2
+        ;;
+    esac
+}
