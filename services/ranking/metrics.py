@@ -3,20 +3,15 @@
 A registry per server (not the process-wide default) lets tests run several servers in one
 process and read each one's counters; ``recstack serve`` exposes it on ``--metrics-port``.
 
-Importing Feast sets ``PROMETHEUS_MULTIPROC_DIR`` for the whole process (its feature server
-forks workers), which would switch every metric created afterwards to values in shared mmap
-files: slower on the hot path and shared between servers of one process. The metrics here are
-one process's own, so they are created with in-process values whatever the import order, and
-every label combination the service uses is created up front, inside that guard.
+The metrics are created with in-process values whatever the import order (see
+:mod:`recstack.metrics`), and every label combination the service uses is created up front.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
-from prometheus_client import values as _values
+
+from recstack.metrics import in_process_values
 
 # Fine-grained around the 1-20 ms that matter for a 10 ms p99, coarse beyond.
 LATENCY_BUCKETS_S = (
@@ -81,20 +76,10 @@ STAGES = ("fetch", "candidates", "assemble", "forward", "encode")
 SHED_REASONS = ("queue_full", "queue_wait", "deadline", "cancelled", "shutdown")
 
 
-@contextlib.contextmanager
-def _in_process_values() -> Iterator[None]:
-    saved = _values.ValueClass
-    _values.ValueClass = _values.MutexValue
-    try:
-        yield
-    finally:
-        _values.ValueClass = saved
-
-
 class RankingMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        with _in_process_values():
+        with in_process_values():
             self._create(self.registry)
 
     def _create(self, r: CollectorRegistry) -> None:

@@ -133,8 +133,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     config = StreamConfig.from_namespace(args)  # checked before anything heavy is imported
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # consumer.py imports prometheus_client before Feast: importing Feast sets
-    # PROMETHEUS_MULTIPROCESS_DIR, which would turn every metric into a slower file-backed one.
     from services.stream.consumer import run
 
     return run(config)
