@@ -29,6 +29,8 @@ _GROUPS: dict[str, list[_Flag]] = {
     "network": [
         ("--host", "host", str, "address to listen on; 127.0.0.1 keeps the server off the network"),
         ("--port", "port", _port, "gRPC port (0 = any free port)"),
+        ("--reuse-port", "reuse_port", None,
+         "share the port with other server processes (SO_REUSEPORT); --workers sets it"),
         ("--metrics-port", "metrics_port", _port, "Prometheus /metrics HTTP port (0 disables)"),
         ("--tls-cert", "tls_cert", str, "TLS certificate chain, PEM (with --tls-key)"),
         ("--tls-key", "tls_key", str, "TLS private key, PEM (with --tls-cert)"),
@@ -90,6 +92,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.set_defaults(handler=run)
+    add_flag(
+        p,
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="server processes sharing the gRPC port (SO_REUSEPORT), one per core; worker i "
+        "exports metrics on --metrics-port + i",
+    )
     defaults = RankingConfig()
     for title, flags in _GROUPS.items():
         group = p.add_argument_group(title)
@@ -121,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     config = config_from_args(args)
+    if args.workers > 1:
+        if config.port == 0:
+            raise UserError("--workers needs a fixed --port: with port 0 each worker would pick its own")
+        from services.ranking.workers import run_workers
+
+        return run_workers(args.workers, config.metrics_port)
     from services.ranking.server import serve
 
     try:

@@ -21,6 +21,9 @@ class RankingConfig:
     # --- network -------------------------------------------------------------------------------
     host: str = "0.0.0.0"  # contract default; use 127.0.0.1 to keep the server off the network
     port: int = 50051  # 0 = pick a free port (tests)
+    # Share the port with other server processes (SO_REUSEPORT; the kernel spreads connections).
+    # Off by default so that a second server started by mistake fails instead of sharing.
+    reuse_port: bool = False
     tls_cert: Path | None = None  # PEM certificate chain; TLS is on when both cert and key are given
     tls_key: Path | None = None
     # Bearer token clients must send as ``authorization: Bearer <token>``; None = auth off.

@@ -158,7 +158,8 @@ class RankingServer:
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            # Without reuse_port a second server on the same port must fail, not share it.
+            ("grpc.so_reuseport", 1 if config.reuse_port else 0),
         ]
         self.grpc = grpc.aio.server(
             interceptors=[_Boundary(self.metrics, config.auth_token)], options=options

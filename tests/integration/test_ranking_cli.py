@@ -135,3 +135,71 @@ def test_serve_exports_metrics_and_stops_gracefully_on_sigterm(redis_url, tmp_pa
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serve_workers_share_one_port_and_stop_together(redis_url, tmp_path):
+    from test_ranking_server import ITEMS, V1, publish_model
+
+    models = tmp_path / "models"
+    publish_model(models, V1, seed=1)
+    port, metrics_port = _free_port(), _free_port()
+    while metrics_port + 1 == port:
+        metrics_port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "recstack.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
+         "--port", str(port), "--models", str(models), "--redis", redis_url,
+         "--metrics-port", str(metrics_port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        pages: list[str] = []
+        while len(pages) < 2:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, "the two workers never both exported metrics"
+            pages = []
+            for worker_port in (metrics_port, metrics_port + 1):
+                try:
+                    url = f"http://127.0.0.1:{worker_port}/metrics"
+                    pages.append(urllib.request.urlopen(url, timeout=2).read().decode())
+                except OSError:
+                    break
+            time.sleep(0.5)
+        # Each worker has its own process and metrics, and every new channel lands on one of them.
+        answered = 0
+        while answered < 40 and time.monotonic() < deadline:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = ranking_pb2_grpc.RankingServiceStub(channel)
+                try:
+                    reply = stub.Rank(ranking_pb2.RankRequest(user_id="u1", item_ids=ITEMS[:10]), timeout=10)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE  # a worker still loading its model
+                    time.sleep(0.5)
+                    continue
+                assert reply.model_version == V1
+                answered += 1
+        assert answered == 40
+        counts = []
+        for worker_port in (metrics_port, metrics_port + 1):
+            text = (
+                urllib.request.urlopen(f"http://127.0.0.1:{worker_port}/metrics", timeout=10).read().decode()
+            )
+            line = next(
+                (
+                    x
+                    for x in text.splitlines()
+                    if x.startswith('recstack_ranking_request_seconds_count{code="OK",method="Rank"}')
+                ),
+                None,
+            )
+            counts.append(float(line.split()[-1]) if line else 0.0)
+        assert sum(counts) == answered
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
