@@ -129,7 +129,9 @@ def _wait_serving(target: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            status = stub.Check(health_pb2.HealthCheckRequest(service="recstack.v1.RankingService"), timeout=1)
+            status = stub.Check(
+                health_pb2.HealthCheckRequest(service="recstack.v1.RankingService"), timeout=1
+            )
             if status.status == health_pb2.HealthCheckResponse.SERVING:
                 channel.close()
                 return
@@ -164,8 +166,19 @@ def main(argv: list[str] | None = None) -> int:
         _step("stream consumer: Kafka user-events -> Feast/Redis features + Parquet event log")
         stack.start(
             "stream",
-            ["stream", "--bootstrap", args.bootstrap, "--redis", args.redis, "--group", "recstack-demo",
-             "--event-log", str(events_dir), "--metrics-port", "0"],
+            [
+                "stream",
+                "--bootstrap",
+                args.bootstrap,
+                "--redis",
+                args.redis,
+                "--group",
+                "recstack-demo",
+                "--event-log",
+                str(events_dir),
+                "--metrics-port",
+                "0",
+            ],
         )
         _step("replay Online Retail (real purchases) into Kafka")
         _run(["replay", "--source", "onlineretail", "--rate", "0", "--bootstrap", args.bootstrap])
@@ -179,8 +192,19 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(3)
         stack.start(
             "stream",
-            ["stream", "--bootstrap", args.bootstrap, "--redis", args.redis, "--group", "recstack-demo",
-             "--event-log", str(events_dir), "--metrics-port", "0"],
+            [
+                "stream",
+                "--bootstrap",
+                args.bootstrap,
+                "--redis",
+                args.redis,
+                "--group",
+                "recstack-demo",
+                "--event-log",
+                str(events_dir),
+                "--metrics-port",
+                "0",
+            ],
         )
 
         _step("train, quantize and evaluate a model from the event log")
@@ -190,8 +214,17 @@ def main(argv: list[str] | None = None) -> int:
         target = f"127.0.0.1:{args.port}"
         stack.start(
             "serve",
-            ["serve", "--port", str(args.port), "--models", str(models_dir), "--redis", args.redis,
-             "--metrics-port", "0"],
+            [
+                "serve",
+                "--port",
+                str(args.port),
+                "--models",
+                str(models_dir),
+                "--redis",
+                args.redis,
+                "--metrics-port",
+                "0",
+            ],
         )
         _wait_serving(target, timeout_s=120)
 
@@ -200,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
 
         _step("short open-loop load test")
         bench_out = out / "bench"
-        _run(["bench", "--quick", "--models", str(models_dir), "--redis", args.redis, "--out", str(bench_out)])
+        _run(
+            ["bench", "--quick", "--models", str(models_dir), "--redis", args.redis, "--out", str(bench_out)]
+        )
 
         _report(out, models_dir, bench_out, fresh, time.monotonic() - started)
     finally:
@@ -213,7 +248,12 @@ def _report(out: Path, models_dir: Path, bench_out: Path, fresh: list[float], to
 
     version = list_versions(models_dir)[-1]
     metrics = json.loads((version / "metrics.json").read_text())
-    lines = ["# recstack demo report", "", f"Model version `{version.name}`, demo took {took_s / 60:.1f} min.", ""]
+    lines = [
+        "# recstack demo report",
+        "",
+        f"Model version `{version.name}`, demo took {took_s / 60:.1f} min.",
+        "",
+    ]
     report_md = version / "report.md"
     if report_md.is_file():
         lines += ["## Quality (temporal split, full ranking over all items)", "", report_md.read_text(), ""]
@@ -227,7 +267,12 @@ def _report(out: Path, models_dir: Path, bench_out: Path, fresh: list[float], to
     ]
     summary = bench_out / "summary.md"
     if summary.is_file():
-        lines += ["## Latency and throughput (open loop, 100 candidates per Rank)", "", summary.read_text(), ""]
+        lines += [
+            "## Latency and throughput (open loop, 100 candidates per Rank)",
+            "",
+            summary.read_text(),
+            "",
+        ]
     plots = sorted(str(p) for p in [*bench_out.glob("*.png"), *version.glob("*.png")])
     lines += ["## Plots", "", *[f"- {p}" for p in plots], ""]
     text = "\n".join(lines)

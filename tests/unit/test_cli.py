@@ -30,9 +30,21 @@ def test_contract_subcommands_exist_and_have_help():
 
 @pytest.mark.parametrize(
     ("sub", "flag"),
-    [("stream", "--bootstrap"), ("stream", "--redis"), ("stream", "--group"), ("replay", "--source"),
-     ("replay", "--rate"), ("replay", "--limit"), ("train", "--events"), ("train", "--until"),
-     ("train", "--out"), ("serve", "--port"), ("serve", "--models"), ("serve", "--redis"), ("serve", "--naive")],
+    [
+        ("stream", "--bootstrap"),
+        ("stream", "--redis"),
+        ("stream", "--group"),
+        ("replay", "--source"),
+        ("replay", "--rate"),
+        ("replay", "--limit"),
+        ("train", "--events"),
+        ("train", "--until"),
+        ("train", "--out"),
+        ("serve", "--port"),
+        ("serve", "--models"),
+        ("serve", "--redis"),
+        ("serve", "--naive"),
+    ],
 )
 def test_contract_flags(sub, flag):
     sub_parser = _subcommands(build_parser())[sub]

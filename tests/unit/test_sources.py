@@ -61,7 +61,10 @@ def test_event_log_jsonl_roundtrip_and_bad_line_names_file_and_field(tmp_path: P
     back = sources.load_event_log([log])
     assert back["event_id"].tolist() == frame["event_id"].tolist()
     with log.open("a") as fh:
-        fh.write(json.dumps({"event_id": "x", "user_id": "u", "item_id": "i", "event_type": "click", "ts": 1}) + "\n")
+        fh.write(
+            json.dumps({"event_id": "x", "user_id": "u", "item_id": "i", "event_type": "click", "ts": 1})
+            + "\n"
+        )
     with pytest.raises(UserError, match=r"events.jsonl:101: event_type"):
         sources.load_event_log([log])
     with pytest.raises(UserError, match="not found"):
@@ -74,7 +77,9 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 def _serve(directory: Path):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: _Handler(*a, directory=str(directory)))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: _Handler(*a, directory=str(directory))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -107,7 +112,8 @@ def test_onlineretail_is_downloaded_when_not_found_locally(tmp_path: Path, monke
         monkeypatch.setattr(sources, "SHARED_DATA_DIR", tmp_path / "absent")
         monkeypatch.setattr(sources, "CACHE_DIR", tmp_path / "cache")
         monkeypatch.setenv(
-            "RECSTACK_ONLINERETAIL_URL", f"http://127.0.0.1:{server.server_address[1]}/{sources.ONLINERETAIL_FILE}"
+            "RECSTACK_ONLINERETAIL_URL",
+            f"http://127.0.0.1:{server.server_address[1]}/{sources.ONLINERETAIL_FILE}",
         )
         found = sources.find_onlineretail()
         assert found == tmp_path / "cache" / sources.ONLINERETAIL_FILE
