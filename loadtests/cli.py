@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from recstack.errors import UserError
-from recstack.flags import add_flag, host_port, non_negative_float, positive_int, redis_url
+from recstack.flags import add_flag, host_port, non_negative_float, positive_float, positive_int, redis_url
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,6 @@ def duration(text: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"expected a duration such as 60s, 2m or 500ms, got {text!r}")
     return float(match.group(1)) * _UNITS[match.group(2)]
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than zero, got {text}")
-    return value
 
 
 def fraction(text: str) -> float:

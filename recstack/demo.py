@@ -162,24 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     models_dir = out / "models"
     stack = Stack(out, args.keep)
     started = time.monotonic()
+    stream_args = ["stream", "--bootstrap", args.bootstrap, "--redis", args.redis, "--group", "recstack-demo",
+                   "--event-log", str(events_dir), "--metrics-port", "0"]  # fmt: skip
     try:
         _step("stream consumer: Kafka user-events -> Feast/Redis features + Parquet event log")
-        stack.start(
-            "stream",
-            [
-                "stream",
-                "--bootstrap",
-                args.bootstrap,
-                "--redis",
-                args.redis,
-                "--group",
-                "recstack-demo",
-                "--event-log",
-                str(events_dir),
-                "--metrics-port",
-                "0",
-            ],
-        )
+        stack.start("stream", stream_args)
         _step("replay Online Retail (real purchases) into Kafka")
         _run(["replay", "--source", "onlineretail", "--rate", "0", "--bootstrap", args.bootstrap])
         from recstack.sources import load_onlineretail
@@ -188,24 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         waited = _wait_applied(args.redis, tail_users, timeout_s=600)
         print(f"    features applied ({waited:.1f} s after the replay finished)")
         # The event log is flushed on shutdown; restart the consumer so the log is complete for training.
-        stack.procs.pop("stream").send_signal(signal.SIGTERM)
-        time.sleep(3)
-        stack.start(
-            "stream",
-            [
-                "stream",
-                "--bootstrap",
-                args.bootstrap,
-                "--redis",
-                args.redis,
-                "--group",
-                "recstack-demo",
-                "--event-log",
-                str(events_dir),
-                "--metrics-port",
-                "0",
-            ],
-        )
+        consumer = stack.procs.pop("stream")
+        consumer.send_signal(signal.SIGTERM)
+        consumer.wait(timeout=60)
+        stack.start("stream", stream_args)
 
         _step("train, quantize and evaluate a model from the event log")
         _run(["train", "--events", str(events_dir), "--until", args.until, "--out", str(models_dir)])

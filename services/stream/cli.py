@@ -5,17 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from recstack.flags import add_flag, host_port, non_negative_int, positive_int, redis_url
+from recstack.flags import add_flag, host_port, non_negative_int, positive_float, positive_int, redis_url
 from services.stream.config import StreamConfig
 
 _DEFAULTS = StreamConfig()
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -74,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser,
         "--trending-half-life-s",
         default=d.trending_half_life_s,
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="half-life of the items' trending score, in event time",
     )
@@ -106,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser,
         "--log-roll-s",
         default=d.log_roll_s,
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="close an event-log part file (and commit offsets) after this many seconds",
     )
