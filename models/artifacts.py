@@ -289,6 +289,7 @@ def load_version(
     """
     folder = Path(version_dir)
     model, vocab, config, catalogue = load_model(folder, device, quantized, dense_runtime=dense_runtime)
+    runtime = dense_runtime or config.get("int8_dense_runtime", "fp32")
     try:
         router = PathRouter(RouterConfig(**config.get("router", {})))
     except (TypeError, ValueError) as exc:
@@ -302,4 +303,5 @@ def load_version(
         catalogue_stats=catalogue,
         device=device,
         quantized=quantized,
+        compiled=quantized and runtime == "torchscript",
     )

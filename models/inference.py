@@ -18,10 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.compiled import CompiledPaths
 from models.features import ITEM_DENSE_DIM, USER_DENSE_DIM, item_dense, user_dense
 from models.model import RankBatch, TwoPathRanker
 from models.router import PathRouter
 from models.vocab import FIRST_ITEM_ROW, PAD, ItemVocab
+
+
+# Compiled graphs are traced at warm-up for the cascade heads of requests up to this size (the
+# server's default candidate limit); a larger head is traced on first use.
+WARM_CANDIDATES = 1_000
 
 
 @dataclass
@@ -86,6 +92,7 @@ class Ranker:
         catalogue_stats: np.ndarray | None = None,
         device: str = "cpu",
         quantized: bool = False,
+        compiled: bool = False,
     ) -> None:
         self.model = model.eval()
         self.model.prepare_inference()
@@ -97,6 +104,8 @@ class Ranker:
         self.quantized = quantized
         self.history_len = model.config.light.history_len
         self._local = threading.local()
+        # TorchScript graphs of the paths (models.compiled) where the model can be traced.
+        self.compiled = CompiledPaths(model) if compiled and CompiledPaths.supported(model) else None
         # For candidate generation: every known item with its counters as of the end of training.
         stats = catalogue_stats if catalogue_stats is not None else np.zeros((len(vocab), ITEM_DENSE_DIM))
         self._all_rows = torch.arange(FIRST_ITEM_ROW, len(vocab), device=self.device)
@@ -156,7 +165,10 @@ class Ranker:
         return out
 
     def warmup(self) -> None:
-        """Run every path at a few batch shapes so first requests do not pay for lazy initialisation."""
+        """Run every path at a few batch shapes so first requests do not pay for lazy initialisation
+        (and trace the compiled graphs for every cascade head the router can choose)."""
+        if self.compiled is not None:
+            self.compiled.warmup(self.router.heads(WARM_CANDIDATES))
         known = self.vocab.item_ids[: self.history_len] or ["warmup-unknown"]
         cands = (self.vocab.item_ids * (100 // max(len(self.vocab.item_ids), 1) + 1))[:100] or ["x"]
         for n in (1, 8):
@@ -206,7 +218,9 @@ class Ranker:
     def _batch(self, slot: str, group: list[_Prepared]) -> RankBatch:
         """Pack ``group`` into padded tensors (to its longest history and candidate list)."""
         b = len(group)
-        longest = max((len(p.hist) for p in group), default=0)
+        # At least one history slot (padding when nobody has history): every path masks it, and a
+        # compiled graph is traced for a non-empty history axis.
+        longest = max(max((len(p.hist) for p in group), default=0), 1)
         c = max((len(p.cand) for p in group), default=0)
         hist, cand, item, user = self._buffers(slot).views(b, longest, c)
         hist.fill(PAD)
@@ -229,7 +243,10 @@ class Ranker:
     def _forward(self, path: str, group: list[_Prepared], heads: list[int] | None) -> list[np.ndarray]:
         """One forward pass of ``path`` for ``group`` -> each request's scores (its own length)."""
         batch = self._batch(path, group)
-        if path == "light":
+        if self.compiled is not None:
+            head = None if heads is None else torch.tensor(heads, dtype=torch.int64, device=self.device)
+            out = self.compiled(path, batch, head)
+        elif path == "light":
             out = self.model.light(batch)
         elif path == "full":
             out = self.model.full(batch)

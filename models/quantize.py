@@ -24,7 +24,9 @@ from models.model import Int8ItemEmbedding, InteractionMLP, RankerConfig, TwoPat
 
 QSUFFIX = ".q"
 SSUFFIX = ".scale"
-DENSE_RUNTIMES = ("fp32", "torch-dynamic", "onnxruntime-int8", "onnxruntime-fp32")
+# "torchscript": the int8 weights dequantized once at load (weight-only int8), and every path run
+# as a traced TorchScript graph (models.compiled); the other runtimes run the paths eagerly.
+DENSE_RUNTIMES = ("fp32", "torch-dynamic", "onnxruntime-int8", "onnxruntime-fp32", "torchscript")
 # What a new version is served with: fastest at equal quality in benchmarks/model_bench.py
 # (interaction MLP 1.3-4.5x faster than torch fp32 at 100-12,800 rows; NDCG@10 within 0.3%).
 SERVED_DENSE_RUNTIME = "onnxruntime-int8"

@@ -28,10 +28,10 @@ from services.ranking.validation import Query
 log = logging.getLogger(__name__)
 
 
-def _load_warm(version_dir: Path, *, device: str, quantized: bool) -> Any:
+def _load_warm(version_dir: Path, *, device: str, quantized: bool, dense_runtime: str | None) -> Any:
     from models.artifacts import load_version
 
-    ranker = load_version(version_dir, device=device, quantized=quantized)
+    ranker = load_version(version_dir, device=device, quantized=quantized, dense_runtime=dense_runtime)
     ranker.warmup()
     return ranker
 
@@ -51,7 +51,12 @@ class ModelOwner:
             Path(config.models_dir),
             self.models,
             list_versions=list_versions,
-            load=partial(_load_warm, device=config.device, quantized=quantized),
+            load=partial(
+                _load_warm,
+                device=config.device,
+                quantized=quantized,
+                dense_runtime=config.dense_runtime if quantized else None,
+            ),
             executor=self._load_pool,
             interval_s=config.model_poll_interval_s,
             metrics=metrics,

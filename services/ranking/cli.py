@@ -23,6 +23,14 @@ def _port(text: str) -> int:
     return value
 
 
+def _dense_runtime(text: str) -> str:
+    from models.quantize import DENSE_RUNTIMES
+
+    if text not in DENSE_RUNTIMES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(DENSE_RUNTIMES)}, got {text!r}")
+    return text
+
+
 # (flag, config field, type, help) per group; type None is an on/off switch.
 _Flag = tuple[str, str, Callable[[str], Any] | None, str]
 _GROUPS: dict[str, list[_Flag]] = {
@@ -45,6 +53,8 @@ _GROUPS: dict[str, list[_Flag]] = {
          "model versions folder: the newest valid one is served, newer ones picked up"),
         ("--redis", "redis_url", redis_url, "Redis online store (the Feast feature store)"),
         ("--device", "device", str, "torch device: cpu, or cuda where a GPU exists"),
+        ("--dense-runtime", "dense_runtime", _dense_runtime,
+         "how the int8 model runs: torchscript (traced graphs), onnxruntime-int8, fp32, ..."),
         ("--naive", "naive", None,
          "the baseline: no batching, Feast reads per call, fp32, always the full path"),
         ("--model-poll-interval-s", "model_poll_interval_s", non_negative_float,

@@ -148,6 +148,15 @@ class RankingMetrics:
             ["result"],
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "recstack_ranking_gc_pause_seconds",
+            "Pauses of Python's cyclic garbage collector, per generation (every thread stops).",
+            ["generation"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        for generation in ("0", "1", "2"):
+            self.gc_pause.labels(generation)
         for method in METHODS:
             for code in CODES:
                 self.latency.labels(method, code)

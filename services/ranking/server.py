@@ -30,6 +30,7 @@ from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 from services.ranking.backend import BatchedBackend
 from services.ranking.config import RankingConfig
 from services.ranking.errors import RankingError, Unauthenticated
+from services.ranking.gc_tuning import GcPauseRecorder, freeze_heap
 from services.ranking.metrics import RankingMetrics
 from services.ranking.naive import NaiveBackend
 from services.ranking.validation import validate_rank, validate_recommend
@@ -182,11 +183,16 @@ class RankingServer:
         if self.port == 0:
             raise OSError(f"cannot bind the ranking server to {config.address}")
         self._stopped = asyncio.Event()
+        self._gc_pauses = GcPauseRecorder(self.metrics.gc_pause)
+        self._models_loaded = 0
+        self._serving = False  # the gRPC port is open
 
     async def start(self) -> None:
+        self._gc_pauses.install()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.backend.start(on_model=self._model_loaded)
         await self.grpc.start()
+        self._serving = True
         log.info(
             "ranking server on %s (port %d)%s%s%s",
             self.config.host,
@@ -197,6 +203,10 @@ class RankingServer:
         )
 
     def _model_loaded(self, ranker: Any) -> None:
+        self._models_loaded += 1
+        if self.config.gc_freeze:
+            # The first model loads before the port opens: a full collection costs no call then.
+            freeze_heap(collect_first=self._models_loaded == 1 and not self._serving)
         asyncio.get_running_loop().create_task(
             self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         )
@@ -208,6 +218,7 @@ class RankingServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.grace_period_s if grace is None else grace)
         await self.backend.stop()
+        self._gc_pauses.uninstall()
         self._stopped.set()
 
     async def wait_for_termination(self) -> None:
