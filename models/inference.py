@@ -24,7 +24,6 @@ from models.model import RankBatch, TwoPathRanker
 from models.router import PathRouter
 from models.vocab import FIRST_ITEM_ROW, PAD, ItemVocab
 
-
 # Compiled graphs are traced at warm-up for the cascade heads of requests up to this size (the
 # server's default candidate limit); a larger head is traced on first use.
 WARM_CANDIDATES = 1_000

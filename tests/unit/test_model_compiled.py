@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.compiled import CompiledPaths
-from models.inference import RankInput, Ranker
+from models.inference import Ranker, RankInput
 from models.model import ItemEmbeddingConfig, RankBatch, RankerConfig, TwoPathRanker
 from models.router import PathRouter
 from models.vocab import ItemVocab
