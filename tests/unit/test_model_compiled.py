@@ -71,7 +71,9 @@ def test_ranker_compiled_and_eager_rank_alike(model) -> None:
     ]
     for force in (None, "light", "full", "cascade"):
         for a, b in zip(
-            eager.rank_batch(inputs, force_path=force), compiled.rank_batch(inputs, force_path=force)
+            eager.rank_batch(inputs, force_path=force),
+            compiled.rank_batch(inputs, force_path=force),
+            strict=True,
         ):
             assert a.path == b.path
             np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-5)
