@@ -142,7 +142,7 @@ def _loadtest(args: argparse.Namespace) -> int:
 
 
 def _register_bench(subparsers: Any) -> None:
-    from loadtests.saturation import SERVER_NAMES
+    from loadtests.saturation import DEFAULT_SERVERS, SERVER_NAMES
 
     parser = subparsers.add_parser(
         "bench",
@@ -160,10 +160,11 @@ def _register_bench(subparsers: Any) -> None:
     add_flag(
         parser,
         "--servers",
-        default=list(SERVER_NAMES),
+        default=list(DEFAULT_SERVERS),
         nargs="+",
         choices=list(SERVER_NAMES),
-        help="servers to measure, in this order",
+        help="servers to measure, in this order; real-w2 is 'recstack serve --workers 2' (two processes "
+        "on one port), to compare with real (one)",
     )
     add_flag(parser, "--models", default="artifacts/models", help="model folder for the ranking servers")
     add_flag(
@@ -285,7 +286,7 @@ def _bench(args: argparse.Namespace) -> int:
         search=search,
         generator=_generator_config(args),
     )
-    commands = {name: getattr(args, f"{name}_cmd") for name in cfg.servers}
+    commands = {name: getattr(args, f"{name.replace('-', '_')}_cmd") for name in cfg.servers}
     if (
         any(name != "echo" and not commands.get(name) for name in cfg.servers)
         and not Path(cfg.models).is_dir()

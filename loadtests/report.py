@@ -110,6 +110,18 @@ def render_summary(results: dict[str, Any]) -> str:
         f"| real / echo, max rate at p99 <= {slo:g} ms | {_num(r_echo)} | >= 0.6 | {_met(r_echo, 0.6)} |"
     )
     lines.append(f"| real / naive, peak throughput | {_num(r_naive)} | >= 5 | {_met(r_naive, 5.0)} |")
+    if "real_w2_over_real_slo_rate" in comparison:
+        lines.append(
+            f"| real-w2 / real (2 vs 1 worker processes), max rate at p99 <= {slo:g} ms | "
+            f"{_num(comparison.get('real_w2_over_real_slo_rate'))} | - | - |"
+        )
+        lines.append(
+            f"| real-w2 / real, peak throughput | {_num(comparison.get('real_w2_over_real_peak'))} | - | - |"
+        )
+        lines.append(
+            f"| real-w2 / echo (one echo process), max rate at p99 <= {slo:g} ms | "
+            f"{_num(comparison.get('real_w2_over_echo_slo_rate'))} | - | - |"
+        )
     real = servers.get("real") or {}
     confirm = real.get("target")
     if confirm:

@@ -29,7 +29,10 @@ from loadtests.stats import StepRecord, summarize_step
 
 log = logging.getLogger(__name__)
 
-SERVER_NAMES = ("echo", "naive", "real")
+SERVER_NAMES = ("echo", "naive", "real", "real-w2")
+# Measured unless --servers says otherwise; real-w2 (`serve --workers 2`, two processes on one
+# port) is the scale-out comparison of docs/SCALING.md.
+DEFAULT_SERVERS = ("echo", "naive", "real")
 GENERATOR_LAG_LIMIT_MS = 2.0
 
 
@@ -74,7 +77,7 @@ QUICK_SEARCH = SearchConfig(
 @dataclass(frozen=True)
 class BenchConfig:
     out: Path
-    servers: tuple[str, ...] = SERVER_NAMES
+    servers: tuple[str, ...] = DEFAULT_SERVERS
     models: str = "artifacts/models"
     redis: str = "redis://127.0.0.1:6379/0"
     serve_args: tuple[str, ...] = ()
@@ -274,6 +277,9 @@ def server_specs(cfg: BenchConfig) -> dict[str, ServerSpec]:
         "echo": echo_spec(),
         "naive": ranking_spec("naive", cfg.models, cfg.redis, naive=True, extra_args=cfg.serve_args),
         "real": ranking_spec("real", cfg.models, cfg.redis, naive=False, extra_args=cfg.serve_args),
+        "real-w2": ranking_spec(
+            "real-w2", cfg.models, cfg.redis, naive=False, extra_args=(*cfg.serve_args, "--workers", "2")
+        ),
     }
     return {name: specs[name] for name in SERVER_NAMES if name in cfg.servers}
 
@@ -327,12 +333,18 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
 
     real_slo, echo_slo = figure("real", "slo_rate"), figure("echo", "slo_rate")
     real_peak, naive_peak = figure("real", "peak_rate"), figure("naive", "peak_rate")
-    return {
+    out = {
         "real_over_echo_slo_rate": ratio(real_slo, echo_slo),
         "real_over_echo_target": 0.6,
         "real_over_naive_peak": ratio(real_peak, naive_peak),
         "real_over_naive_target": 5.0,
     }
+    if "real-w2" in servers:
+        w2_slo, w2_peak = figure("real-w2", "slo_rate"), figure("real-w2", "peak_rate")
+        out["real_w2_over_real_slo_rate"] = ratio(w2_slo, real_slo)
+        out["real_w2_over_real_peak"] = ratio(w2_peak, real_peak)
+        out["real_w2_over_echo_slo_rate"] = ratio(w2_slo, echo_slo)
+    return out
 
 
 def write_results(results: dict[str, Any], out_dir: Path) -> Path:

@@ -115,13 +115,16 @@ def test_search_stops_at_the_rate_cap() -> None:
     assert result["slo_rate"] == 400.0 and result["slo_rate_is_lower_bound"]
 
 
-def _synthetic_results(tmp_path: Path) -> dict:
+def _synthetic_results(tmp_path: Path, two_workers: bool = False) -> dict:
     from loadtests.saturation import BenchConfig
 
     search = SearchConfig(start_rate=100.0, step_factor=1.5, fine_steps=2, **FAST)
     cfg = BenchConfig(out=tmp_path, search=search)
     servers = {}
-    for name, capacity in (("echo", 1600.0), ("naive", 150.0), ("real", 1200.0)):
+    capacities = [("echo", 1600.0), ("naive", 150.0), ("real", 1200.0)]
+    if two_workers:
+        capacities.append(("real-w2", 2000.0))
+    for name, capacity in capacities:
         server = SimulatedServer(capacity=capacity, base_ms=1.0 if name != "naive" else 4.0)
         result = {
             "name": name,
@@ -177,6 +180,19 @@ def test_summary_and_plots_are_written(tmp_path: Path) -> None:
     assert [p.name for p in written] == list(report.PLOT_FILES)
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_two_worker_server_is_compared_with_one_in_the_same_run(tmp_path: Path) -> None:
+    results = _synthetic_results(tmp_path, two_workers=True)
+    servers, comparison = results["servers"], results["comparison"]
+    assert comparison["real_w2_over_real_slo_rate"] == pytest.approx(
+        servers["real-w2"]["slo_rate"] / servers["real"]["slo_rate"], rel=1e-3
+    )
+    assert comparison["real_w2_over_real_slo_rate"] > 1
+    summary = report.render_summary(results)
+    assert "| real-w2 |" in summary and "real-w2 / real (2 vs 1 worker processes)" in summary
+    one_worker_only = _synthetic_results(tmp_path)["comparison"]
+    assert not any(key.startswith("real_w2") for key in one_worker_only)  # only when measured
 
 
 def test_plots_survive_a_run_where_every_server_failed(tmp_path: Path) -> None:
