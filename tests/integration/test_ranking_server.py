@@ -10,6 +10,7 @@ a generous limit; nothing asserts on timing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import subprocess
@@ -153,9 +154,12 @@ def expected_scores(
 ) -> np.ndarray:
     """What the model itself says for these features (same reader, same loader, no server)."""
     from models.artifacts import load_version
+    from services.ranking.config import RankingConfig
     from services.ranking.engine import item_stats_of, rank_input
 
-    ranker = load_version(version_dir, quantized=kw.pop("quantized", True))
+    quantized = kw.pop("quantized", True)
+    runtime = RankingConfig().dense_runtime if quantized else None  # what the server runs
+    ranker = load_version(version_dir, quantized=quantized, dense_runtime=runtime)
     client = redis.Redis.from_url(redis_url)
     (user,), items = read_features(client, [user_id], candidates)
     client.close()
@@ -208,6 +212,11 @@ def test_ranking_order_follows_the_model_scores(start_server, redis_url, models_
 
     top = server.stub.Rank(rank("u1", candidates, top_k=5), timeout=30)
     assert [x.item_id for x in top.items] == ids[:5]
+
+    # Served as the default runtime says: traced graphs, and the heap frozen out of the collector.
+    served = server.server.backend.models.current
+    assert served.compiled is not None and ("cascade", 20) in served.compiled.traced
+    assert gc.get_freeze_count() > 0
 
 
 def test_new_user_features_change_the_answer(start_server, redis_url, models_dir):
