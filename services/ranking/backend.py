@@ -19,9 +19,10 @@ from typing import Any
 from services.ranking.batcher import MicroBatcher
 from services.ranking.config import RankingConfig
 from services.ranking.engine import BatchEngine, item_stats_of
-from services.ranking.errors import NoModel
+from services.ranking.errors import NoModel, Overloaded
 from services.ranking.features import FeatureFetcher
 from services.ranking.lifecycle import ModelSlot, ModelWatcher
+from services.ranking.looplag import LoopLag
 from services.ranking.metrics import RankingMetrics
 from services.ranking.validation import Query
 
@@ -99,6 +100,10 @@ class BatchedBackend(ModelOwner):
         self.engine = BatchEngine(
             self.fetcher, self.models, recommend_pool=config.recommend_pool, metrics=metrics
         )
+        self._max_lag_s = config.max_loop_lag_ms / 1000.0
+        self._shed_min_calls = config.shed_min_queue
+        self._in_flight = 0  # calls between serve() and their answer (event loop only)
+        self.loop_lag = LoopLag(gauge=metrics.loop_lag)
         self._workers = ThreadPoolExecutor(
             max_workers=config.max_concurrent_batches, thread_name_prefix="rank-batch"
         )
@@ -112,21 +117,42 @@ class BatchedBackend(ModelOwner):
             shed_min_queue=config.shed_min_queue,
             max_concurrent_batches=config.max_concurrent_batches,
             metrics=metrics,
+            extra_load=self._lag_load if self._max_lag_s > 0 else None,
         )
         self._recommend_cost = max(config.recommend_pool, 1)
 
+    def _lag_load(self) -> float:
+        # Half the limit is load 0.5 (the cascade head shrinks), 0.85 of it sends all to light;
+        # like the refusal, only with a backlog (a stall alone says nothing about load).
+        if self._in_flight < self._shed_min_calls:
+            return 0.0
+        return self.loop_lag.lag_s / self._max_lag_s
+
     async def start(self, on_model: Callable[[Any], None] | None = None) -> None:
+        if self._max_lag_s > 0:
+            self.loop_lag.start()
         self.fetcher.start()
         await self.batcher.start()
         await self.start_models(on_model)
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        await self.loop_lag.stop()
         await self.stop_models()
         await self.fetcher.stop()
         self._workers.shutdown(wait=True)
 
     async def serve(self, query: Query, timeout_s: float | None) -> Any:
         self.require_model()
+        lag = self.loop_lag.lag_s
+        # Only with a backlog: a lone call after a stall (a model swap, a slow tick) is served late
+        # rather than refused, as with wait-based shedding.
+        if self._max_lag_s and lag > self._max_lag_s and self._in_flight >= self._shed_min_calls:
+            self.metrics.shed.labels("loop_lag").inc()
+            raise Overloaded(f"the server is {lag * 1000:.0f} ms behind its calls; retry later")
         cost = len(query.item_ids) if query.item_ids is not None else max(self._recommend_cost, query.top_k)
-        return await self.batcher.submit(query, cost, timeout_s)
+        self._in_flight += 1
+        try:
+            return await self.batcher.submit(query, cost, timeout_s)
+        finally:
+            self._in_flight -= 1

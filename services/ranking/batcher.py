@@ -18,8 +18,9 @@ The batch itself runs in a worker thread (``compute(items, load)``), up to
 ``max_concurrent_batches`` at a time, so the event loop keeps accepting calls meanwhile; torch
 and hiredis release the GIL for most of their work.
 
-``load`` (0-1) is how close the batch came to being shed: the larger of its oldest request's
-wait over ``max_queue_wait`` and the queue's depth over ``max_queue``. The model routes more
+``load`` (0-1) is how close the batch came to being shed: the largest of its oldest request's
+wait over ``max_queue_wait``, the queue's depth over ``max_queue`` and ``extra_load()`` (the
+server passes the event loop's lag over its limit). The model routes more
 requests to its light path as it grows, so quality gives way before anything is shed.
 """
 
@@ -68,6 +69,7 @@ class MicroBatcher(Generic[T, R]):
         shed_min_queue: int = 1,
         max_concurrent_batches: int = 1,
         metrics: RankingMetrics | None = None,
+        extra_load: Callable[[], float] | None = None,
     ) -> None:
         self._compute = compute
         self._executor = executor
@@ -77,6 +79,7 @@ class MicroBatcher(Generic[T, R]):
         self._max_wait = max_queue_wait_s  # 0: no time limit in the queue
         self._shed_min_queue = shed_min_queue  # wait-based shedding needs at least this backlog
         self._max_concurrent = max_concurrent_batches
+        self._extra_load = extra_load  # another 0-1 load signal (the event loop's lag), or None
         self._metrics = metrics or RankingMetrics()
         self._queue: collections.deque[_Job[T]] = collections.deque()
         self._queued_cost = 0
@@ -114,7 +117,8 @@ class MicroBatcher(Generic[T, R]):
         """0 (idle) to 1 (about to shed): see the module docstring."""
         by_depth = depth / self._max_queue
         by_wait = oldest_wait_s / self._max_wait if self._max_wait > 0 else 0.0
-        return min(1.0, max(by_depth, by_wait))
+        extra = self._extra_load() if self._extra_load is not None else 0.0
+        return min(1.0, max(by_depth, by_wait, extra))
 
     # --- request side --------------------------------------------------------------------------
     async def submit(self, item: T, cost: int, timeout_s: float | None = None) -> R:

@@ -74,6 +74,8 @@ _GROUPS: dict[str, list[_Flag]] = {
          "requests that waited longer are shed with RESOURCE_EXHAUSTED (0 = no limit)"),
         ("--shed-min-queue", "shed_min_queue", positive_int,
          "wait-based shedding applies only with at least this many requests waiting"),
+        ("--max-loop-lag-ms", "max_loop_lag_ms", non_negative_float,
+         "calls arriving while the event loop runs this late get RESOURCE_EXHAUSTED (0 = off)"),
         ("--max-concurrent-batches", "max_concurrent_batches", positive_int,
          "micro-batches computed at once (worker threads)"),
         ("--max-candidates", "max_candidates", positive_int,

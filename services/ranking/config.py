@@ -58,6 +58,11 @@ class RankingConfig:
     # ...but only while at least this many requests are waiting: a real backlog, not a lone
     # request that met a short stall (a GC pause, a model swap) on an otherwise idle server.
     shed_min_queue: int = 8
+    # Calls arriving while the event loop runs this late, with at least shed_min_queue calls in
+    # flight, are refused with RESOURCE_EXHAUSTED: the backlog upstream of our queue (in gRPC and
+    # the loop) that max_queue_wait_ms cannot see. Half of it already counts as load 0.5 for
+    # routing. 0 = off. An idle loop runs ~0-1 ms late.
+    max_loop_lag_ms: float = 5.0
     # Batches computed at once. On 2 cores one worker is best (measured: a second one halves the
     # batch size and both then fight the event loop for CPU and the GIL); with more cores a
     # second lets one batch's Redis round trip overlap another's forward pass.
@@ -121,6 +126,7 @@ class RankingConfig:
             "grace_period_s",
             "max_queue_delay_ms",
             "max_queue_wait_ms",
+            "max_loop_lag_ms",
             "redis_timeout_ms",
             "redis_retry_interval_s",
             "item_cache_ttl_s",

@@ -73,7 +73,7 @@ CODES = (
 )
 PATHS = ("light", "full", "cascade")
 STAGES = ("fetch", "candidates", "assemble", "forward", "encode")
-SHED_REASONS = ("queue_full", "queue_wait", "deadline", "cancelled", "shutdown")
+SHED_REASONS = ("queue_full", "queue_wait", "loop_lag", "deadline", "cancelled", "shutdown")
 
 
 class RankingMetrics:
@@ -116,6 +116,11 @@ class RankingMetrics:
             registry=r,
         )
         self.queue_depth = Gauge("recstack_ranking_queue_depth", "Requests waiting for a batch.", registry=r)
+        self.loop_lag = Gauge(
+            "recstack_ranking_loop_lag_seconds",
+            "How late the event loop runs a timer: about how long a new call waits for its handler.",
+            registry=r,
+        )
         self.in_flight_batches = Gauge(
             "recstack_ranking_batches_in_flight", "Micro-batches being computed.", registry=r
         )

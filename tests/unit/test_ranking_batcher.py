@@ -292,3 +292,38 @@ def test_a_short_backlog_is_computed_late_rather_than_shed():
         assert metrics.value("recstack_ranking_shed_total", {"reason": "queue_wait"}) == 0
 
     asyncio.run(main())
+
+
+def test_extra_load_signal_counts_toward_the_load_the_model_routes_by():
+    lag = {"load": 0.0}
+    batcher = MicroBatcher(Recorder(), None, max_queue=100, extra_load=lambda: lag["load"])  # type: ignore[arg-type]
+    assert batcher.load(0.0, 10) == pytest.approx(0.1)
+    lag["load"] = 0.7
+    assert batcher.load(0.0, 10) == pytest.approx(0.7)
+    lag["load"] = 3.0
+    assert batcher.load(0.0, 10) == 1.0
+
+
+def test_loop_lag_measures_how_late_the_event_loop_runs():
+    import time
+
+    from services.ranking.looplag import LoopLag
+
+    async def main():
+        metrics = RankingMetrics()
+        lag = LoopLag(interval_s=0.002, gauge=metrics.loop_lag)
+        lag.start()
+        await asyncio.sleep(0.02)
+        idle = lag.lag_s
+        time.sleep(0.05)  # the loop is blocked: the next tick fires ~50 ms late
+        await asyncio.sleep(0.003)
+        blocked = lag.lag_s
+        await asyncio.sleep(0.03)  # a few ticks later the window holds on-time ticks only
+        recovered = lag.lag_s
+        await lag.stop()
+        return idle, blocked, recovered, metrics.value("recstack_ranking_loop_lag_seconds")
+
+    idle, blocked, recovered, exported = asyncio.run(main())
+    assert blocked >= 0.04 > idle
+    assert recovered < 0.04
+    assert exported == recovered
