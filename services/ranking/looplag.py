@@ -5,9 +5,10 @@ forms before that: calls wait in gRPC and in the event loop's own ready queue fo
 to run, which no queue of ours sees. A timer that should fire every ``interval`` shows that wait
 directly: it fires late by about as long as a call arriving now waits for the loop.
 
-:class:`LoopLag` keeps the largest lateness of the last ``window`` ticks (a few milliseconds). The backend refuses a call with RESOURCE_EXHAUSTED
-when it is past ``max_loop_lag_ms`` (a refusal costs the loop a fraction of a served call, so it
-catches up) and adds ``lag / max`` to the load the model routes by, so the light path takes over
+:class:`LoopLag` keeps the largest lateness of the last ``window`` ticks (a few milliseconds).
+With a backlog of calls in flight, the backend refuses a call with RESOURCE_EXHAUSTED when the lag
+is past ``max_loop_lag_ms`` (a refusal costs the loop a fraction of a served call, so it catches
+up), and counts ``lag / max`` in the load the model routes by, so the light path takes over
 before anything is refused.
 """
 
