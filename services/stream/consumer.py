@@ -626,12 +626,20 @@ class StreamConsumer:
         try:
             files = roll.future.result()
         except OSError as exc:
-            log.error(
-                "event log: writing %d events failed (%s); they stay buffered", len(roll.columns[0]), exc
-            )
             assert self._event_log is not None
             self._event_log.put_back(roll.columns)
+            self.metrics.log_write_failures.inc()
+            self.metrics.log_unwritten.set(self._event_log.rows)
+            log.error(
+                "event log: writing %d events to %s failed (%s); they stay buffered (%d in memory) and "
+                "Kafka offsets are not committed until a write succeeds",
+                len(roll.columns[0]),
+                self._event_log.directory,
+                exc,
+                self._event_log.rows,
+            )
             return
+        self.metrics.log_unwritten.set(0)
         if files:
             log.info("event log: %d events -> %d file(s)", len(roll.columns[0]), len(files))
         if not roll.marks:

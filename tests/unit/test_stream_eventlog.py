@@ -78,3 +78,22 @@ def test_stale_temporaries_of_a_crashed_writer_are_removed(tmp_path):
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     EventLog(tmp_path)
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_failed_write_leaves_no_file_behind_so_the_retry_logs_each_event_once(tmp_path):
+    log = EventLog(tmp_path)
+    events = _events(10, MAY_1 - 5 * 60_000)  # two dates: the first file is written, the second fails
+    log.append(events)
+    (tmp_path / "date=2024-05-01").write_bytes(b"")  # a file where the folder must go
+    taken = log.take()
+    try:
+        log.write(taken)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the write should have failed")
+    assert not list(tmp_path.rglob("*.parquet")) and not list(tmp_path.rglob("*.tmp"))
+    log.put_back(taken)
+    (tmp_path / "date=2024-05-01").unlink()  # the disk is back
+    log.roll()
+    assert list(load_event_log([tmp_path])["event_id"]) == [e.event_id for e in events]
