@@ -302,7 +302,7 @@ class StreamState:
                 self._admin = KafkaAdminClient(
                     bootstrap_servers=self.bootstrap, client_id="recstack-chaos", request_timeout_ms=5_000
                 )
-            offsets = self._admin.list_consumer_group_offsets(self.group)
+            offsets = self._admin.list_group_offsets({self.group: None}).get(self.group, {})
         except (KafkaError, OSError):
             return None
         return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == self.topic}

@@ -129,8 +129,12 @@ class EventLog:
         name = f"part-{stamp}-{self._writer_id}-{self._seq:06d}.parquet"
         temporary = folder / f".{name}.tmp"
         try:
-            pq.write_table(table, temporary)
-            with open(temporary, "rb") as fh:
+            # Our own handle, closed whatever happens: a failed write_table keeps its file open
+            # until the exception is garbage collected, holding the space of a full disk and
+            # keeping a read-only remount busy.
+            with open(temporary, "wb") as fh:
+                pq.write_table(table, fh)
+                fh.flush()
                 os.fsync(fh.fileno())
         except OSError:
             temporary.unlink(missing_ok=True)  # a disk that filled up mid-file gets its space back
