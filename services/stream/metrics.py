@@ -50,7 +50,7 @@ class StreamMetrics:
         self.logged = Counter("recstack_stream_events_logged", "Events appended to the event log", registry=r)
         self.log_write_failures = Counter(
             "recstack_stream_eventlog_write_failures",
-            "Event-log rolls that failed (disk full or read-only): offsets stay uncommitted until one succeeds",
+            "Event-log rolls that failed (disk full, read-only): offsets stay uncommitted until one succeeds",
             registry=r,
         )
         self.log_unwritten = Gauge(
