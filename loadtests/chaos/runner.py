@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -332,6 +333,7 @@ class ChaosRun:
             result.skipped = skip
             return result
         window = _Window(spec, result)
+        result.figures["load_avg"] = round(os.getloadavg()[0], 1)  # how busy the machine was
         self.traffic.start()
         joiner, records, window.start = self._run_load(spec.window_s, seed)
         if self.origin is None:
@@ -406,7 +408,7 @@ class ChaosRun:
         codes = w.allowed_codes
         bad = {k: v for k, v in whole["errors"].items() if k not in codes}
         r.check(
-            "ranking errors only " + ("/".join(sorted(codes)) if codes else "none at all"),
+            ("ranking errors only " + "/".join(sorted(codes))) if codes else "no ranking call failed",
             not bad,
             f"{whole['calls']} calls, errors {whole['errors'] or 'none'}",
         )
@@ -655,7 +657,8 @@ class ChaosRun:
         w.result.check(
             "consumers said why (log and metrics)",
             bool(said) and failures > 0,
-            f"{failures:.0f} failed rolls counted; log: " + (said[0][-160:] if said else "nothing"),
+            f"{failures:.0f} failed rolls counted; log: "
+            + (said[0][said[0].index("event log:") :][:220] if said else "nothing"),
         )
 
         def log_complete(_record: StepRecord) -> None:
