@@ -176,7 +176,6 @@ class ChaosRun:
         self.say(f"starting Kafka (port {cfg.kafka_port}) and Redis (port {cfg.redis_port}) with infra/up.sh")
         self.infra.up()
         self.infra.create_topics(cfg.bootstrap, {self.topic: 6, self.dlq: 6})
-        self._model()
         if any(f.name.startswith("eventlog-") for f in cfg.faults):
             self.disk.mount()
         else:
@@ -185,9 +184,9 @@ class ChaosRun:
             self.say(
                 f"event log on an ordinary folder ({self.disk.why_not}): the disk faults will be skipped"
             )
-        self._start_consumers()
+        self._start_consumers()  # they start up while the model trains
+        self._model()
         self._start_servers()
-        from loadtests.chaos.traffic import EventTraffic
 
         self.traffic = EventTraffic(
             cfg.bootstrap, self.topic, self.run_id, cfg.event_rate, cfg.dup_share, cfg.bad_share
