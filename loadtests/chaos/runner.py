@@ -53,6 +53,7 @@ SERVING_TIMEOUT_S = 120.0
 # Statuses a ranking client may see while a dependency misbehaves (CONTRACT.md section 5): the
 # server sheds (RESOURCE_EXHAUSTED) or the call's deadline passes; everything else is a failure.
 ALLOWED_CODES = frozenset({"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
+_REPLAYED = "recstack_stream_events_replayed_total"
 
 
 @dataclass
@@ -460,11 +461,20 @@ class ChaosRun:
 
     def _fault_consumer_kill(self, w: _Window) -> None:
         victim = self.consumers[0]
+        survivor_port = self.consumer_metrics[1]
+        replayed = scrape(survivor_port, _REPLAYED) or 0.0
         applied = sum((self.state.applied() or {}).values())  # type: ignore[union-attr]
         victim.signal(signal.SIGKILL)
         victim.wait(10)
         w.result.figures["killed_at_records"] = f"{applied:,}"
         victim.start()  # as a supervisor would, at once
+
+        def fenced(_record: StepRecord) -> None:
+            # Applied but not yet committed when the kill landed: read again, stopped by the fence.
+            again = sum(scrape(port, _REPLAYED) or 0.0 for port in self.consumer_metrics) - replayed
+            w.result.figures["re_read_and_fenced"] = int(again)
+
+        w.post_checks.append(fenced)
 
     def _fault_consumer_hang(self, w: _Window) -> None:
         assert self.traffic is not None and self.state is not None
