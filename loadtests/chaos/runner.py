@@ -313,14 +313,14 @@ class ChaosRun:
             joiner.join()
         return joiner, records, start
 
-    def _wait_consumers_assigned(self, timeout_s: float) -> None:
+    def _wait_consumers_assigned(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            last = [_last_assignment(c.log_text()) for c in self.consumers]
-            if all(last):
-                return
+            if all(_last_assignment(c.log_text()) for c in self.consumers):
+                return True
             time.sleep(0.5)
         self.say("warning: not both consumers hold partitions yet; continuing")
+        return False
 
     # ------------------------------------------------------------------------------ one fault
 
@@ -469,7 +469,18 @@ class ChaosRun:
         w.result.figures["killed_at_records"] = f"{applied:,}"
         victim.start()  # as a supervisor would, at once
 
+        restarted = time.monotonic()
+
         def fenced(_record: StepRecord) -> None:
+            # Both consumers hold partitions again before the next fault (it needs two).
+            joined = self._wait_consumers_assigned(120.0)
+            w.result.check(
+                "the restarted consumer rejoined the group",
+                joined,
+                f"holds partitions {time.monotonic() - restarted:.0f} s after its restart"
+                if joined
+                else "not yet",
+            )
             # Applied but not yet committed when the kill landed: read again, stopped by the fence.
             again = sum(scrape(port, _REPLAYED) or 0.0 for port in self.consumer_metrics) - replayed
             w.result.figures["re_read_and_fenced"] = int(again)
@@ -479,8 +490,10 @@ class ChaosRun:
     def _fault_consumer_hang(self, w: _Window) -> None:
         assert self.traffic is not None and self.state is not None
         victim = self.consumers[0]
+        held = _last_assignment(victim.log_text())
         victim.signal(signal.SIGSTOP)
         stopped = time.monotonic()
+        w.result.check("the stopped consumer held partitions", held, "its last assignment was not empty")
         try:
             # Records published once the session has surely expired must be applied by the other one.
             _sleep_until(stopped + SESSION_TIMEOUT_MS / 1000 + 1.0)
@@ -503,7 +516,6 @@ class ChaosRun:
         started = time.monotonic()
         self.infra.restart("kafka")
         w.result.figures["restart_s"] = round(time.monotonic() - started, 1)
-        w.allowed_codes = frozenset()  # ranking does not use Kafka
 
     def _fault_redis_restart(self, w: _Window) -> None:
         started = time.monotonic()
@@ -549,10 +561,23 @@ class ChaosRun:
         return victim
 
     def _fault_server_term(self, w: _Window) -> None:
-        w.allowed_codes = frozenset()
         victim = self.servers[0]
         before = victim.log_text()
         self._restart_server(w, signal.SIGTERM)
+        exited = time.monotonic()
+
+        def drained(record: StepRecord) -> None:
+            # Calls sent from the SIGTERM until the server was gone: in flight on it, or refused
+            # by it and sent to the other one. None may fail.
+            stats = rep.window_stats(record, w.fault_start - 1.0, exited + 0.5)
+            w.result.check(
+                "no call failed while the server drained and stopped",
+                not stats["errors"],
+                f"{stats['calls']} calls from 1 s before the SIGTERM to its exit, "
+                f"errors {stats['errors'] or 'none'}",
+            )
+
+        w.post_checks.append(drained)
         stopped = "ranking server stopped" in victim.log_text()[len(before) :]
         w.result.check(
             "stopped gracefully",
@@ -561,19 +586,20 @@ class ChaosRun:
         )
 
     def _fault_server_kill(self, w: _Window) -> None:
-        w.allowed_codes = frozenset({"UNAVAILABLE"})
+        w.allowed_codes = ALLOWED_CODES | {"UNAVAILABLE"}
         self._restart_server(w, signal.SIGKILL)
         killed = w.fault_start
 
         def in_flight_only(record: StepRecord) -> None:
-            failed = (record.code != 0) & (record.scheduled >= w.start)
+            failed = (record.code == 14) & (record.scheduled >= w.start)  # UNAVAILABLE
             late = failed & (record.sent > killed + 1.0)
             served = rep.window_stats(record, killed, killed + 2.0)
             w.result.figures["unavailable"] = int(failed.sum())
             w.result.check(
-                "failures only for calls in flight at the kill (sent before it was seen, < 1 s)",
+                "UNAVAILABLE only for calls in flight at the kill (sent before it was seen, < 1 s)",
                 int(late.sum()) == 0,
-                f"{int(failed.sum())} failed, {int(late.sum())} of them sent more than 1 s after the kill",
+                f"{int(failed.sum())} UNAVAILABLE, "
+                f"{int(late.sum())} of them sent more than 1 s after the kill",
             )
             w.result.check(
                 "service continued on the other server",
@@ -592,7 +618,6 @@ class ChaosRun:
             write_manifest,
         )
 
-        w.allowed_codes = frozenset()
         current = list_versions(self.models)[-1]
         bad: list[Path] = []
         for k, rewrite_manifest in enumerate((False, True), 1):
@@ -737,8 +762,9 @@ def _retry(call: Callable[[], Any], attempts: int = 20, delay_s: float = 0.5) ->
 
 
 def _last_assignment(log_text: str) -> bool:
-    """True when the last 'assigned partitions [...]' line of a consumer log lists any partition."""
-    lines = [line for line in log_text.splitlines() if "assigned partitions [" in line]
+    """True when the newest process's last 'assigned partitions [...]' line lists any partition."""
+    newest = log_text.rsplit("===== ", 1)[-1]  # Service.start marks each start in the log
+    lines = [line for line in newest.splitlines() if "assigned partitions [" in line]
     return bool(lines) and not lines[-1].rstrip().endswith("[]")
 
 

@@ -45,7 +45,7 @@ FAULTS: tuple[FaultSpec, ...] = (
     FaultSpec(
         "broker-restart",
         "Kafka broker restarted (infra/kafka.sh restart)",
-        f"{_STREAM}; no publish lost; ranking unaffected",
+        f"{_STREAM}; no publish lost; ranking errors only as allowed",
         hold_s=15.0,
     ),
     FaultSpec(
@@ -63,19 +63,19 @@ FAULTS: tuple[FaultSpec, ...] = (
     FaultSpec(
         "server-term",
         "ranking server 1 of 2 SIGTERMed under load, restarted",
-        "no call fails (graceful drain); service continues",
+        "no call fails while it drains and stops; it comes back; " + _STREAM,
         hold_s=6.0,
     ),
     FaultSpec(
         "server-kill",
         "ranking server 1 of 2 SIGKILLed under load, restarted",
-        "only UNAVAILABLE, only for calls in flight at the kill; service continues",
+        "UNAVAILABLE only for calls in flight at the kill; service continues; " + _STREAM,
         hold_s=4.0,
     ),
     FaultSpec(
         "model-corrupt",
         "corrupted model versions published (bad checksum; good checksum, broken weights)",
-        "both refused, the old version keeps serving, no call fails",
+        "both refused, the old version keeps serving; ranking errors only as allowed",
         hold_s=5.0,
     ),
     FaultSpec(

@@ -28,13 +28,32 @@ INVARIANTS = (
 )
 
 
+def small_model(models_dir: Path) -> Path:
+    """A small random model of the served architecture (training one would take longer than the run)."""
+    import numpy as np
+    import torch
+
+    from models.artifacts import publish_version
+    from models.model import ItemEmbeddingConfig, RankerConfig, TwoPathRanker
+    from models.vocab import ItemVocab
+
+    vocab = ItemVocab([f"item-{k}" for k in range(300)])
+    torch.manual_seed(0)
+    model = TwoPathRanker(RankerConfig(embedding=ItemEmbeddingConfig(num_rows=len(vocab), dim=16)))
+    stats = np.random.default_rng(0).gamma(1.0, 10.0, size=(len(vocab), 4)).astype(np.float32)
+    return publish_version(
+        models_dir, model, vocab, stats, {"note": "test model"}, version="v20240101-000000"
+    )
+
+
 def test_short_chaos_run_loses_nothing(kafka_bootstrap, redis_url, tmp_path):
     redis = urlsplit(redis_url)
     out = tmp_path / "chaos"
+    small_model(tmp_path / "models")
     cmd = [
         sys.executable, "-m", "recstack.cli", "chaos", "--faults", "consumer-kill,redis-restart", "--quick",
         "--out", str(out), "--kafka-port", kafka_bootstrap.rsplit(":", 1)[1], "--redis-port", str(redis.port),
-        "--redis-db", redis.path.lstrip("/"), "--train-events", "5000", "--event-rate", "300",
+        "--redis-db", redis.path.lstrip("/"), "--models", str(tmp_path / "models"), "--event-rate", "300",
     ]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     report = out / "results.json"
