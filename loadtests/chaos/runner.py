@@ -474,6 +474,10 @@ class ChaosRun:
         restarted = time.monotonic()
 
         def fenced(_record: StepRecord) -> None:
+            # Applied but not yet committed when the kill landed: read again, stopped by the fence
+            # (the restarted process counts from zero; its metrics may not be up yet).
+            again = sum(scrape(port, _REPLAYED) or 0.0 for port in self.consumer_metrics) - replayed
+            w.result.figures["re_read_and_fenced"] = max(0, int(again))
             if "consumer-hang" not in self._remaining:
                 return  # no later fault needs the group whole again: no need to wait for the rejoin
             # Both consumers hold partitions again before the next fault (it needs two).
@@ -485,9 +489,6 @@ class ChaosRun:
                 if joined
                 else "not yet",
             )
-            # Applied but not yet committed when the kill landed: read again, stopped by the fence.
-            again = sum(scrape(port, _REPLAYED) or 0.0 for port in self.consumer_metrics) - replayed
-            w.result.figures["re_read_and_fenced"] = int(again)
 
         w.post_checks.append(fenced)
 
