@@ -4,14 +4,13 @@ writing them here too would put them in the event log twice. No broker or Redis 
 
 from __future__ import annotations
 
-from kafka import TopicPartition
-
 from recstack.events import Event
 from services.stream.config import StreamConfig
 
 
 def test_lost_partitions_leave_the_buffer_to_their_new_owner(tmp_path):
     import prometheus_client  # noqa: F401  (before Feast, as services/stream/cli.py does)
+    from kafka import TopicPartition
 
     from services.stream.consumer import StreamConsumer
 
