@@ -19,13 +19,14 @@ KEEP        ?= 0
 # uv installs everything; `make install` bootstraps the pinned version into $(PYTHON) if it is missing.
 UV = $(PYTHON) -m uv
 
-.PHONY: help install lock proto up down status test demo lint clean
+.PHONY: help install lock proto up down status test demo chaos lint clean
 
 help: ## list the targets
 	@echo "recstack make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 12
 	@echo
 	@echo "variables: TESTS=tests/unit PYTEST_ARGS='-k name' (test), KEEP=1 (demo: keep services running),"
+	@echo "           CHAOS_ARGS='--faults consumer-kill,redis-restart --quick' (chaos),"
 	@echo "           RECSTACK_KAFKA_PORT, RECSTACK_REDIS_PORT, RECSTACK_RUN_DIR (up/down/test/demo)"
 
 install: $(STAMP) proto ## create .venv/ and install the project with its locked dependencies
@@ -81,6 +82,9 @@ test: install ## install, start the services, run the whole test suite (TESTS=pa
 
 demo: install ## the end-to-end demo: replay, features, train, serve, load test, report (KEEP=1)
 	@KEEP=$(KEEP) infra/with-services.sh $(VENV_PY) -m recstack.demo
+
+chaos: install ## fault injection under traffic: nothing lost? report in artifacts/chaos/ (CHAOS_ARGS=...)
+	@$(VENV)/bin/recstack chaos $(CHAOS_ARGS)
 
 lint: install ## ruff check and ruff format --check (and shellcheck on infra/ when installed)
 	$(VENV)/bin/ruff check $(PY_DIRS)

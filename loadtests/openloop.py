@@ -69,6 +69,9 @@ class GeneratorConfig:
     timeout_s: float = 1.0  # per-call deadline: a call unanswered by then counts as DEADLINE_EXCEEDED
     connect_timeout_s: float = 30.0
     uvloop: bool = True
+    # Extra gRPC channel options, e.g. (("grpc.lb_policy_name", "round_robin"),) with an address
+    # listing several servers ("ipv4:127.0.0.1:50061,127.0.0.1:50062").
+    channel_options: tuple[tuple[str, Any], ...] = ()
 
 
 class GeneratorError(RuntimeError):
@@ -232,7 +235,12 @@ class _Client:
         for i in range(cfg.channels):
             # A distinct argument per channel gives each its own TCP connection.
             channel = grpc.aio.insecure_channel(
-                address, options=[("grpc.use_local_subchannel_pool", 1), ("recstack.loadtest.channel", i)]
+                address,
+                options=[
+                    ("grpc.use_local_subchannel_pool", 1),
+                    ("recstack.loadtest.channel", i),
+                    *cfg.channel_options,
+                ],
             )
             await asyncio.wait_for(channel.channel_ready(), cfg.connect_timeout_s)
             channels.append(channel)

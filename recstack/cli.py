@@ -21,6 +21,7 @@ _SUBCOMMAND_MODULES = (
     "models.cli",
     "services.ranking.cli",
     "loadtests.cli",
+    "loadtests.chaos.cli",
 )
 
 

@@ -359,7 +359,19 @@ class StreamConsumer:
                 log.warning(
                     "batch in flight at revocation not applied (%s); the next owner reads it", outcome
                 )
-        if self._event_log is not None:
+        if self._event_log is not None and lost and {tp.partition for tp in revoked} >= set(self._position):
+            # Every partition went to another member while this one was away (hung, cut off): it
+            # re-reads them from the last logged offset and logs what was applied here, so writing
+            # this buffer as well would log those events twice. Let a roll already writing finish.
+            try:
+                self._finish_roll(main_thread=False, wait=True)
+            except (redis.RedisError, OSError) as exc:
+                log.warning("roll before losing the partitions failed (%s)", exc)
+            left = len(self._event_log.take()[0])
+            self.metrics.log_unwritten.set(0)
+            if left:
+                log.warning("partitions lost: %d events not yet logged are left to their new owner", left)
+        elif self._event_log is not None:
             try:
                 self._roll(main_thread=False)
             except (_Stopping, redis.RedisError, OSError) as exc:
@@ -626,12 +638,20 @@ class StreamConsumer:
         try:
             files = roll.future.result()
         except OSError as exc:
-            log.error(
-                "event log: writing %d events failed (%s); they stay buffered", len(roll.columns[0]), exc
-            )
             assert self._event_log is not None
             self._event_log.put_back(roll.columns)
+            self.metrics.log_write_failures.inc()
+            self.metrics.log_unwritten.set(self._event_log.rows)
+            log.error(
+                "event log: writing %d events to %s failed (%s); they stay buffered (%d in memory) and "
+                "Kafka offsets are not committed until a write succeeds",
+                len(roll.columns[0]),
+                self._event_log.directory,
+                exc,
+                self._event_log.rows,
+            )
             return
+        self.metrics.log_unwritten.set(0)
         if files:
             log.info("event log: %d events -> %d file(s)", len(roll.columns[0]), len(files))
         if not roll.marks:

@@ -104,9 +104,16 @@ class EventLog:
             [pa.array(c, type=f.type) for c, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA
         )
         days = pc.floor(pc.divide(table.column("ts"), _DAY_MS))
-        written = []
-        for day in sorted(set(days.to_pylist())):
-            written.append(self._write(int(day), table.filter(pc.equal(days, day))))
+        written: list[Path] = []
+        try:
+            for day in sorted(set(days.to_pylist())):
+                written.append(self._write(int(day), table.filter(pc.equal(days, day))))
+        except OSError:
+            # All or nothing: the caller puts every taken event back and writes them again later,
+            # so the files of the days already written would otherwise hold them twice.
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
         return written
 
     def roll(self) -> list[Path]:
@@ -121,9 +128,17 @@ class EventLog:
         stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%S")
         name = f"part-{stamp}-{self._writer_id}-{self._seq:06d}.parquet"
         temporary = folder / f".{name}.tmp"
-        pq.write_table(table, temporary)
-        with open(temporary, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            # Our own handle, closed whatever happens: a failed write_table keeps its file open
+            # until the exception is garbage collected, holding the space of a full disk and
+            # keeping a read-only remount busy.
+            with open(temporary, "wb") as fh:
+                pq.write_table(table, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            temporary.unlink(missing_ok=True)  # a disk that filled up mid-file gets its space back
+            raise
         final = folder / name
         os.replace(temporary, final)
         _fsync_dir(folder)

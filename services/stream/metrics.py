@@ -48,6 +48,16 @@ class StreamMetrics:
             registry=r,
         )
         self.logged = Counter("recstack_stream_events_logged", "Events appended to the event log", registry=r)
+        self.log_write_failures = Counter(
+            "recstack_stream_eventlog_write_failures",
+            "Event-log rolls that failed (disk full, read-only): offsets stay uncommitted until one succeeds",
+            registry=r,
+        )
+        self.log_unwritten = Gauge(
+            "recstack_stream_eventlog_unwritten_events",
+            "Applied events held in memory because the event log could not be written (0 when healthy)",
+            registry=r,
+        )
         self.redis_retries = Counter(
             "recstack_stream_redis_retries", "Batch writes retried after a Redis or Kafka error", registry=r
         )

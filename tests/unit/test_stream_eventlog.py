@@ -78,3 +78,49 @@ def test_stale_temporaries_of_a_crashed_writer_are_removed(tmp_path):
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
     EventLog(tmp_path)
     assert not stale.exists() and fresh.exists()
+
+
+def test_a_failed_write_leaves_no_file_behind_so_the_retry_logs_each_event_once(tmp_path):
+    log = EventLog(tmp_path)
+    events = _events(10, MAY_1 - 5 * 60_000)  # two dates: the first file is written, the second fails
+    log.append(events)
+    (tmp_path / "date=2024-05-01").write_bytes(b"")  # a file where the folder must go
+    taken = log.take()
+    try:
+        log.write(taken)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the write should have failed")
+    assert not list(tmp_path.rglob("*.parquet")) and not list(tmp_path.rglob("*.tmp"))
+    log.put_back(taken)
+    (tmp_path / "date=2024-05-01").unlink()  # the disk is back
+    log.roll()
+    assert list(load_event_log([tmp_path])["event_id"]) == [e.event_id for e in events]
+
+
+def test_a_write_failing_mid_file_closes_and_removes_it(tmp_path, monkeypatch):
+    import errno
+
+    import services.stream.eventlog as eventlog
+
+    handles = []
+
+    def full_disk(table, where, **kwargs):  # what pyarrow does when the disk fills up mid-file
+        handles.append(where)
+        where.write(b"PAR1 partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(eventlog.pq, "write_table", full_disk)
+    log = EventLog(tmp_path)
+    log.append(_events(3, MAY_1))
+    try:
+        log.roll()
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    else:
+        raise AssertionError("the write should have failed")
+    # closed at once (not when the exception is collected): a full disk gets its space back and
+    # a read-only remount is not kept busy
+    assert handles and handles[0].closed
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.parquet"))

@@ -1,0 +1,171 @@
+"""The pure parts of ``recstack chaos``: the truth, the comparison, the schedule, the figures, the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from feature_store.values import EVENT_WEIGHTS, RECENT_ITEMS_MAX, ItemFeatures, UserFeatures, decay_merge
+from loadtests.chaos import report as rep
+from loadtests.chaos.report import FaultResult
+from loadtests.chaos.schedule import FAULT_NAMES, parse_fault_list, plan
+from loadtests.chaos.truth import Acked, compare, expected_features
+from loadtests.stats import StepRecord
+from recstack.errors import UserError
+from recstack.events import Event
+
+HALF_LIFE_S = 3600.0
+
+
+def _ev(n: int, user: str = "u", item: str = "i", kind: str = "view", ts: int = 1_000) -> Event:
+    return Event(event_id=f"e{n}", user_id=user, item_id=item, event_type=kind, ts_ms=ts)
+
+
+# ------------------------------------------------------------------------------------------ truth
+
+
+def test_truth_counts_each_distinct_event_once_in_offset_order():
+    acked = [
+        Acked(0, 2, _ev(3, item="b", ts=3_000)),
+        Acked(0, 0, _ev(1, item="a", ts=1_000)),
+        Acked(0, 1, _ev(2, item="b", kind="purchase", ts=2_000)),
+        Acked(0, 3, _ev(1, item="a", ts=1_000)),  # a producer duplicate, later offset: no effect
+    ]
+    users, items = expected_features(acked, HALF_LIFE_S)
+    u = users["u"]
+    assert (u.views, u.add_to_carts, u.purchases) == (2, 0, 1)
+    assert u.last_event_ts == 3_000
+    assert u.recent_items == ["b", "a"]  # b again at offset 2 moves to the front, once
+    assert (items["a"].views, items["b"].views, items["b"].purchases) == (1, 1, 1)
+    assert items["b"].last_event_ts == 3_000
+
+
+def test_truth_trending_matches_the_stream_merge_rule_in_any_time_order():
+    times = [5_000, 1_000, 9_000, 3_000]
+    acked = [Acked(0, k, _ev(k, item="x", kind="add_to_cart", ts=t)) for k, t in enumerate(times)]
+    _, items = expected_features(acked, HALF_LIFE_S)
+    score, ts = 0.0, 0
+    for t in times:
+        score, ts = decay_merge(score, ts, float(EVENT_WEIGHTS["add_to_cart"]), t, HALF_LIFE_S * 1000)
+    assert items["x"].trending == pytest.approx(score, rel=1e-12)
+    assert items["x"].last_event_ts == ts == 9_000
+
+
+def test_truth_keeps_only_the_newest_recent_items():
+    acked = [Acked(1, k, _ev(k, item=f"i{k}", ts=k)) for k in range(RECENT_ITEMS_MAX + 5)]
+    users, _ = expected_features(acked, HALF_LIFE_S)
+    recent = users["u"].recent_items
+    assert len(recent) == RECENT_ITEMS_MAX and recent[0] == f"i{RECENT_ITEMS_MAX + 4}"
+
+
+def test_compare_tells_lost_from_doubled_and_names_the_entities():
+    users, items = expected_features([Acked(0, k, _ev(k, user=f"u{k % 2}")) for k in range(6)], HALF_LIFE_S)
+    exact = compare(users, items, dict(users), dict(items))
+    assert exact.ok and exact.events == 6 and exact.lost == exact.doubled == 0
+
+    got_users = {
+        "u0": UserFeatures(views=2, last_event_ts=1_000, recent_items=["i"]),  # one lost
+        "u1": UserFeatures(views=4, last_event_ts=1_000, recent_items=["i"]),  # one applied twice
+    }
+    check = compare(users, items, got_users, dict(items))
+    assert not check.ok and check.lost == 1 and check.doubled == 1
+    assert check.mismatched_users == ["u0", "u1"] and not check.mismatched_items
+    assert "1 lost, 1 applied twice" in check.summary()
+
+
+def test_compare_counts_missing_entities_as_lost_and_checks_item_features():
+    users, items = expected_features([Acked(0, 0, _ev(0))], HALF_LIFE_S)
+    check = compare(
+        users, items, {"u": None}, {"i": ItemFeatures(views=1, last_event_ts=1_000, trending=2.0)}
+    )
+    assert check.lost == 1 and check.mismatched_items == ["i"]  # trending 2.0, not 1.0
+
+
+# --------------------------------------------------------------------------------------- schedule
+
+
+def test_plan_keeps_the_canonical_order_and_refuses_unknown_faults():
+    assert [f.name for f in plan()] == list(FAULT_NAMES)
+    chosen = plan(["redis-restart", "consumer-kill", "redis-restart"])
+    assert [f.name for f in chosen] == ["consumer-kill", "redis-restart"]
+    with pytest.raises(UserError, match="--faults: unknown fault.*disk-melt"):
+        plan(["disk-melt"])
+
+
+def test_quick_plan_is_shorter_and_every_window_holds_its_fault():
+    full, quick = plan(), plan(quick=True)
+    assert sum(f.window_s for f in quick) < sum(f.window_s for f in full)
+    for f in full + quick:
+        assert f.window_s == f.pre_s + f.hold_s + f.post_s and f.pre_s > 0 and f.post_s > 0
+    assert sum(f.window_s for f in full) < 8 * 60  # the default run stays within the budget
+
+
+def test_parse_fault_list():
+    assert parse_fault_list("all") == [] and parse_fault_list("") == []
+    assert parse_fault_list(" consumer-kill, redis-slow ,") == ["consumer-kill", "redis-slow"]
+
+
+# ---------------------------------------------------------------------------------------- figures
+
+
+def _record(
+    latencies_ms: list[float], codes: list[int], start: float = 100.0, rate: float = 10.0
+) -> StepRecord:
+    n = len(latencies_ms)
+    scheduled = start + np.arange(n) / rate
+    done = scheduled + np.asarray(latencies_ms) / 1000.0
+    return StepRecord(
+        scheduled=scheduled,
+        sent=scheduled.copy(),
+        done=done,
+        code=np.asarray(codes, dtype=np.int16),
+        path=np.zeros(n, dtype=np.int16),
+        degraded=np.zeros(n, dtype=bool),
+        path_names=["light"],
+    )
+
+
+def test_window_stats_and_recovery_time():
+    # 10 calls/s: 2 s fine (5 ms), 2 s slow with UNAVAILABLE errors, then fine again
+    lat = [5.0] * 20 + [50.0] * 20 + [5.0] * 20
+    codes = [0] * 20 + [14, 0] * 10 + [0] * 20
+    record = _record(lat, codes)
+    during = rep.window_stats(record, 102.0, 104.0)
+    assert during["calls"] == 20 and during["errors"] == {"UNAVAILABLE": 10} and during["p99_ms"] == 50.0
+    assert rep.window_stats(record, 100.0, 102.0)["p99_ms"] == 5.0
+    assert rep.recovery_s(record, healed=103.0, end=106.0) == 1.0  # the first clean second starts at 104
+    assert rep.recovery_s(record, healed=102.0, end=104.0) is None
+    points = rep.timeline(record, origin=100.0)
+    assert [p["t"] for p in points] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert points[2]["error_rate"] == 0.5 and points[4]["p99_ms"] == 5.0
+
+
+def test_report_table_json_and_plot(tmp_path):
+    good = FaultResult("consumer-kill", "consumer SIGKILLed", "features = truth")
+    good.check("features = truth", True, "100 events, 0 lost, 0 applied twice")
+    good.figures.update(
+        {"p99_ms": {"before": 4.0, "during": 30.0, "after": 5.0}, "errors": {}, "recovery_p99_s": 1.5}
+    )
+    good.times = {"start": 0.0, "fault_start": 2.0, "fault_end": 3.0, "end": 8.0}
+    bad = FaultResult("server-kill", "server SIGKILLed", "only UNAVAILABLE")
+    bad.check("ranking errors only UNAVAILABLE", False, "INTERNAL 3")
+    bad.figures["errors"] = {"INTERNAL": 3}
+    skipped = FaultResult("eventlog-full", "disk full", "log complete", skipped="needs root")
+    points = [{"t": float(t), "p50_ms": 2.0, "p99_ms": 5.0 + t, "error_rate": 0.0} for t in range(8)]
+    paths = rep.write_report(tmp_path, [good, bad, skipped], {"command": "recstack chaos --quick"}, points)
+
+    text = paths["markdown"].read_text()
+    assert "| fault | what was checked | result | figures |" in text
+    assert "**1 of 3 faults passed every check.**" in text
+    assert (
+        "| `consumer-kill`: consumer SIGKILLed | features = truth | **pass** | p99 4.0 / 30.0 / 5.0 ms"
+        in text
+    )
+    assert "**FAIL**: ranking errors only UNAVAILABLE" in text and "errors INTERNAL 3" in text
+    assert "skipped: needs root" in text
+    data = json.loads(paths["json"].read_text())
+    assert data["passed"] is False
+    assert [f["ok"] for f in data["faults"]] == [True, False, False]
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
