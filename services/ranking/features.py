@@ -26,10 +26,25 @@ from typing import Any
 import redis
 
 from feature_store.online import ItemFeatures, UserFeatures, read_features
+from recstack import redis_url as redis_urls
 from services.ranking.metrics import RankingMetrics
 from services.ranking.redis_client import PipelinedRedis
 
 log = logging.getLogger(__name__)
+
+
+def _client(redis_url: str, timeout_s: float) -> Any:
+    """The lean pipelined transport for one server; for a Redis Cluster, redis-py's cluster client,
+    whose non-transactional pipeline groups a batch's reads per node (one round trip to each)."""
+    if not redis_urls.is_cluster(redis_url):
+        return PipelinedRedis(redis_url, timeout_s)
+    # No retries of its own: a failed read makes the fetcher serve degraded and probe in the background.
+    return redis_urls.connect(
+        redis_url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=max(timeout_s, 1.0),
+        cluster_error_retry_attempts=1,
+    )
 
 
 @dataclass(slots=True)
@@ -56,7 +71,7 @@ class FeatureFetcher:
         self._url = redis_url
         self._timeout = timeout_s
         # Fails fast (short timeouts, no retries): the fetcher's own fallback is the retry policy.
-        self._client = PipelinedRedis(redis_url, timeout_s)
+        self._client = _client(redis_url, timeout_s)
         self._ttl = item_cache_ttl_s
         self._cache_max = item_cache_max_items
         self._retry_interval = retry_interval_s

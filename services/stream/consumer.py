@@ -43,7 +43,9 @@ from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, 
 from kafka.errors import KafkaError
 from kafka.structs import MemberState, OffsetAndMetadata
 
+from feature_store.cluster import ClusterFeatureWriter
 from feature_store.online import ApplyResult, BatchGuard, FeatureWriter
+from recstack import redis_url as redis_urls
 from recstack.events import Event, InvalidEvent, parse_events
 from services.stream.aggregate import aggregate
 from services.stream.config import StreamConfig
@@ -116,6 +118,8 @@ class _Batch:
     to_log: list[Event] = field(default_factory=list)
     dlq_sent: set[int] = field(default_factory=set)
     known_duplicates: set[int] = field(default_factory=set)
+    # Redis Cluster: (slot, partition) -> offset whose effects that slot already holds
+    floors: dict[tuple[int, int], int] = field(default_factory=dict)
     attempt: int = 0
     future: Future | None = None  # the first attempt's script, running on the writer thread
     outcome: ApplyResult | BaseException | None = None  # the first attempt's, when not in a future
@@ -168,8 +172,10 @@ class StreamConsumer:
         self.config = config
         self.metrics = metrics or StreamMetrics()
         self._stop = threading.Event()
-        self._redis = redis.Redis.from_url(config.redis, socket_timeout=10, socket_connect_timeout=5)
-        self._writer = FeatureWriter(self._redis, config.trending_half_life_s)
+        self._cluster = redis_urls.is_cluster(config.redis)
+        self._redis = redis_urls.connect(config.redis, socket_timeout=10, socket_connect_timeout=5)
+        writer = ClusterFeatureWriter if self._cluster else FeatureWriter
+        self._writer = writer(self._redis, config.trending_half_life_s)
         self._raise_logged = self._redis.register_script(_RAISE_LOGGED)
         self._half_life_ms = config.trending_half_life_s * 1000.0
         self._applied_key = applied_key(config.topic)
@@ -468,6 +474,9 @@ class StreamConsumer:
     def _resolve(self, batch: _Batch, result: ApplyResult) -> None:
         """Learn from a refused write before the next attempt."""
         plan = batch.plan
+        for key, offset in result.floors.items():  # Redis Cluster: slots holding part of the batch
+            if offset > batch.floors.get(key, -1):
+                batch.floors[key] = offset
         if result.fenced_partition is not None:
             # Another writer moved the partition (or our last write went through unacknowledged):
             # reread the fence and plan again. Records now at or below it are not applied.
@@ -545,7 +554,13 @@ class StreamConsumer:
         fenced = plan.fenced if self._event_log is not None else []
         keys = [seen_key(ev.event_id) for ev in events]
         keys += [seen_key(parsed[i].event_id) for i in fenced]  # type: ignore[union-attr]
-        state = self._writer.read(list(dict.fromkeys(ev.user_id for ev in events)), keys)
+        claims = [f"{topic}:{records[i].partition}:{records[i].offset}".encode() for i in plan.apply]
+        state = self._writer.read(
+            list(dict.fromkeys(ev.user_id for ev in events)),
+            keys,
+            claims=claims,
+            claim_ttl_s=self.config.dedup_window_s,
+        )
         n = len(events)
         # Behind the fence, log a record again only if it applied itself (not a duplicate of
         # another); no key at all means it aged out of the dedup window: log rather than lose it.
@@ -564,7 +579,11 @@ class StreamConsumer:
             del keys[n:]
         if not plan.last_offsets:
             return None
-        users, items = aggregate(events, self._half_life_ms)
+        slot_partitions: dict[int, set[int]] = {}
+        if self._cluster:
+            users, items, slot_partitions = self._cluster_deltas(batch)
+        else:
+            users, items = aggregate(events, self._half_life_ms)
         guard = BatchGuard(
             offsets_key=self._applied_key,
             expected={p: self._applied.get(p, -1) for p in plan.last_offsets},
@@ -572,8 +591,36 @@ class StreamConsumer:
             seen_keys=keys,
             seen_values=[f"{topic}:{records[i].partition}:{records[i].offset}".encode() for i in plan.apply],
             seen_ttl_s=self.config.dedup_window_s,
+            slot_partitions=slot_partitions,
+            floors=batch.floors,
         )
         return users, items, guard, state
+
+    def _cluster_deltas(self, batch: _Batch) -> tuple[dict, dict, dict[int, set[int]]]:
+        """Redis Cluster: the batch's deltas without the parts that slots already hold (their
+        floors, learned from refused or partly applied attempts), and which partitions write each slot."""
+        writer = cast(ClusterFeatureWriter, self._writer)
+        floors, records, parsed = batch.floors, batch.records, batch.parsed
+        slot_partitions: dict[int, set[int]] = {}
+        user_events: list[Event] = []
+        item_events: list[Event] = []
+        for i in batch.plan.apply:
+            ev = cast(Event, parsed[i])
+            p, offset = records[i].partition, records[i].offset
+            slot = writer.user_slot(ev.user_id)
+            if not floors or offset > floors.get((slot, p), -1):
+                user_events.append(ev)
+                slot_partitions.setdefault(slot, set()).add(p)
+            slot = writer.item_slot(ev.item_id)
+            if not floors or offset > floors.get((slot, p), -1):
+                item_events.append(ev)
+                slot_partitions.setdefault(slot, set()).add(p)
+        if not floors:
+            users, items = aggregate(user_events, self._half_life_ms)
+        else:
+            users = aggregate(user_events, self._half_life_ms)[0]
+            items = aggregate(item_events, self._half_life_ms)[1]
+        return users, items, slot_partitions
 
     def _dead_letter(self, records: list[Any], parsed: list[Any], dead: list[int], sent: set[int]) -> None:
         """Send malformed records to the DLQ and wait for the acknowledgements (once per record)."""
