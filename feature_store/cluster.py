@@ -340,7 +340,7 @@ class ClusterFeatureWriter:
                 node["n_users"] = node["n_items"] = 0
             return node
 
-        for slot, parts in guard.slot_partitions.items():
+        for slot in guard.slot_partitions:
             node_of(slot)["slots"].append(slot)
         known = self._known
         for user_id, delta in users.items():
