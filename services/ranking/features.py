@@ -28,23 +28,16 @@ import redis
 from feature_store.online import ItemFeatures, UserFeatures, read_features
 from recstack import redis_url as redis_urls
 from services.ranking.metrics import RankingMetrics
-from services.ranking.redis_client import PipelinedRedis
+from services.ranking.redis_client import ClusterPipelinedRedis, PipelinedRedis
 
 log = logging.getLogger(__name__)
 
 
-def _client(redis_url: str, timeout_s: float) -> Any:
-    """The lean pipelined transport for one server; for a Redis Cluster, redis-py's cluster client,
-    whose non-transactional pipeline groups a batch's reads per node (one round trip to each)."""
-    if not redis_urls.is_cluster(redis_url):
-        return PipelinedRedis(redis_url, timeout_s)
-    # No retries of its own: a failed read makes the fetcher serve degraded and probe in the background.
-    return redis_urls.connect(
-        redis_url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=max(timeout_s, 1.0),
-        cluster_error_retry_attempts=1,
-    )
+def _client(redis_url: str, timeout_s: float) -> PipelinedRedis | ClusterPipelinedRedis:
+    """The lean pipelined transport: one server, or every node of a Redis Cluster a batch touches."""
+    if redis_urls.is_cluster(redis_url):
+        return ClusterPipelinedRedis(redis_url, timeout_s)
+    return PipelinedRedis(redis_url, timeout_s)
 
 
 @dataclass(slots=True)

@@ -273,6 +273,30 @@ def test_feast_and_the_fast_path_read_each_others_writes(cluster_url, cluster, f
 # ------------------------------------------------------------------------------------ ranking
 
 
+def test_the_lean_cluster_transport_reads_what_redis_py_reads_and_follows_redirects(cluster_url, cluster):
+    from feature_store.online import ItemFeatures, UserFeatures, read_features, write_features
+    from services.ranking.redis_client import ClusterPipelinedRedis
+
+    users = {f"u{k}": UserFeatures(views=k, recent_items=[f"i{j}" for j in range(k)]) for k in range(20)}
+    items = {f"i{k}": ItemFeatures(views=k, trending=k / 3, category=f"c{k % 4}") for k in range(300)}
+    write_features(cluster, users=users, items=items)
+    want_users, want_items = [*users, "nobody"], [*items, "no-such-item", "ü-ñíçødé"]
+    expected = read_features(cluster, want_users, want_items)
+
+    fast = ClusterPipelinedRedis(cluster_url, timeout_s=5.0)
+    assert read_features(fast, want_users, want_items) == expected
+    table = fast.load_slots()
+    assert len(set(table)) == 3  # the reads really went to three nodes
+    # a stale slot map (as after resharding or a failover): every node but one answers MOVED
+    wrong = table[0]
+    fast._slot_nodes = [wrong] * len(table)
+    assert read_features(fast, want_users, want_items) == expected
+    assert fast._slot_nodes == table  # the map was reloaded
+    assert read_features(fast, [], []) == ([], [])
+    assert fast.ping()
+    fast.close()
+
+
 def test_ranking_serves_from_the_cluster_and_new_events_change_the_answer(
     kafka_bootstrap, cluster_url, cluster, fresh_topic, tmp_path
 ):
