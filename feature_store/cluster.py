@@ -35,6 +35,7 @@ from typing import Any
 
 import redis
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
 from feature_store.online import (
     _LUA_CODEC,
@@ -210,6 +211,7 @@ class ClusterFeatureWriter:
         self._cache_size = user_cache
         self._known: dict[str, tuple[UserFeatures, tuple[bytes, bytes, bytes]]] = {}
         self._slots: dict[bytes, int] = {}
+        self._slot_clients: list[tuple[str, Any]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cluster-writer")
         self._raise = client.register_script(_RAISE_SCRIPT)
         slot_tag(0)  # build the tag table now, not in the first batch
@@ -231,8 +233,25 @@ class ClusterFeatureWriter:
         return self.slot(item_key(item_id))
 
     def _node_client(self, slot: int) -> tuple[str, Any]:
-        node = self._client.nodes_manager.get_node_from_slot(slot)
-        return node.name, self._client.get_redis_connection(node)
+        table = self._slot_clients
+        if table is None:  # slot -> (node name, its client), rebuilt after a topology error
+            clients: dict[str, tuple[str, Any]] = {}
+            table = []
+            try:
+                for s in range(SLOTS):
+                    node = self._client.nodes_manager.get_node_from_slot(s)
+                    entry = clients.get(node.name)
+                    if entry is None:
+                        entry = clients[node.name] = (node.name, self._client.get_redis_connection(node))
+                    table.append(entry)
+            except RedisClusterException as exc:  # e.g. a slot not covered while a node is down
+                try:
+                    self._client.nodes_manager.initialize()
+                except (redis.RedisError, RedisClusterException):
+                    pass
+                raise redis.ConnectionError(f"Redis Cluster slot map incomplete: {exc}") from exc
+            self._slot_clients = table
+        return table[slot]
 
     def _on_nodes(self, calls: Mapping[str, tuple[Any, Any]]) -> dict[str, Any]:
         """Run ``fn(client)`` per node, concurrently; a routing or connection failure refreshes the
@@ -245,7 +264,11 @@ class ClusterFeatureWriter:
             except _TOPOLOGY_ERRORS as exc:
                 error = error or exc
         if error is not None:
-            self._client.nodes_manager.initialize()
+            self._slot_clients = None
+            try:
+                self._client.nodes_manager.initialize()
+            except (redis.RedisError, RedisClusterException):
+                pass  # the cluster is not back yet: the caller's retry initializes again
             raise error
         return results
 

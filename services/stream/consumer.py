@@ -42,6 +42,7 @@ import redis
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import MemberState, OffsetAndMetadata
+from redis.exceptions import RedisClusterException
 
 from feature_store.cluster import ClusterFeatureWriter
 from feature_store.online import ApplyResult, BatchGuard, FeatureWriter
@@ -103,7 +104,8 @@ class _Plan:
     last_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset past the fence
 
 
-_RETRYABLE = (redis.RedisError, KafkaError, OSError)
+# RedisClusterException: redis-py's cluster client when no node answers (not a RedisError)
+_RETRYABLE = (redis.RedisError, RedisClusterException, KafkaError, OSError)
 
 
 @dataclass(slots=True)
@@ -332,7 +334,7 @@ class StreamConsumer:
                 self._roll(main_thread=True)
             elif self._consumer is not None:
                 self._commit(dict(self._position), sync=True)
-        except (_Stopping, redis.RedisError, KafkaError) as exc:
+        except (_Stopping, redis.RedisError, RedisClusterException, KafkaError) as exc:
             log.warning("final roll/commit failed (%s); the next owner re-reads from the last one", exc)
         if self._consumer is not None:
             self._consumer.close(autocommit=False)  # leaves the group: partitions move at once
@@ -368,7 +370,7 @@ class StreamConsumer:
         if self._event_log is not None:
             try:
                 self._roll(main_thread=False)
-            except (_Stopping, redis.RedisError, OSError) as exc:
+            except (_Stopping, redis.RedisError, RedisClusterException, OSError) as exc:
                 log.warning("roll before revoke failed (%s); the next owner re-reads from the last one", exc)
         elif not lost:
             self._commit(dict(self._position), sync=False)
@@ -717,7 +719,7 @@ class StreamConsumer:
         while True:
             try:
                 return call()
-            except (redis.RedisError, OSError) as exc:
+            except (redis.RedisError, RedisClusterException, OSError) as exc:
                 self.metrics.redis_retries.inc()
                 log.warning("Redis call failed (%s); retrying in %.1fs", exc, delay)
                 if self._stop.wait(delay):
