@@ -102,7 +102,7 @@ def test_stream_exactly_once_through_duplicates_malformed_and_a_kill(
     config = _config(
         kafka_bootstrap, cluster_url, topic, event_log, session_timeout_ms=KILL_SESSION_TIMEOUT_MS
     )
-    events = _events(8_000, seed=11)
+    events = _events(6_000, seed=11)
     proc = consumer_process(config)
     try:
         publish(kafka_bootstrap, topic, events[:500], published, dup_share=0.1, bad_share=0.02, seed=11)
@@ -140,6 +140,38 @@ def test_stream_exactly_once_through_duplicates_malformed_and_a_kill(
     # the writes really were spread: every master holds per-slot fences of this topic
     per_node = _fence_keys_per_node(cluster, topic)
     assert len(per_node) == 3 and all(n > 0 for n in per_node.values()), per_node
+
+
+def test_stream_exactly_once_through_a_cluster_restart(
+    kafka_bootstrap, cluster_url, cluster, fresh_topic, tmp_path, feast_dir
+):
+    from test_stream_exactly_once import (
+        Published,
+        _config,
+        _events,
+        applied_records,
+        assert_features_exact,
+        consumer_thread,
+        publishing,
+        wait_all_applied,
+        wait_until,
+    )
+
+    from feature_store.store import open_store
+
+    topic = fresh_topic(6)
+    fresh_topic(1, name=f"{topic}.dlq")
+    published = Published()
+    with consumer_thread(_config(kafka_bootstrap, cluster_url, topic, tmp_path / "events")) as consumer:
+        with publishing(
+            kafka_bootstrap, topic, _events(6_000, seed=13), published, rate=1_000, dup_share=0.05
+        ) as pub:
+            wait_until(lambda: applied_records(cluster, topic) > 1_500, 120, "the consumer to apply events")
+            result = _script("restart")  # every node stops (AOF fsynced) and comes back with its slots
+            assert result.returncode == 0, result.stdout + result.stderr
+            wait_all_applied(cluster, topic, published, pub)
+        assert consumer.metrics.redis_retries._value.get() > 0, "the restart went unnoticed"
+    assert_features_exact(open_store(cluster_url, feast_dir), published.events)
 
 
 def test_a_slot_holding_part_of_a_batch_refuses_then_the_rest_applies_once(cluster_url, cluster):
