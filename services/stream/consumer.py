@@ -15,6 +15,9 @@ How exactly-once works (the full argument is in ``docs/FEATURES.md``):
   a partition over starts reading right after it, so events applied but lost from a crashed
   buffer are read again: the fence stops them from being applied twice, and they are logged if
   their dedup key says this very record applied them. Kafka offsets are committed at each roll.
+* **Redis Cluster** (``--redis redis+cluster://...``): event ids are claimed for their records
+  before any write, and each node gets one script guarded by per-slot fences
+  (:mod:`feature_store.cluster`); the partition's applied offset moves once every node has written.
 * **Dead letters** are sent and acknowledged before the batch's offsets are stored, so a crash
   can repeat a dead letter (at least once, identified by its source headers) but never lose one.
 
@@ -556,7 +559,11 @@ class StreamConsumer:
         fenced = plan.fenced if self._event_log is not None else []
         keys = [seen_key(ev.event_id) for ev in events]
         keys += [seen_key(parsed[i].event_id) for i in fenced]  # type: ignore[union-attr]
-        claims = [f"{topic}:{records[i].partition}:{records[i].offset}".encode() for i in plan.apply]
+        claims = (
+            [f"{topic}:{records[i].partition}:{records[i].offset}".encode() for i in plan.apply]
+            if self._cluster
+            else []  # one server: the batch's script sets the dedup keys with its writes
+        )
         state = self._writer.read(
             list(dict.fromkeys(ev.user_id for ev in events)),
             keys,
