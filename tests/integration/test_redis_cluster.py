@@ -3,10 +3,12 @@
 The cluster is started for this module when it is not running yet (and stopped again after),
 on ``RECSTACK_REDIS_CLUSTER_PORT`` (default 7000) and the two ports after it; every test starts
 from an empty cluster. Scenarios: the stream consumer's exactly-once effect through producer
-duplicates, malformed records and a SIGKILL mid-stream (features read back through Feast's own
-``get_online_features``); a node's script refused by a slot that already holds part of a batch;
-Feast and the fast read path agreeing on each other's writes; the ranking server serving
-Rank/Recommend from cluster features, a user's new events changing its answer.
+duplicates, malformed records and a SIGKILL mid-stream, and through a restart of the whole
+cluster (features read back through Feast's own ``get_online_features``); a node's script
+refused by a slot that already holds part of a batch; event-id claims; Feast and the fast read
+path agreeing on each other's writes; the ranking service's lean cluster transport (redis-py's
+answers, a stale slot map); the ranking server serving Rank/Recommend from cluster features, a
+user's new events changing its answer.
 """
 
 from __future__ import annotations
