@@ -425,9 +425,9 @@ class ClusterFeatureWriter:
                         floors[(slot, p)] = guard.applied[p]
             elif status == b"fence":
                 for entry in reply[1].split(b","):
-                    index, p, stored = (int(x) for x in entry.split(b":"))
-                    floors[(node["slots"][index], p)] = stored
-                    fenced = fenced or (p, stored)
+                    index, p, held = (int(x) for x in entry.split(b":"))
+                    floors[(node["slots"][index], p)] = held
+                    fenced = fenced or (p, held)
             elif status == b"stale":
                 written = node["written"]
                 stale += [written[int(x)][0] for x in reply[1].split(b",")]
