@@ -1,11 +1,14 @@
-"""On a Redis Cluster, a retried batch leaves out exactly the effects that slots already hold."""
+"""On a Redis Cluster, a retried batch leaves out exactly the effects that slots already hold.
+
+The consumer module is imported inside the tests: importing kafka-python at collection time
+warns outside pytest's warning filters.
+"""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 from recstack.events import Event
-from services.stream.consumer import StreamConsumer, _Batch, _Plan
 
 
 class SlotsByName:
@@ -18,14 +21,18 @@ class SlotsByName:
         return int(item_id.split("-")[1])
 
 
-def _batch(events: list[tuple[int, int, Event]]) -> _Batch:
+def _batch(events: list[tuple[int, int, Event]]):
+    from services.stream.consumer import _Batch, _Plan
+
     records = [SimpleNamespace(partition=p, offset=o) for p, o, _ in events]
     batch = _Batch(records, [ev for _, _, ev in events], 0.0, {})
     batch.plan = _Plan(apply=list(range(len(events))))
     return batch
 
 
-def _deltas(batch: _Batch):
+def _deltas(batch):
+    from services.stream.consumer import StreamConsumer
+
     owner = SimpleNamespace(_writer=SlotsByName(), _half_life_ms=3_600_000.0)
     return StreamConsumer._cluster_deltas(owner, batch)  # type: ignore[arg-type]
 
