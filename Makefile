@@ -76,6 +76,7 @@ down: ## stop what `make up` started
 status: ## show whether the local Kafka broker and Redis server are running
 	@infra/kafka.sh status || true
 	@infra/redis.sh status || true
+	@infra/redis-cluster.sh status || true
 
 test: install ## install, start the services, run the whole test suite (TESTS=path PYTEST_ARGS=...)
 	@infra/with-services.sh $(VENV_PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)

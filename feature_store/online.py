@@ -323,9 +323,11 @@ def write_features(
 ) -> None:
     """Overwrite whole entities in one transaction (for seeding tests and demos).
 
-    The stream consumer never does this: it merges batches through :class:`FeatureWriter`.
+    The stream consumer never does this: it merges batches through :class:`FeatureWriter`. On a
+    Redis Cluster (a client with a ``nodes_manager``) entities span slots, so the pipeline is not a
+    transaction there: each entity is replaced on its own.
     """
-    pipe = client.pipeline(transaction=True)
+    pipe = client.pipeline(transaction=getattr(client, "nodes_manager", None) is None)
     for user_id, uf in (users or {}).items():
         key = user_key(user_id)
         pipe.delete(key)
@@ -355,6 +357,10 @@ class BatchGuard:
     seen_keys: list[bytes] = field(default_factory=list)
     seen_values: list[bytes] = field(default_factory=list)
     seen_ttl_s: int = 86_400
+    # Redis Cluster only (feature_store.cluster): slot -> partitions whose records write there,
+    # and (slot, partition) -> offset up to which that slot already holds the partition's effects.
+    slot_partitions: dict[int, set[int]] = field(default_factory=dict)
+    floors: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -374,23 +380,15 @@ class ApplyResult:
     stored_offset: int | None = None  # what it held
     seen_duplicates: list[int] = field(default_factory=list)  # indexes into guard.seen_keys already set
     stale_users: list[str] = field(default_factory=list)  # users written by someone else since the read
+    # Redis Cluster only: (slot, partition) -> offset whose effects that slot holds (leave them out)
+    floors: dict[tuple[int, int], int] = field(default_factory=dict)
 
 
 def _lua_bytes(raw: bytes) -> str:
     return '"' + "".join(f"\\{b:03d}" for b in raw) + '"'
 
 
-_MERGE_SCRIPT_TEMPLATE = r"""#!lua
--- Apply one stream batch to Feast-layout hashes, guarded by the offset fence, the users'
--- unchanged-since-read check and the event-id dedup. Every check and every read happens before
--- the first write, and a failed check writes nothing, so a batch is applied whole or not at all.
---
--- Users (one partition owns a user) arrive fully merged by the caller, with the raw bytes of the
--- three counters it read: equal bytes mean nobody wrote the user since (every applied event
--- changes one counter). Items are shared by all partitions, so they are merged here.
--- This runs once per batch over thousands of values: the codec below avoids tables and
--- concatenations where it can (Lua 5.1 has no integers; values stay below 2^53).
-local UF = {%(user_fields)s}
+_LUA_CODEC = r"""local UF = {%(user_fields)s}
 local IF = {%(item_fields)s}
 
 local byte, char, floor, unpack = string.byte, string.char, math.floor, unpack
@@ -469,6 +467,68 @@ local function dec_ts_ms(s)
   return secs * 1000 + nanos / 1000000
 end
 
+-- A user: ARGV[a .. a+2] are its three counters as the caller read them, ARGV[a+3 .. a+11] its
+-- new field values ('' = leave as stored). Returns whether it changed since the read, and its writes.
+local function plan_user(key, a)
+  local cur = redis.call('HMGET', key, UF[1], UF[2], UF[3])
+  local changed = (cur[1] or '') ~= ARGV[a] or (cur[2] or '') ~= ARGV[a + 1] or (cur[3] or '') ~= ARGV[a + 2]
+  local w, n = {}, 0
+  for f = 1, 9 do
+    local v = ARGV[a + 2 + f]
+    if v ~= '' then
+      w[n + 1] = UF[f]
+      w[n + 2] = v
+      n = n + 2
+    end
+  end
+  return changed, w
+end
+
+-- An item: ARGV[a .. a+6] is the batch's delta (views, carts, purchases, last event ms, trending,
+-- category, price), merged here into what is stored. Returns the item's writes.
+local function merge_item(key, a, now_ms, now_ts, half_life_ms)
+  local dv, dc, dp = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local last, trend = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local category, price = ARGV[a + 5], ARGV[a + 6]
+  local cur = redis.call('HMGET', key, IF[1], IF[2], IF[3], IF[4], IF[5], IF[8])
+  local old_s, old_t = dec_float(cur[4]), dec_int(cur[5])
+  local s
+  if last >= old_t then
+    if old_s ~= 0 and last > old_t then s = old_s * 2 ^ ((old_t - last) / half_life_ms) + trend
+    else s = old_s + trend end
+  else
+    s = old_s + trend * 2 ^ ((last - old_t) / half_life_ms)
+    last = old_t
+  end
+  local w = {IF[4], enc_float(s), IF[5], enc_int(last)}
+  local n = 4
+  -- counters the batch does not change are left alone, unless never written (Feast reads 0)
+  if dv ~= 0 or not cur[1] then w[n + 1] = IF[1]; w[n + 2] = enc_int(dec_int(cur[1]) + dv); n = n + 2 end
+  if dc ~= 0 or not cur[2] then w[n + 1] = IF[2]; w[n + 2] = enc_int(dec_int(cur[2]) + dc); n = n + 2 end
+  if dp ~= 0 or not cur[3] then w[n + 1] = IF[3]; w[n + 2] = enc_int(dec_int(cur[3]) + dp); n = n + 2 end
+  -- written-at never moves backwards (several writers, skewed clocks)
+  local stored_ms = dec_ts_ms(cur[6])
+  if not stored_ms or stored_ms < now_ms then w[n + 1] = IF[8]; w[n + 2] = now_ts; n = n + 2 end
+  if category ~= '' then w[n + 1] = IF[6]; w[n + 2] = tagged_varint(18, #category) .. category; n = n + 2 end
+  if price ~= '' then w[n + 1] = IF[7]; w[n + 2] = enc_float(tonumber(price)); n = n + 2 end
+  return w
+end
+"""
+
+_MERGE_SCRIPT_TEMPLATE = (
+    r"""#!lua
+-- Apply one stream batch to Feast-layout hashes, guarded by the offset fence, the users'
+-- unchanged-since-read check and the event-id dedup. Every check and every read happens before
+-- the first write, and a failed check writes nothing, so a batch is applied whole or not at all.
+--
+-- Users (one partition owns a user) arrive fully merged by the caller, with the raw bytes of the
+-- three counters it read: equal bytes mean nobody wrote the user since (every applied event
+-- changes one counter). Items are shared by all partitions, so they are merged here.
+-- This runs once per batch over thousands of values: the codec below avoids tables and
+-- concatenations where it can (Lua 5.1 has no integers; values stay below 2^53).
+"""
+    + _LUA_CODEC
+    + r"""
 local now_ms = tonumber(ARGV[1])
 local now_ts = ARGV[2]  -- now_ms as an encoded Timestamp
 local half_life_ms = tonumber(ARGV[3])
@@ -498,59 +558,21 @@ local writes, n_writes = {}, 0
 local stale = {}
 local k = 2 + n_seen
 for u = 1, n_users do
-  local key = KEYS[k]
-  k = k + 1
-  local cur = redis.call('HMGET', key, UF[1], UF[2], UF[3])
-  if (cur[1] or '') ~= ARGV[a] or (cur[2] or '') ~= ARGV[a + 1] or (cur[3] or '') ~= ARGV[a + 2] then
-    stale[#stale + 1] = u - 1
-  end
-  a = a + 3
-  local w, n = {}, 0
-  for f = 1, 9 do
-    local v = ARGV[a + f - 1]
-    if v ~= '' then
-      w[n + 1] = UF[f]
-      w[n + 2] = v
-      n = n + 2
-    end
-  end
-  a = a + 9
+  local changed, w = plan_user(KEYS[k], a)
+  if changed then stale[#stale + 1] = u - 1 end
+  a = a + 12
   n_writes = n_writes + 1
-  writes[n_writes] = {key, w}
+  writes[n_writes] = {KEYS[k], w}
+  k = k + 1
 end
 if #stale > 0 then return {'stale', concat(stale, ',')} end
 
 -- 3. items: merge counters and trending into what is stored
 for _ = 1, n_items do
-  local key = KEYS[k]
-  k = k + 1
-  local dv, dc, dp = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local last, trend = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-  local category, price = ARGV[a + 5], ARGV[a + 6]
-  a = a + 7
-  local cur = redis.call('HMGET', key, IF[1], IF[2], IF[3], IF[4], IF[5], IF[8])
-  local old_s, old_t = dec_float(cur[4]), dec_int(cur[5])
-  local s
-  if last >= old_t then
-    if old_s ~= 0 and last > old_t then s = old_s * 2 ^ ((old_t - last) / half_life_ms) + trend
-    else s = old_s + trend end
-  else
-    s = old_s + trend * 2 ^ ((last - old_t) / half_life_ms)
-    last = old_t
-  end
-  local w = {IF[4], enc_float(s), IF[5], enc_int(last)}
-  local n = 4
-  -- counters the batch does not change are left alone, unless never written (Feast reads 0)
-  if dv ~= 0 or not cur[1] then w[n + 1] = IF[1]; w[n + 2] = enc_int(dec_int(cur[1]) + dv); n = n + 2 end
-  if dc ~= 0 or not cur[2] then w[n + 1] = IF[2]; w[n + 2] = enc_int(dec_int(cur[2]) + dc); n = n + 2 end
-  if dp ~= 0 or not cur[3] then w[n + 1] = IF[3]; w[n + 2] = enc_int(dec_int(cur[3]) + dp); n = n + 2 end
-  -- written-at never moves backwards (several writers, skewed clocks)
-  local stored_ms = dec_ts_ms(cur[6])
-  if not stored_ms or stored_ms < now_ms then w[n + 1] = IF[8]; w[n + 2] = now_ts; n = n + 2 end
-  if category ~= '' then w[n + 1] = IF[6]; w[n + 2] = tagged_varint(18, #category) .. category; n = n + 2 end
-  if price ~= '' then w[n + 1] = IF[7]; w[n + 2] = enc_float(tonumber(price)); n = n + 2 end
   n_writes = n_writes + 1
-  writes[n_writes] = {key, w}
+  writes[n_writes] = {KEYS[k], merge_item(KEYS[k], a, now_ms, now_ts, half_life_ms)}
+  a = a + 7
+  k = k + 1
 end
 
 -- 4. event-id dedup: set every key; if one was already there, undo and report
@@ -576,6 +598,7 @@ end
 if #offsets > 0 then redis.call('HSET', offsets_key, unpack(offsets)) end
 return {'ok'}
 """
+)
 
 MERGE_SCRIPT = _MERGE_SCRIPT_TEMPLATE % {
     "user_fields": ", ".join(_lua_bytes(f) for f in USER_FIELDS),
@@ -604,8 +627,17 @@ class FeatureWriter:
         # user id -> (features as stored, raw bytes of the three counters as stored)
         self._known: dict[str, tuple[UserFeatures, tuple[bytes, bytes, bytes]]] = {}
 
-    def read(self, user_ids: Sequence[str], seen_keys: Sequence[bytes] = ()) -> WriteState:
-        """The stored hashes of the users not remembered, and the values of ``seen_keys``, in one pipeline."""
+    def read(
+        self,
+        user_ids: Sequence[str],
+        seen_keys: Sequence[bytes] = (),
+        claims: Sequence[bytes] = (),
+        claim_ttl_s: int = 86_400,
+    ) -> WriteState:
+        """The stored hashes of the users not remembered, and the values of ``seen_keys``, in one pipeline.
+
+        ``claims`` (used by the cluster writer) are ignored: here the dedup keys are set by the
+        batch's own script, atomically with its writes."""
         known = self._known
         to_read = [u for u in user_ids if u not in known]
         pipe = self._client.pipeline(transaction=False)

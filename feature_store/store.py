@@ -1,4 +1,4 @@
-"""``open_store(redis_url)``: Feast's own ``FeatureStore`` on any Redis database.
+"""``open_store(redis_url)``: Feast's own ``FeatureStore`` on any Redis database or Redis Cluster.
 
 The configuration is built in code rather than read from ``feature_store.yaml`` (whose
 ``${VAR}`` expansion has no defaults), so the same definitions serve every Redis URL, database
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from recstack import redis_url as redis_urls
 from recstack.errors import UserError
 
 if TYPE_CHECKING:
@@ -34,7 +35,19 @@ def feast_dir() -> Path:
 
 
 def connection_string(redis_url: str) -> str:
-    """``redis://[user:password@]host:port/db`` -> Feast's ``host:port,db=N[,password=...][,ssl=true]``."""
+    """``redis://[user:password@]host:port/db`` -> Feast's ``host:port,db=N[,password=...][,ssl=true]``;
+    ``redis+cluster://host:port,host:port`` -> ``host:port,host:port[,password=...][,ssl=true]``
+    (Feast's form for ``redis_type: redis_cluster``)."""
+    if redis_urls.is_cluster(redis_url):
+        cluster = redis_urls.parse_cluster(redis_url)
+        pieces = [f"{host}:{port}" for host, port in cluster.nodes]
+        if cluster.username:
+            pieces.append(f"username={cluster.username}")
+        if cluster.password:
+            pieces.append(f"password={cluster.password}")
+        if cluster.ssl:
+            pieces.append("ssl=true")
+        return ",".join(pieces)
     parts = urlsplit(redis_url)
     if parts.scheme not in ("redis", "rediss"):
         raise UserError(f"Feast's Redis online store needs a redis:// or rediss:// URL, got {redis_url!r}")
@@ -98,7 +111,10 @@ def open_store(redis_url: str, directory: str | Path | None = None) -> FeatureSt
         project=definitions.PROJECT_NAME,
         provider="local",
         registry=RegistryConfig(registry_type="file", path=str(root / "registry.db"), cache_ttl_seconds=60),
-        online_store=RedisOnlineStoreConfig(connection_string=connection_string(redis_url)),
+        online_store=RedisOnlineStoreConfig(
+            redis_type="redis_cluster" if redis_urls.is_cluster(redis_url) else "redis",
+            connection_string=connection_string(redis_url),
+        ),
         offline_store={"type": "file"},
         entity_key_serialization_version=3,
     )

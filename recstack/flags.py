@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from recstack.errors import UserError
+
 ENV_PREFIX = "RECSTACK_"
 
 
@@ -111,6 +113,9 @@ def host_port(text: str) -> str:
 
 
 def redis_url(text: str) -> str:
-    if not text.startswith(("redis://", "rediss://", "unix://")):
-        raise argparse.ArgumentTypeError(f"expected a redis:// or rediss:// URL, got {text!r}")
-    return text
+    from recstack import redis_url as urls
+
+    try:
+        return urls.check(text, flag="URL")
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("URL: ")) from exc

@@ -26,10 +26,18 @@ from typing import Any
 import redis
 
 from feature_store.online import ItemFeatures, UserFeatures, read_features
+from recstack import redis_url as redis_urls
 from services.ranking.metrics import RankingMetrics
-from services.ranking.redis_client import PipelinedRedis
+from services.ranking.redis_client import ClusterPipelinedRedis, PipelinedRedis
 
 log = logging.getLogger(__name__)
+
+
+def _client(redis_url: str, timeout_s: float) -> PipelinedRedis | ClusterPipelinedRedis:
+    """The lean pipelined transport: one server, or every node of a Redis Cluster a batch touches."""
+    if redis_urls.is_cluster(redis_url):
+        return ClusterPipelinedRedis(redis_url, timeout_s)
+    return PipelinedRedis(redis_url, timeout_s)
 
 
 @dataclass(slots=True)
@@ -56,7 +64,7 @@ class FeatureFetcher:
         self._url = redis_url
         self._timeout = timeout_s
         # Fails fast (short timeouts, no retries): the fetcher's own fallback is the retry policy.
-        self._client = PipelinedRedis(redis_url, timeout_s)
+        self._client = _client(redis_url, timeout_s)
         self._ttl = item_cache_ttl_s
         self._cache_max = item_cache_max_items
         self._retry_interval = retry_interval_s

@@ -20,10 +20,11 @@ import ssl
 import threading
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import hiredis
 import redis
+from redis.crc import key_slot
 
 _KEY_CACHE_MAX = 500_000
 
@@ -134,11 +135,26 @@ class PipelinedRedis:
     # --- protocol ------------------------------------------------------------------------------
     def _roundtrip(self, conn: _Connection, commands: Sequence[bytes]) -> list[Any]:
         """Send ``commands`` at once and return their replies in order; raises on any error reply."""
-        sock, reader, buffer = conn.sock, conn.reader, conn.buffer
+        self._send(conn, commands)
+        replies = self._receive(conn, len(commands))
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise redis.ResponseError(str(reply))
+        return replies
+
+    def _send(self, conn: _Connection, commands: Sequence[bytes]) -> None:
         try:
-            sock.sendall(b"".join(commands))
-            replies: list[Any] = []
-            want = len(commands)
+            conn.sock.sendall(b"".join(commands))
+        except TimeoutError as exc:
+            raise redis.TimeoutError(f"Redis did not answer within {self._timeout * 1000:.0f} ms") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"Redis connection failed: {exc}") from exc
+
+    def _receive(self, conn: _Connection, want: int) -> list[Any]:
+        """The next ``want`` replies, error replies included (as ``hiredis.ReplyError``)."""
+        sock, reader, buffer = conn.sock, conn.reader, conn.buffer
+        replies: list[Any] = []
+        try:
             while len(replies) < want:
                 reply = reader.gets()
                 if reply is False:
@@ -152,9 +168,6 @@ class PipelinedRedis:
             raise redis.TimeoutError(f"Redis did not answer within {self._timeout * 1000:.0f} ms") from exc
         except OSError as exc:
             raise redis.ConnectionError(f"Redis connection failed: {exc}") from exc
-        for reply in replies:
-            if isinstance(reply, hiredis.ReplyError):
-                raise redis.ResponseError(str(reply))
         return replies
 
     def execute_packed(self, commands: Sequence[bytes]) -> list[Any]:
@@ -205,5 +218,181 @@ class _Pipeline:
             return []
         try:
             return self._client.execute_packed(self._commands)
+        finally:
+            self._commands = []
+
+
+# ------------------------------------------------------------------------------- Redis Cluster
+
+_SLOTS = 16384
+
+
+class ClusterPipelinedRedis:
+    """The same lean transport for a Redis Cluster (``redis+cluster://host:port[,host:port...]``).
+
+    A pipeline's commands are grouped by the node that serves each key's slot (the slot map comes
+    from ``CLUSTER SLOTS``, loaded on first use and again after a redirection or a failed ping),
+    sent to every node at once, then read back: one round trip per node touched, concurrently.
+    A ``MOVED`` or ``ASK`` reply (resharding, failover) reloads the map and sends those commands
+    once more where the cluster says; a second redirection raises ``redis.ResponseError``.
+    """
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        from recstack.redis_url import parse_cluster
+
+        parsed = parse_cluster(url)
+        self._seeds = list(parsed.nodes)
+        scheme = "rediss" if parsed.ssl else "redis"
+        auth = ""
+        if parsed.password is not None:
+            auth = f"{quote(parsed.username or '', safe='')}:{quote(parsed.password, safe='')}@"
+        self._url_of = lambda host, port: f"{scheme}://{auth}{host}:{port}/0"
+        self._timeout = timeout_s
+        self._nodes: dict[tuple[str, int], PipelinedRedis] = {}
+        self._slot_nodes: list[tuple[str, int]] | None = None
+        self._key_slots: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    # --- topology ------------------------------------------------------------------------------
+    def node(self, address: tuple[str, int]) -> PipelinedRedis:
+        client = self._nodes.get(address)
+        if client is None:
+            with self._lock:
+                client = self._nodes.get(address)
+                if client is None:
+                    client = self._nodes[address] = PipelinedRedis(self._url_of(*address), self._timeout)
+        return client
+
+    def load_slots(self) -> list[tuple[str, int]]:
+        """Ask the known nodes, seeds first, for the slot map; raises when none answers."""
+        error: Exception | None = None
+        for address in dict.fromkeys([*self._seeds, *self._nodes]):
+            try:
+                (reply,) = self.node(address).execute_packed([pack("CLUSTER", "SLOTS")])
+            except redis.RedisError as exc:
+                error = exc
+                continue
+            table: list[tuple[str, int] | None] = [None] * _SLOTS
+            for start, end, master, *_replicas in reply:
+                host = master[0].decode() or address[0]
+                for slot in range(start, end + 1):
+                    table[slot] = (host, int(master[1]))
+            if any(entry is None for entry in table):
+                error = redis.ResponseError("the cluster does not serve every slot (CLUSTERDOWN?)")
+                continue
+            self._slot_nodes = table  # type: ignore[assignment]
+            return self._slot_nodes  # type: ignore[return-value]
+        raise redis.ConnectionError(f"no node of the Redis Cluster gave its slot map: {error}")
+
+    def node_of(self, key: bytes) -> tuple[str, int]:
+        table = self._slot_nodes or self.load_slots()
+        slot = self._key_slots.get(key)
+        if slot is None:
+            if len(self._key_slots) >= _KEY_CACHE_MAX:
+                self._key_slots.clear()
+            slot = self._key_slots[key] = key_slot(key)
+        return table[slot]
+
+    # --- the redis-py surface read_features uses ------------------------------------------------
+    def pipeline(self, transaction: bool = False) -> _ClusterPipeline:
+        if transaction:
+            raise ValueError("ClusterPipelinedRedis only runs non-transactional pipelines")
+        return _ClusterPipeline(self)
+
+    def execute(self, commands: Sequence[tuple[bytes, bytes]]) -> list[Any]:
+        """``(key, packed command)`` pairs -> their replies in order; one round trip per node."""
+        by_node: dict[tuple[str, int], list[int]] = {}
+        for i, (key, _) in enumerate(commands):
+            by_node.setdefault(self.node_of(key), []).append(i)
+        replies: list[Any] = [None] * len(commands)
+        self._exchange(
+            {address: [commands[i][1] for i in indexes] for address, indexes in by_node.items()},
+            by_node,
+            replies,
+        )
+        redirected = [i for i, r in enumerate(replies) if isinstance(r, hiredis.ReplyError) and _redirect(r)]
+        if redirected:
+            self.load_slots()
+            again: dict[tuple[str, int], list[int]] = {}
+            packed: dict[tuple[str, int], list[bytes]] = {}
+            for i in redirected:
+                kind, address = _redirect(replies[i])  # type: ignore[misc]
+                again.setdefault(address, []).append(i)
+                ask = [pack("ASKING")] if kind == "ASK" else []
+                packed.setdefault(address, []).extend([*ask, commands[i][1]])
+            self._exchange(packed, again, replies, asking=True)
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise redis.ResponseError(str(reply))
+        return replies
+
+    def _exchange(
+        self,
+        packed: dict[tuple[str, int], list[bytes]],
+        indexes: dict[tuple[str, int], list[int]],
+        replies: list[Any],
+        asking: bool = False,
+    ) -> None:
+        """Send each node its commands, then read every node's replies into ``replies``."""
+        sent: list[tuple[PipelinedRedis, _Connection, tuple[str, int]]] = []
+        try:
+            for address, commands in packed.items():
+                client = self.node(address)
+                conn = client._connection()
+                sent.append((client, conn, address))
+                client._send(conn, commands)
+            while sent:
+                client, conn, address = sent[0]
+                got = client._receive(conn, len(packed[address]))
+                if asking:  # drop the +OK of each ASKING
+                    got = [r for r, c in zip(got, packed[address], strict=True) if c != _ASKING]
+                for i, reply in zip(indexes[address], got, strict=True):
+                    replies[i] = reply
+                sent.pop(0)
+        except BaseException:
+            for client, conn, _ in sent:  # a connection with replies still unread is out of step
+                client._drop(conn)
+            raise
+
+    def ping(self) -> bool:
+        """Reload the slot map and PING every master (the fetcher's recovery probe)."""
+        table = self.load_slots()
+        return all(self.node(address).ping() for address in set(table))
+
+    def close(self) -> None:
+        for client in list(self._nodes.values()):
+            client.close()
+
+
+_ASKING = pack("ASKING")
+
+
+def _redirect(reply: hiredis.ReplyError) -> tuple[str, tuple[str, int]] | None:
+    """``MOVED 3999 127.0.0.1:6381`` / ``ASK ...`` -> (kind, address); None for other errors."""
+    text = str(reply)
+    kind, _, rest = text.partition(" ")
+    if kind not in ("MOVED", "ASK"):
+        return None
+    host, _, port = rest.rpartition(" ")[2].rpartition(":")
+    return kind, (host, int(port))
+
+
+class _ClusterPipeline:
+    def __init__(self, client: ClusterPipelinedRedis) -> None:
+        self._client = client
+        self._commands: list[tuple[bytes, bytes]] = []
+
+    def hmget(self, name: bytes | str, keys: Sequence[bytes], *args: bytes) -> _ClusterPipeline:
+        key = _as_bytes(name)
+        fields = [*keys, *args] if args else keys
+        node = self._client.node(self._client.node_of(key))
+        self._commands.append((key, node.pack_hmget(key, fields)))
+        return self
+
+    def execute(self) -> list[Any]:
+        if not self._commands:
+            return []
+        try:
+            return self._client.execute(self._commands)
         finally:
             self._commands = []

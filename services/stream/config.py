@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from feature_store.values import DEFAULT_TRENDING_HALF_LIFE_S
+from recstack import redis_url
 from recstack.errors import UserError
 
 
@@ -57,8 +58,10 @@ class StreamConfig:
             problems.append("--log-roll-s and --log-roll-rows must be positive")
         if self.session_timeout_ms < 1_000:
             problems.append(f"--session-timeout-ms must be at least 1000, got {self.session_timeout_ms}")
-        if not self.redis.startswith(("redis://", "rediss://", "unix://")):
-            problems.append(f"--redis must be a redis:// URL, got {self.redis!r}")
+        try:
+            redis_url.check(self.redis, "--redis")
+        except UserError as exc:
+            problems.append(str(exc))
         host, _, port = self.bootstrap.rpartition(":")
         if not host or not port.isdigit():
             problems.append(f"--bootstrap must be HOST:PORT, got {self.bootstrap!r}")

@@ -15,6 +15,9 @@ How exactly-once works (the full argument is in ``docs/FEATURES.md``):
   a partition over starts reading right after it, so events applied but lost from a crashed
   buffer are read again: the fence stops them from being applied twice, and they are logged if
   their dedup key says this very record applied them. Kafka offsets are committed at each roll.
+* **Redis Cluster** (``--redis redis+cluster://...``): event ids are claimed for their records
+  before any write, and each node gets one script guarded by per-slot fences
+  (:mod:`feature_store.cluster`); the partition's applied offset moves once every node has written.
 * **Dead letters** are sent and acknowledged before the batch's offsets are stored, so a crash
   can repeat a dead letter (at least once, identified by its source headers) but never lose one.
 
@@ -42,8 +45,11 @@ import redis
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import MemberState, OffsetAndMetadata
+from redis.exceptions import RedisClusterException
 
+from feature_store.cluster import ClusterFeatureWriter
 from feature_store.online import ApplyResult, BatchGuard, FeatureWriter
+from recstack import redis_url as redis_urls
 from recstack.events import Event, InvalidEvent, parse_events
 from services.stream.aggregate import aggregate
 from services.stream.config import StreamConfig
@@ -101,7 +107,8 @@ class _Plan:
     last_offsets: dict[int, int] = field(default_factory=dict)  # partition -> last offset past the fence
 
 
-_RETRYABLE = (redis.RedisError, KafkaError, OSError)
+# RedisClusterException: redis-py's cluster client when no node answers (not a RedisError)
+_RETRYABLE = (redis.RedisError, RedisClusterException, KafkaError, OSError)
 
 
 @dataclass(slots=True)
@@ -116,6 +123,8 @@ class _Batch:
     to_log: list[Event] = field(default_factory=list)
     dlq_sent: set[int] = field(default_factory=set)
     known_duplicates: set[int] = field(default_factory=set)
+    # Redis Cluster: (slot, partition) -> offset whose effects that slot already holds
+    floors: dict[tuple[int, int], int] = field(default_factory=dict)
     attempt: int = 0
     future: Future | None = None  # the first attempt's script, running on the writer thread
     outcome: ApplyResult | BaseException | None = None  # the first attempt's, when not in a future
@@ -168,8 +177,10 @@ class StreamConsumer:
         self.config = config
         self.metrics = metrics or StreamMetrics()
         self._stop = threading.Event()
-        self._redis = redis.Redis.from_url(config.redis, socket_timeout=10, socket_connect_timeout=5)
-        self._writer = FeatureWriter(self._redis, config.trending_half_life_s)
+        self._cluster = redis_urls.is_cluster(config.redis)
+        self._redis = redis_urls.connect(config.redis, socket_timeout=10, socket_connect_timeout=5)
+        writer = ClusterFeatureWriter if self._cluster else FeatureWriter
+        self._writer = writer(self._redis, config.trending_half_life_s)
         self._raise_logged = self._redis.register_script(_RAISE_LOGGED)
         self._half_life_ms = config.trending_half_life_s * 1000.0
         self._applied_key = applied_key(config.topic)
@@ -326,7 +337,7 @@ class StreamConsumer:
                 self._roll(main_thread=True)
             elif self._consumer is not None:
                 self._commit(dict(self._position), sync=True)
-        except (_Stopping, redis.RedisError, KafkaError) as exc:
+        except (_Stopping, redis.RedisError, RedisClusterException, KafkaError) as exc:
             log.warning("final roll/commit failed (%s); the next owner re-reads from the last one", exc)
         if self._consumer is not None:
             self._consumer.close(autocommit=False)  # leaves the group: partitions move at once
@@ -374,7 +385,7 @@ class StreamConsumer:
         elif self._event_log is not None:
             try:
                 self._roll(main_thread=False)
-            except (_Stopping, redis.RedisError, OSError) as exc:
+            except (_Stopping, redis.RedisError, RedisClusterException, OSError) as exc:
                 log.warning("roll before revoke failed (%s); the next owner re-reads from the last one", exc)
         elif not lost:
             self._commit(dict(self._position), sync=False)
@@ -480,6 +491,9 @@ class StreamConsumer:
     def _resolve(self, batch: _Batch, result: ApplyResult) -> None:
         """Learn from a refused write before the next attempt."""
         plan = batch.plan
+        for key, offset in result.floors.items():  # Redis Cluster: slots holding part of the batch
+            if offset > batch.floors.get(key, -1):
+                batch.floors[key] = offset
         if result.fenced_partition is not None:
             # Another writer moved the partition (or our last write went through unacknowledged):
             # reread the fence and plan again. Records now at or below it are not applied.
@@ -557,7 +571,17 @@ class StreamConsumer:
         fenced = plan.fenced if self._event_log is not None else []
         keys = [seen_key(ev.event_id) for ev in events]
         keys += [seen_key(parsed[i].event_id) for i in fenced]  # type: ignore[union-attr]
-        state = self._writer.read(list(dict.fromkeys(ev.user_id for ev in events)), keys)
+        claims = (
+            [f"{topic}:{records[i].partition}:{records[i].offset}".encode() for i in plan.apply]
+            if self._cluster
+            else []  # one server: the batch's script sets the dedup keys with its writes
+        )
+        state = self._writer.read(
+            list(dict.fromkeys(ev.user_id for ev in events)),
+            keys,
+            claims=claims,
+            claim_ttl_s=self.config.dedup_window_s,
+        )
         n = len(events)
         # Behind the fence, log a record again only if it applied itself (not a duplicate of
         # another); no key at all means it aged out of the dedup window: log rather than lose it.
@@ -576,7 +600,11 @@ class StreamConsumer:
             del keys[n:]
         if not plan.last_offsets:
             return None
-        users, items = aggregate(events, self._half_life_ms)
+        slot_partitions: dict[int, set[int]] = {}
+        if self._cluster:
+            users, items, slot_partitions = self._cluster_deltas(batch)
+        else:
+            users, items = aggregate(events, self._half_life_ms)
         guard = BatchGuard(
             offsets_key=self._applied_key,
             expected={p: self._applied.get(p, -1) for p in plan.last_offsets},
@@ -584,8 +612,36 @@ class StreamConsumer:
             seen_keys=keys,
             seen_values=[f"{topic}:{records[i].partition}:{records[i].offset}".encode() for i in plan.apply],
             seen_ttl_s=self.config.dedup_window_s,
+            slot_partitions=slot_partitions,
+            floors=batch.floors,
         )
         return users, items, guard, state
+
+    def _cluster_deltas(self, batch: _Batch) -> tuple[dict, dict, dict[int, set[int]]]:
+        """Redis Cluster: the batch's deltas without the parts that slots already hold (their
+        floors, learned from refused or partly applied attempts), and which partitions write each slot."""
+        writer = cast(ClusterFeatureWriter, self._writer)
+        floors, records, parsed = batch.floors, batch.records, batch.parsed
+        slot_partitions: dict[int, set[int]] = {}
+        user_events: list[Event] = []
+        item_events: list[Event] = []
+        for i in batch.plan.apply:
+            ev = cast(Event, parsed[i])
+            p, offset = records[i].partition, records[i].offset
+            slot = writer.user_slot(ev.user_id)
+            if not floors or offset > floors.get((slot, p), -1):
+                user_events.append(ev)
+                slot_partitions.setdefault(slot, set()).add(p)
+            slot = writer.item_slot(ev.item_id)
+            if not floors or offset > floors.get((slot, p), -1):
+                item_events.append(ev)
+                slot_partitions.setdefault(slot, set()).add(p)
+        if not floors:
+            users, items = aggregate(user_events, self._half_life_ms)
+        else:
+            users = aggregate(user_events, self._half_life_ms)[0]
+            items = aggregate(item_events, self._half_life_ms)[1]
+        return users, items, slot_partitions
 
     def _dead_letter(self, records: list[Any], parsed: list[Any], dead: list[int], sent: set[int]) -> None:
         """Send malformed records to the DLQ and wait for the acknowledgements (once per record)."""
@@ -690,7 +746,7 @@ class StreamConsumer:
         while True:
             try:
                 return call()
-            except (redis.RedisError, OSError) as exc:
+            except (redis.RedisError, RedisClusterException, OSError) as exc:
                 self.metrics.redis_retries.inc()
                 log.warning("Redis call failed (%s); retrying in %.1fs", exc, delay)
                 if self._stop.wait(delay):
