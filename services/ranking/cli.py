@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from recstack.credentials import add_redis_auth_flags, check_redis_auth, resolve_redis_args
 from recstack.errors import UserError
 from recstack.flags import add_flag, non_negative_float, positive_int, redis_url
 from services.ranking.config import AUTH_TOKEN_ENV, RankingConfig, read_auth_token
@@ -109,6 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 add_flag(group, flag, type=None, default=bool(default), help=help_text)
             else:
                 add_flag(group, flag, type=kind, default=None if default is None else default, help=help_text)
+            if flag == "--redis":
+                add_redis_auth_flags(group)
 
 
 def config_from_args(args: argparse.Namespace) -> RankingConfig:
@@ -120,6 +123,7 @@ def config_from_args(args: argparse.Namespace) -> RankingConfig:
     for field in ("tls_cert", "tls_key", "models_dir"):
         if values[field] is not None:
             values[field] = Path(values[field])
+    values["redis_url"] = resolve_redis_args(args)
     try:
         values["auth_token"] = read_auth_token(args.auth_token_file)
         return RankingConfig(**values)
@@ -131,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     config = config_from_args(args)
+    check_redis_auth(config.redis_url)  # a wrong password stops here, with the setting to fix
     if args.workers > 1:
         if config.port == 0:
             raise UserError("--workers needs a fixed --port: with port 0 each worker would pick its own")

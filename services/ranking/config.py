@@ -64,7 +64,7 @@ class RankingConfig:
     max_concurrent_batches: int = 1
 
     # --- features ------------------------------------------------------------------------------
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     # A batch never waits on Redis longer than this; past it the batch is served degraded.
     redis_timeout_ms: float = 20.0
     # While Redis is down, a background probe retries this often (the hot path never waits on it).

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from feature_store.values import DEFAULT_TRENDING_HALF_LIFE_S
 from recstack.errors import UserError
+from recstack.kafka import KafkaSecurity
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,8 @@ class StreamConfig:
     # How soon the group notices a consumer that died without leaving (SIGKILL, power loss).
     session_timeout_ms: int = 10_000
     client_id: str = "recstack-stream"
+    # TLS/SASL towards Kafka, for the consumer and its dead-letter producer alike.
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     def __post_init__(self) -> None:
         problems = []
