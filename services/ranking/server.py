@@ -32,7 +32,7 @@ from services.ranking.config import RankingConfig
 from services.ranking.errors import RankingError, Unauthenticated
 from services.ranking.metrics import RankingMetrics
 from services.ranking.naive import NaiveBackend
-from services.ranking.validation import validate_rank, validate_recommend
+from services.ranking.validation import tolerant_deserializer, validate_rank, validate_recommend
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ class _Boundary(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             call,
-            request_deserializer=handler.request_deserializer,
+            # Bytes protobuf cannot parse become INVALID_ARGUMENT naming the field, not UNKNOWN.
+            request_deserializer=tolerant_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -140,7 +141,7 @@ class _Boundary(grpc.aio.ServerInterceptor):
         }[(handler.request_streaming, handler.response_streaming)]
         refusal = self._refusals[method] = kind(
             refuse,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         return refusal
