@@ -15,17 +15,19 @@ PY_DIRS     := $(wildcard recstack services feature_store models loadtests tests
 PYTEST_ARGS ?=
 TESTS       ?= tests
 KEEP        ?= 0
+FUZZ_SECONDS ?= 300
 
 # uv installs everything; `make install` bootstraps the pinned version into $(PYTHON) if it is missing.
 UV = $(PYTHON) -m uv
 
-.PHONY: help install lock proto up down status test demo lint clean
+.PHONY: help install lock proto up down status test demo lint clean fuzz
 
 help: ## list the targets
 	@echo "recstack make targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 12
 	@echo
 	@echo "variables: TESTS=tests/unit PYTEST_ARGS='-k name' (test), KEEP=1 (demo: keep services running),"
+	@echo "           FUZZ_SECONDS=300 (fuzz),"
 	@echo "           RECSTACK_KAFKA_PORT, RECSTACK_REDIS_PORT, RECSTACK_RUN_DIR (up/down/test/demo)"
 
 install: $(STAMP) proto ## create .venv/ and install the project with its locked dependencies
@@ -78,6 +80,10 @@ status: ## show whether the local Kafka broker and Redis server are running
 
 test: install ## install, start the services, run the whole test suite (TESTS=path PYTEST_ARGS=...)
 	@infra/with-services.sh $(VENV_PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+
+fuzz: install ## fuzz the event validator and the ranking requests (FUZZ_SECONDS=300, with atheris)
+	@$(UV) pip install --quiet --python $(VENV_PY) -c constraints.txt -e '.[dev,fuzz]'
+	@infra/with-services.sh $(VENV_PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 demo: install ## the end-to-end demo: replay, features, train, serve, load test, report (KEEP=1)
 	@KEEP=$(KEEP) infra/with-services.sh $(VENV_PY) -m recstack.demo
