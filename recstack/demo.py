@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             "serve",
             [
                 "serve",
+                "--host",
+                "127.0.0.1",  # the demo's clients are local: keep the server off the network
                 "--port",
                 str(args.port),
                 "--models",

@@ -33,6 +33,7 @@ _GROUPS: dict[str, list[_Flag]] = {
         ("--reuse-port", "reuse_port", None,
          "share the port with other server processes (SO_REUSEPORT); --workers sets it"),
         ("--metrics-port", "metrics_port", _port, "Prometheus /metrics HTTP port (0 disables)"),
+        ("--metrics-host", "metrics_host", str, "address of /metrics; 127.0.0.1 keeps it on this machine"),
         ("--tls-cert", "tls_cert", str, "TLS certificate chain, PEM (with --tls-key)"),
         ("--tls-key", "tls_key", str, "TLS private key, PEM (with --tls-cert)"),
         ("--auth-token-file", "", str,

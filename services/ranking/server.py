@@ -229,7 +229,7 @@ async def serve(config: RankingConfig) -> None:
         sys.setswitchinterval(config.switch_interval_ms / 1000.0)
     server, _ = await create_server(config)
     if config.metrics_port:
-        server.metrics.serve_http(config.metrics_port)
+        server.metrics.serve_http(config.metrics_port, config.metrics_host)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -85,6 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_flag(
         parser,
+        "--metrics-host",
+        default=d.metrics_host,
+        metavar="ADDRESS",
+        help="address of the metrics endpoint; 127.0.0.1 keeps it on this machine",
+    )
+    add_flag(
+        parser,
         "--max-batch",
         default=d.max_batch,
         type=positive_int,

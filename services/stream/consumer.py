@@ -710,7 +710,7 @@ def run(config: StreamConfig) -> int:
     check_redis_auth(config.redis)  # a wrong password stops here, with the setting to fix
     metrics = StreamMetrics()
     if config.metrics_port:
-        metrics.serve(config.metrics_port)
+        metrics.serve(config.metrics_port, config.metrics_host)
     consumer = StreamConsumer(config, metrics)
 
     def request_stop(signum: int, _frame: Any) -> None:
