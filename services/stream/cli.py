@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import logging
 
-from recstack.credentials import add_redis_auth_flags, resolve_redis_args
+from recstack.credentials import add_redis_auth_flags, check_redis_auth, resolve_redis_args
 from recstack.flags import add_flag, host_port, non_negative_int, positive_float, positive_int, redis_url
 from recstack.kafka import add_kafka_security_flags, kafka_security_from_args
 from services.stream.config import StreamConfig
@@ -143,6 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         kafka_security=kafka_security_from_args(args),
     )
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    check_redis_auth(config.redis)  # before the heavy imports: a wrong password fails at once
     from services.stream.consumer import run
 
     return run(config)

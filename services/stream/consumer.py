@@ -336,7 +336,14 @@ class StreamConsumer:
                     self._consumer = None
                 if self._stop.wait(delay):
                     raise _Stopping from exc
-                log.warning("Kafka at %s not available (%s); retrying", cfg.bootstrap, exc)
+                # A broker refusing SASL credentials just closes the connection: say where to look.
+                hint = (
+                    "; if the broker is up, check --kafka-sasl-username, --kafka-sasl-mechanism and "
+                    "the password (RECSTACK_KAFKA_SASL_PASSWORD or --kafka-sasl-password-file)"
+                    if cfg.kafka_security.protocol.startswith("SASL_")
+                    else ""
+                )
+                log.warning("Kafka at %s not available (%s)%s; retrying", cfg.bootstrap, exc, hint)
                 delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def _shutdown(self) -> None:

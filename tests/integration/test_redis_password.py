@@ -219,7 +219,7 @@ STREAM = ["stream", "--bootstrap", "127.0.0.1:1", "--metrics-port", "0", "--even
     [
         ("wrong", [SERVE, STREAM]),
         ("missing", [SERVE]),
-        ("wrong-in-url", [STREAM]),
+        ("wrong-in-url", [SERVE]),
         ("wrong-in-file", [SERVE]),
     ],
 )

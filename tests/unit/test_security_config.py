@@ -235,3 +235,39 @@ def test_help_never_shows_a_secret_from_the_environment(command):
         assert "--kafka-sasl-password" in out.stdout and "RECSTACK_KAFKA_SASL_PASSWORD" in out.stdout
     if command in ("stream", "serve"):
         assert "RECSTACK_REDIS_PASSWORD" in out.stdout
+
+
+# ------------------------------------------------------------ the stream consumer's Kafka clients
+class _FakeClient:
+    made: list[dict] = []
+    failures = 0
+
+    def __init__(self, **options) -> None:
+        if _FakeClient.failures:
+            _FakeClient.failures -= 1
+            from kafka.errors import KafkaTimeoutError
+
+            raise KafkaTimeoutError("Unable to bootstrap from 127.0.0.1:1")
+        _FakeClient.made.append(options)
+
+
+def test_stream_consumer_and_dlq_producer_get_the_security_options(monkeypatch, caplog):
+    import services.stream.consumer as consumer_module
+    from services.stream.config import StreamConfig
+
+    monkeypatch.setattr(consumer_module, "KafkaConsumer", _FakeClient)
+    monkeypatch.setattr(consumer_module, "KafkaProducer", _FakeClient)
+    _FakeClient.made, _FakeClient.failures = [], 1
+    security = KafkaSecurity("SASL_PLAINTEXT", "SCRAM-SHA-512", "recstack-stream", SECRET)
+    config = StreamConfig(bootstrap="127.0.0.1:1", event_log="", metrics_port=0, kafka_security=security)
+    consumer = consumer_module.StreamConsumer(config)
+    with caplog.at_level("WARNING", logger=consumer_module.__name__):
+        consumer._connect()  # fails once (as a broker refusing the password looks), then connects
+    assert len(_FakeClient.made) == 2  # the consumer and its dead-letter producer
+    for options in _FakeClient.made:
+        assert options["security_protocol"] == "SASL_PLAINTEXT"
+        assert options["sasl_mechanism"] == "SCRAM-SHA-512"
+        assert options["sasl_plain_username"] == "recstack-stream"
+        assert options["sasl_plain_password"] == SECRET
+    assert "check --kafka-sasl-username" in caplog.text and "RECSTACK_KAFKA_SASL_PASSWORD" in caplog.text
+    assert SECRET not in caplog.text
