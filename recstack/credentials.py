@@ -122,6 +122,8 @@ def check_redis_auth(url: str, timeout_s: float = 5.0) -> None:
     """
     import redis
 
+    if url.split("://", 1)[0].lower() not in ("redis", "rediss", "unix"):
+        return  # e.g. a Redis Cluster URL: its own client reports refused credentials when it connects
     client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
         client.ping()

@@ -191,10 +191,18 @@ def test_redis_password_given_wrongly(url, password, file, named):
     assert SECRET not in str(caught.value) and "inurl" not in str(caught.value)
 
 
+def test_the_start_up_check_leaves_other_url_schemes_to_their_clients():
+    from recstack.credentials import check_redis_auth
+
+    check_redis_auth("redis+cluster://:pw@127.0.0.1:1,127.0.0.1:2")  # no error, no connection
+
+
 def test_redact_url():
     assert redact_url("redis://user:secret@h:1/0") == "redis://user:***@h:1/0"
     assert redact_url("redis://:secret@h:1/0") == "redis://:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+    assert redact_url("redis+cluster://:secret@h1:1,h2:2") == "redis+cluster://:***@h1:1,h2:2"
+    assert resolve_redis_url("redis+cluster://h1:1,h2:2", "p,w", None) == "redis+cluster://:p%2Cw@h1:1,h2:2"
 
 
 @pytest.mark.parametrize("password", ["plain", "12345", "true", "null", "1e5", "a,b=c", 'q"u\\ote', "ü"])
