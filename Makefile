@@ -15,11 +15,12 @@ PY_DIRS     := $(wildcard recstack services feature_store models loadtests tests
 PYTEST_ARGS ?=
 TESTS       ?= tests
 KEEP        ?= 0
+FUZZ_SECONDS ?= 300
 
 # uv installs everything; `make install` bootstraps the pinned version into $(PYTHON) if it is missing.
 UV = $(PYTHON) -m uv
 
-.PHONY: help install lock proto up down status test demo chaos lint clean
+.PHONY: help install lock proto up down status test demo chaos lint clean fuzz
 
 help: ## list the targets
 	@echo "recstack make targets:"
@@ -27,6 +28,7 @@ help: ## list the targets
 	@echo
 	@echo "variables: TESTS=tests/unit PYTEST_ARGS='-k name' (test), KEEP=1 (demo: keep services running),"
 	@echo "           CHAOS_ARGS='--faults consumer-kill,redis-restart --quick' (chaos),"
+	@echo "           FUZZ_SECONDS=300 (fuzz),"
 	@echo "           RECSTACK_KAFKA_PORT, RECSTACK_REDIS_PORT, RECSTACK_RUN_DIR (up/down/test/demo)"
 
 install: $(STAMP) proto ## create .venv/ and install the project with its locked dependencies
@@ -80,6 +82,10 @@ status: ## show whether the local Kafka broker and Redis server are running
 
 test: install ## install, start the services, run the whole test suite (TESTS=path PYTEST_ARGS=...)
 	@infra/with-services.sh $(VENV_PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+
+fuzz: install ## fuzz the event validator and the ranking requests (FUZZ_SECONDS=300, with atheris)
+	@$(UV) pip install --quiet --python $(VENV_PY) -c constraints.txt -e '.[dev,fuzz]'
+	@infra/with-services.sh $(VENV_PY) tests/fuzz/run.py --seconds $(FUZZ_SECONDS)
 
 demo: install ## the end-to-end demo: replay, features, train, serve, load test, report (KEEP=1)
 	@KEEP=$(KEEP) infra/with-services.sh $(VENV_PY) -m recstack.demo

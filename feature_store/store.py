@@ -10,6 +10,7 @@ index included. The file registry lives outside the package, in ``RECSTACK_FEAST
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,9 +43,9 @@ def connection_string(redis_url: str) -> str:
         cluster = redis_urls.parse_cluster(redis_url)
         pieces = [f"{host}:{port}" for host, port in cluster.nodes]
         if cluster.username:
-            pieces.append(f"username={cluster.username}")
+            pieces.append(f"username={_feast_value(cluster.username)}")
         if cluster.password:
-            pieces.append(f"password={cluster.password}")
+            pieces.append(f"password={_feast_value(cluster.password)}")
         if cluster.ssl:
             pieces.append("ssl=true")
         return ",".join(pieces)
@@ -58,12 +59,19 @@ def connection_string(redis_url: str) -> str:
         raise UserError(f"the database of a Redis URL must be a number, got {path!r} in {redis_url!r}")
     pieces = [f"{host}:{port}", f"db={int(path or 0)}"]
     if parts.username:
-        pieces.append(f"username={unquote(parts.username)}")
+        pieces.append(f"username={_feast_value(unquote(parts.username))}")
     if parts.password:
-        pieces.append(f"password={unquote(parts.password)}")
+        pieces.append(f"password={_feast_value(unquote(parts.password))}")
     if parts.scheme == "rediss":
         pieces.append("ssl=true")
     return ",".join(pieces)
+
+
+def _feast_value(text: str) -> str:
+    """A credential as Feast's connection string needs it. Feast splits the string at commas and
+    ``json.loads`` each value, so a bare ``123``, ``true`` or ``null`` would reach Redis as a
+    number, a bool or nothing: a JSON string (commas escaped) reads back exactly as given."""
+    return json.dumps(text).replace(",", "\\u002c")
 
 
 @contextmanager

@@ -8,6 +8,10 @@
 # state directory ($RECSTACK_RUN_DIR, default .run/). Environment: RECSTACK_KAFKA_PORT (9092),
 # RECSTACK_KAFKA_CONTROLLER_PORT (port + 1), RECSTACK_KAFKA_HEAP (512m),
 # RECSTACK_KAFKA_START_TIMEOUT (seconds, 120), RECSTACK_KAFKA_STOP_TIMEOUT (seconds, 30).
+# With RECSTACK_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT (and RECSTACK_KAFKA_SASL_MECHANISM PLAIN,
+# SCRAM-SHA-256 or SCRAM-SHA-512, RECSTACK_KAFKA_SASL_USERNAME, RECSTACK_KAFKA_SASL_PASSWORD: the
+# variables the clients read) the client listener requires that user, on a fresh state directory.
+# The broker listens on 127.0.0.1 only.
 COMPONENT=kafka
 # shellcheck source=infra/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -27,7 +31,49 @@ HEAP="${RECSTACK_KAFKA_HEAP:-512m}"
 START_TIMEOUT="${RECSTACK_KAFKA_START_TIMEOUT:-120}"
 STOP_TIMEOUT="${RECSTACK_KAFKA_STOP_TIMEOUT:-30}"
 
+SECURITY_PROTOCOL="${RECSTACK_KAFKA_SECURITY_PROTOCOL:-PLAINTEXT}"
+SASL_MECHANISM="${RECSTACK_KAFKA_SASL_MECHANISM:-}"
+SASL_USERNAME="${RECSTACK_KAFKA_SASL_USERNAME:-}"
+SASL_PASSWORD="${RECSTACK_KAFKA_SASL_PASSWORD:-}"
+
 running_pid() { pid_from_file "$PID_FILE" "$PROPERTIES"; }
+
+# The client listener's lines of server.properties: PLAINTEXT, or SASL_PLAINTEXT for one user.
+listener_config() {
+    case $SECURITY_PROTOCOL in
+    PLAINTEXT)
+        printf '%s\n' "listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT" \
+            "advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT" \
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT" \
+            "inter.broker.listener.name=PLAINTEXT"
+        ;;
+    SASL_PLAINTEXT)
+        # Quoted into JAAS and the SCRAM bootstrap record: keep to characters neither escapes.
+        [[ $SASL_USERNAME =~ ^[A-Za-z0-9._~+-]+$ ]] ||
+            die "RECSTACK_KAFKA_SASL_USERNAME: the local broker takes letters, digits and ._~+- only"
+        [[ $SASL_PASSWORD =~ ^[A-Za-z0-9._~+-]+$ ]] ||
+            die "RECSTACK_KAFKA_SASL_PASSWORD: the local broker takes letters, digits and ._~+- only"
+        local module users=""
+        case $SASL_MECHANISM in
+        PLAIN)
+            module=org.apache.kafka.common.security.plain.PlainLoginModule
+            users=" user_$SASL_USERNAME=\"$SASL_PASSWORD\""
+            ;;
+        SCRAM-SHA-256 | SCRAM-SHA-512) module=org.apache.kafka.common.security.scram.ScramLoginModule ;;
+        *) die "RECSTACK_KAFKA_SASL_MECHANISM must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, got '$SASL_MECHANISM'" ;;
+        esac
+        printf '%s\n' \
+            "listeners=SASL_PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT" \
+            "advertised.listeners=SASL_PLAINTEXT://127.0.0.1:$KAFKA_PORT" \
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT" \
+            "inter.broker.listener.name=SASL_PLAINTEXT" \
+            "sasl.enabled.mechanisms=$SASL_MECHANISM" \
+            "sasl.mechanism.inter.broker.protocol=$SASL_MECHANISM" \
+            "listener.name.sasl_plaintext.${SASL_MECHANISM,,}.sasl.jaas.config=$module required username=\"$SASL_USERNAME\" password=\"$SASL_PASSWORD\"$users;"
+        ;;
+    *) die "RECSTACK_KAFKA_SECURITY_PROTOCOL: the local broker runs PLAINTEXT or SASL_PLAINTEXT, got '$SECURITY_PROTOCOL'" ;;
+    esac
+}
 
 fetch_libs() {
     local pom_sum stamp="$LIBS_DIR/.pom.sha256"
@@ -57,16 +103,17 @@ fetch_libs() {
 
 write_config() {
     mkdir -p "$STATE_DIR" "$DATA_DIR" "$LOG_DIR"
+    local listeners
+    listeners=$(listener_config)
+    # The file may hold a SASL password: readable by its owner only.
+    (umask 077 && : >"$PROPERTIES")
     cat >"$PROPERTIES" <<EOF
 # Written by infra/kafka.sh on every start; edit the script, not this file.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+$listeners
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
 log.dirs=$DATA_DIR
 num.partitions=6
 offsets.topic.replication.factor=1
@@ -113,8 +160,13 @@ format_storage() {
     fi
     cluster_id=$(<"$cluster_id_file")
     log "formatting storage in $DATA_DIR (cluster id $cluster_id)"
+    local scram=()
+    if [[ $SECURITY_PROTOCOL == SASL_PLAINTEXT && $SASL_MECHANISM == SCRAM-* ]]; then
+        # SCRAM credentials live in the metadata log: the broker's own user is written at format.
+        scram=(--add-scram "$SASL_MECHANISM=[name=$SASL_USERNAME,password=$SASL_PASSWORD]")
+    fi
     java -cp "$LIBS_DIR/*" -Dlog4j2.configurationFile="$LOG4J_CONFIG" \
-        kafka.tools.StorageTool format -t "$cluster_id" -c "$PROPERTIES" >>"$OUT_FILE" 2>&1 ||
+        kafka.tools.StorageTool format -t "$cluster_id" -c "$PROPERTIES" "${scram[@]}" >>"$OUT_FILE" 2>&1 ||
         {
             tail_log "$OUT_FILE"
             die "formatting the storage failed"
@@ -156,7 +208,7 @@ start() {
     fetch_libs
     write_config
     format_storage
-    log "starting the broker on 127.0.0.1:$KAFKA_PORT (heap $HEAP)"
+    log "starting the broker on 127.0.0.1:$KAFKA_PORT (heap $HEAP, $SECURITY_PROTOCOL${SASL_MECHANISM:+ $SASL_MECHANISM})"
     # setsid: the broker outlives this script and ignores a Ctrl-C aimed at make.
     (cd "$STATE_DIR" && exec setsid java "-Xmx$HEAP" "-Xms$HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
         -Djava.awt.headless=true -Dlog4j2.configurationFile="$LOG4J_CONFIG" -Dkafka.logs.dir="$LOG_DIR" \

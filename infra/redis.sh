@@ -5,7 +5,9 @@
 #
 # Installs Debian's redis-server package when it is missing. Configuration, data (AOF, fsync
 # every second), pid file and log live in the state directory ($RECSTACK_RUN_DIR, default .run/).
-# Environment: RECSTACK_REDIS_PORT (6379), RECSTACK_REDIS_STOP_TIMEOUT (seconds, 20).
+# Environment: RECSTACK_REDIS_PORT (6379), RECSTACK_REDIS_STOP_TIMEOUT (seconds, 20),
+# RECSTACK_REDIS_PASSWORD (unset: no password; set: clients must AUTH with it, and the services
+# read the same variable). The server listens on 127.0.0.1 only.
 COMPONENT=redis
 # shellcheck source=infra/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -15,6 +17,7 @@ CONFIG="$STATE_DIR/redis.conf"
 PID_FILE="$RUN_DIR/redis.pid"
 LOG_FILE="$LOG_DIR/redis.log"
 STOP_TIMEOUT="${RECSTACK_REDIS_STOP_TIMEOUT:-20}"
+REDIS_PASSWORD="${RECSTACK_REDIS_PASSWORD:-}"
 
 # redis-server rewrites its argv to "redis-server 127.0.0.1:PORT", so the marker is the address.
 running_pid() { pid_from_file "$PID_FILE" "redis-server 127.0.0.1:$REDIS_PORT"; }
@@ -26,6 +29,8 @@ install_redis() {
 
 write_config() {
     mkdir -p "$STATE_DIR" "$LOG_DIR"
+    # The file may hold the password: readable by its owner only.
+    (umask 077 && : >"$CONFIG")
     cat >"$CONFIG" <<EOF
 # Written by infra/redis.sh on every start; edit the script, not this file.
 bind 127.0.0.1
@@ -41,10 +46,25 @@ appendfsync everysec
 save ""
 databases 16
 EOF
+    if [[ -n $REDIS_PASSWORD ]]; then
+        # A quoted string in redis.conf: escape backslashes and double quotes.
+        local quoted=${REDIS_PASSWORD//\\/\\\\}
+        quoted=${quoted//\"/\\\"}
+        printf 'requirepass "%s"\n' "$quoted" >>"$CONFIG"
+    fi
+}
+
+# redis-cli reads the password from REDISCLI_AUTH, which keeps it off the command line.
+cli() {
+    if [[ -n $REDIS_PASSWORD ]]; then
+        REDISCLI_AUTH=$REDIS_PASSWORD redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"
+    else
+        redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"
+    fi
 }
 
 ping() {
-    [[ $(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null) == PONG ]]
+    [[ $(cli ping 2>/dev/null) == PONG ]]
 }
 
 start() {
@@ -61,7 +81,7 @@ start() {
     fi
     install_redis
     write_config
-    log "starting redis-server on 127.0.0.1:$REDIS_PORT"
+    log "starting redis-server on 127.0.0.1:$REDIS_PORT${REDIS_PASSWORD:+ (password required)}"
     # setsid: the server outlives this script and ignores a Ctrl-C aimed at make.
     setsid redis-server "$CONFIG" </dev/null >>"$LOG_FILE" 2>&1 ||
         {

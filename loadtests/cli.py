@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shlex
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 from recstack.errors import UserError
 from recstack.flags import add_flag, host_port, non_negative_float, positive_float, positive_int, redis_url
+from recstack.kafka import add_kafka_security_flags, kafka_security_from_args
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ def _register_loadtest(subparsers: Any) -> None:
     add_flag(parser, "--timeout-ms", default=1000.0, type=positive_float, help="per-call gRPC deadline")
     add_flag(parser, "--source", default="onlineretail", help="where shoppers and items come from")
     add_flag(parser, "--processes", default=1, type=positive_int, help="Locust processes (forked by Locust)")
+    add_kafka_security_flags(parser)
     parser.set_defaults(handler=_loadtest)
 
 
@@ -122,6 +125,8 @@ def _loadtest(args: argparse.Namespace) -> int:
         raise UserError(f"--wait: expected MIN,MAX seconds, got {args.wait!r}") from None
     if not 0 <= low <= high:
         raise UserError(f"--wait: need 0 <= MIN <= MAX, got {args.wait!r}")
+    # The Locust process reads the Kafka settings from its environment (secrets stay off its argv).
+    os.environ.update(kafka_security_from_args(args).environment())
     run = LocustRun(
         host=args.host,
         users=args.users,

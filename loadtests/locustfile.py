@@ -103,8 +103,16 @@ def _make_producer(bootstrap: str) -> Any:
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
+    from recstack.kafka import kafka_security_from_env
+
     try:
-        return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=5)
+        return KafkaProducer(
+            bootstrap_servers=bootstrap,
+            acks="all",
+            linger_ms=5,
+            retries=5,
+            **kafka_security_from_env().client_options(),
+        )
     except KafkaError as exc:
         log.warning("no events will be published: cannot reach Kafka at %s (%s)", bootstrap, exc)
         return None

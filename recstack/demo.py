@@ -88,9 +88,11 @@ def _measure_freshness(bootstrap: str, target: str, samples: int) -> list[float]
     import grpc
     from kafka import KafkaProducer
 
+    from recstack.kafka import kafka_security_from_env
     from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    security = kafka_security_from_env().client_options()  # the same RECSTACK_KAFKA_* as the stack
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, **security)
     channel = grpc.insecure_channel(target)
     stub = ranking_pb2_grpc.RankingServiceStub(channel)
     items = ["85123A", "71053", "84406B", "22423", "85099B", "47566", "20725", "84879"]
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             "serve",
             [
                 "serve",
+                "--host",
+                "127.0.0.1",  # the demo's clients are local: keep the server off the network
                 "--port",
                 str(args.port),
                 "--models",

@@ -124,6 +124,21 @@ def _make_event(
     return event
 
 
+def _is_text(value: str) -> bool:
+    """False for a string holding a lone surrogate, which JSON's ``\\ud800`` escape can produce:
+    it is not Unicode text and cannot be encoded as UTF-8 (Kafka and Redis keys, the event log)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+_NOT_TEXT = "is not valid Unicode text (it holds a lone surrogate such as \\ud800)"
+
+
 def _id_field(obj: dict[str, Any], name: str) -> str:
     if name not in obj:
         raise InvalidEvent(name, "required field is missing")
@@ -132,6 +147,8 @@ def _id_field(obj: dict[str, Any], name: str) -> str:
         raise InvalidEvent(name, f"must be a string, got {type(value).__name__}")
     if not 1 <= len(value) <= MAX_ID_LENGTH:
         raise InvalidEvent(name, f"must be 1-{MAX_ID_LENGTH} characters, got {len(value)}")
+    if not _is_text(value):
+        raise InvalidEvent(name, _NOT_TEXT)
     return value
 
 
@@ -170,6 +187,8 @@ def _optional_str(obj: dict[str, Any], name: str) -> str | None:
         raise InvalidEvent(name, f"must be a string, got {type(value).__name__}")
     if len(value) > MAX_ID_LENGTH:
         raise InvalidEvent(name, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
+    if not _is_text(value):
+        raise InvalidEvent(name, _NOT_TEXT)
     return value
 
 
@@ -205,6 +224,10 @@ def _validate_plain(obj: dict[str, Any]) -> Event | None:
         and _MIN_TS_MS <= ts <= _MAX_TS_MS
     ):
         return None
+    if not (event_id.isascii() and user_id.isascii() and item_id.isascii()) and not (
+        _is_text(event_id) and _is_text(user_id) and _is_text(item_id)
+    ):
+        return None
     price = get("price")
     if price is not None:
         if type(price) is float or type(price) is int:
@@ -219,10 +242,14 @@ def _validate_plain(obj: dict[str, Any]) -> Event | None:
     elif type(quantity) is not int or not -(2**31) <= quantity < 2**31:
         return None
     category = get("category")
-    if category is not None and (type(category) is not str or len(category) > MAX_ID_LENGTH):
+    if category is not None and (
+        type(category) is not str or len(category) > MAX_ID_LENGTH or not _is_text(category)
+    ):
         return None
     session_id = get("session_id")
-    if session_id is not None and (type(session_id) is not str or len(session_id) > MAX_ID_LENGTH):
+    if session_id is not None and (
+        type(session_id) is not str or len(session_id) > MAX_ID_LENGTH or not _is_text(session_id)
+    ):
         return None
     return _make_event(event_id, user_id, item_id, event_type, ts, price, quantity, category, session_id)
 

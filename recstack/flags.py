@@ -41,11 +41,13 @@ def add_flag(
     choices: list[str] | None = None,
     metavar: str | None = None,
     required: bool = False,
+    secret: bool = False,
 ) -> None:
     """Add ``flag`` whose default comes from ``RECSTACK_<FLAG>`` when that variable is set.
 
     Boolean switches are declared with ``type=None`` and ``default=False``: ``--flag`` turns
-    them on, and ``RECSTACK_FLAG=true`` does the same from the environment.
+    them on, and ``RECSTACK_FLAG=true`` does the same from the environment. A ``secret`` flag
+    (a password) never shows its value, in ``--help`` or in an error.
     """
     variable = env_name(flag)
     raw = os.environ.get(variable)
@@ -62,9 +64,13 @@ def add_flag(
         try:
             value = [type(part) for part in raw.split()] if nargs in ("+", "*") else type(raw)
         except (ValueError, argparse.ArgumentTypeError) as exc:
-            parser.error(f"environment variable {variable}={raw!r} is not valid: {exc}")
+            shown_raw = "<hidden>" if secret else repr(raw)
+            parser.error(f"environment variable {variable}={shown_raw} is not valid: {exc}")
         default, required = value, False
-    shown = "" if default is None else f" (default: {default})"
+    if default is None:
+        shown = ""
+    else:
+        shown = " (set from the environment)" if secret else f" (default: {default})"
     parser.add_argument(
         flag,
         default=default,

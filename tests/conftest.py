@@ -29,3 +29,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def repo_root() -> Path:
     """The checkout's root folder (where pyproject.toml is)."""
     return REPO_ROOT
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hypothesis profiles: ``ci`` (default: a bounded number of examples, seconds per test) and
+    ``long`` (``RECSTACK_FUZZ_PROFILE=long``: many more, for fuzzing on demand). No deadline in
+    either: the machine is shared, and a slow example is not a wrong one."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=100, deadline=None)
+    settings.register_profile("long", max_examples=5_000, deadline=None)
+    settings.load_profile(os.environ.get("RECSTACK_FUZZ_PROFILE", "ci"))

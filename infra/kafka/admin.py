@@ -24,6 +24,9 @@ def _topic_spec(text: str) -> tuple[str, int]:
 
 
 def _connect(bootstrap: str, deadline: float) -> KafkaAdminClient:
+    from recstack.kafka import kafka_security_from_env
+
+    security = kafka_security_from_env().client_options()  # RECSTACK_KAFKA_*, as the clients read
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         try:
@@ -32,6 +35,7 @@ def _connect(bootstrap: str, deadline: float) -> KafkaAdminClient:
                 client_id="recstack-infra",
                 request_timeout_ms=5000,
                 bootstrap_timeout_ms=3000,
+                **security,
             )
         except (KafkaError, OSError) as exc:
             last_error = exc

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from recstack.credentials import add_redis_auth_flags, check_redis_auth, resolve_redis_args
 from recstack.errors import UserError
 from recstack.flags import add_flag, non_negative_float, positive_int, redis_url
 from services.ranking.config import AUTH_TOKEN_ENV, RankingConfig, read_auth_token
@@ -40,6 +41,7 @@ _GROUPS: dict[str, list[_Flag]] = {
         ("--reuse-port", "reuse_port", None,
          "share the port with other server processes (SO_REUSEPORT); --workers sets it"),
         ("--metrics-port", "metrics_port", _port, "Prometheus /metrics HTTP port (0 disables)"),
+        ("--metrics-host", "metrics_host", str, "address of /metrics; 127.0.0.1 keeps it on this machine"),
         ("--tls-cert", "tls_cert", str, "TLS certificate chain, PEM (with --tls-key)"),
         ("--tls-key", "tls_key", str, "TLS private key, PEM (with --tls-cert)"),
         ("--auth-token-file", "", str,
@@ -121,6 +123,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 add_flag(group, flag, type=None, default=bool(default), help=help_text)
             else:
                 add_flag(group, flag, type=kind, default=None if default is None else default, help=help_text)
+            if flag == "--redis":
+                add_redis_auth_flags(group)
 
 
 def config_from_args(args: argparse.Namespace) -> RankingConfig:
@@ -132,6 +136,7 @@ def config_from_args(args: argparse.Namespace) -> RankingConfig:
     for field in ("tls_cert", "tls_key", "models_dir"):
         if values[field] is not None:
             values[field] = Path(values[field])
+    values["redis_url"] = resolve_redis_args(args)
     try:
         values["auth_token"] = read_auth_token(args.auth_token_file)
         return RankingConfig(**values)
@@ -143,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     config = config_from_args(args)
+    check_redis_auth(config.redis_url)  # a wrong password stops here, with the setting to fix
     if args.workers > 1:
         if config.port == 0:
             raise UserError("--workers needs a fixed --port: with port 0 each worker would pick its own")

@@ -33,6 +33,9 @@ class RankingConfig:
     max_message_bytes: int = 1 << 20
     grace_period_s: float = 5.0  # SIGTERM: in-flight calls get this long to finish
     metrics_port: int = 9464  # Prometheus HTTP; 0 disables
+    # All interfaces (the contract's ``:9464``) so a Prometheus elsewhere can scrape it;
+    # 127.0.0.1 keeps the metrics on this machine.
+    metrics_host: str = "0.0.0.0"
 
     # --- request limits ------------------------------------------------------------------------
     max_candidates: int = DEFAULT_MAX_CANDIDATES  # per Rank request, and the largest Recommend k
@@ -69,7 +72,7 @@ class RankingConfig:
     max_concurrent_batches: int = 1
 
     # --- features ------------------------------------------------------------------------------
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     # A batch never waits on Redis longer than this; past it the batch is served degraded.
     redis_timeout_ms: float = 20.0
     # While Redis is down, a background probe retries this often (the hot path never waits on it).

@@ -27,6 +27,7 @@ import redis
 
 from feature_store.online import ItemFeatures, UserFeatures, read_features
 from recstack import redis_url as redis_urls
+from recstack.credentials import REDIS_PASSWORD_SETTINGS, is_auth_error
 from services.ranking.metrics import RankingMetrics
 from services.ranking.redis_client import ClusterPipelinedRedis, PipelinedRedis
 
@@ -130,7 +131,10 @@ class FeatureFetcher:
         self._metrics.redis_failures.inc()
         if self._up:
             self._up = False
-            log.warning("Redis feature read failed (%s); serving degraded until it answers again", exc)
+            hint = f"; check {REDIS_PASSWORD_SETTINGS}" if is_auth_error(exc) else ""
+            log.warning(
+                "Redis feature read failed (%s)%s; serving degraded until it answers again", exc, hint
+            )
 
     # --- recovery (event loop, background) -----------------------------------------------------
     def _ping(self) -> bool:

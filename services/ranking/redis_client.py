@@ -108,7 +108,16 @@ class PipelinedRedis:
         if self._db:
             setup.append(pack("SELECT", str(self._db)))
         if setup:
-            self._roundtrip(conn, setup)
+            try:
+                self._roundtrip(conn, setup)
+            except redis.ResponseError as exc:
+                conn.close()
+                if str(exc).startswith(("WRONGPASS", "NOAUTH", "invalid password", "invalid username")):
+                    raise redis.AuthenticationError(str(exc)) from None
+                raise
+            except BaseException:
+                conn.close()
+                raise
         with self._lock:
             self._connections.append(conn)
         return conn

@@ -33,7 +33,7 @@ from services.ranking.errors import RankingError, Unauthenticated
 from services.ranking.gc_tuning import GcPauseRecorder, freeze_heap
 from services.ranking.metrics import RankingMetrics
 from services.ranking.naive import NaiveBackend
-from services.ranking.validation import validate_rank, validate_recommend
+from services.ranking.validation import tolerant_deserializer, validate_rank, validate_recommend
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ class _Boundary(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             call,
-            request_deserializer=handler.request_deserializer,
+            # Bytes protobuf cannot parse become INVALID_ARGUMENT naming the field, not UNKNOWN.
+            request_deserializer=tolerant_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -141,7 +142,7 @@ class _Boundary(grpc.aio.ServerInterceptor):
         }[(handler.request_streaming, handler.response_streaming)]
         refusal = self._refusals[method] = kind(
             refuse,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=tolerant_deserializer(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
         return refusal
@@ -239,7 +240,7 @@ async def serve(config: RankingConfig) -> None:
         sys.setswitchinterval(config.switch_interval_ms / 1000.0)
     server, _ = await create_server(config)
     if config.metrics_port:
-        server.metrics.serve_http(config.metrics_port)
+        server.metrics.serve_http(config.metrics_port, config.metrics_host)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

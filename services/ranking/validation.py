@@ -6,7 +6,12 @@ and only walk it in Python to name the offending index once something is wrong.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError
 
 from services.ranking.config import MAX_ID_LENGTH
 from services.ranking.errors import InvalidArgument
@@ -22,6 +27,74 @@ class Query:
     include_purchased: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """A request body protobuf refused to parse (bytes that are not UTF-8 in a string field, a
+    corrupt wire format). Validation answers it with ``error`` instead of gRPC's UNKNOWN."""
+
+    error: InvalidArgument
+
+
+def tolerant_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``Message.FromString`` that returns :class:`Undecodable` (naming the field) instead of raising."""
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return Undecodable(why_undecodable(data, descriptor, exc))
+
+    return parse
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def why_undecodable(data: bytes, descriptor: Descriptor | None, exc: Exception) -> InvalidArgument:
+    """Walk the wire format to name the string field whose bytes are not UTF-8 (``item_ids[3]``)."""
+    seen: dict[int, int] = {}
+    pos = 0
+    try:
+        while pos < len(data):
+            key, pos = _varint(data, pos)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            elif wire_type == 2:
+                size, pos = _varint(data, pos)
+                chunk = data[pos : pos + size]
+                pos += size
+                field = descriptor.fields_by_number.get(number) if descriptor is not None else None
+                index = seen[number] = seen.get(number, -1) + 1
+                if field is not None and field.type == FieldDescriptor.TYPE_STRING:
+                    try:
+                        chunk.decode("utf-8")
+                    except UnicodeDecodeError as bad:
+                        name = f"{field.name}[{index}]" if field.is_repeated else field.name
+                        return InvalidArgument(name, f"is not valid UTF-8 (byte {bad.start})")
+            else:
+                break
+    except ValueError:
+        pass
+    kind = descriptor.name if descriptor is not None else "request"
+    return InvalidArgument("request", f"is not a valid {kind} message ({exc})")
+
+
 def _check_id(field: str, value: str) -> None:
     if not value:
         raise InvalidArgument(field, "must not be empty")
@@ -30,6 +103,8 @@ def _check_id(field: str, value: str) -> None:
 
 
 def validate_rank(request, max_candidates: int) -> Query:  # request: ranking_pb2.RankRequest
+    if type(request) is Undecodable:
+        raise request.error
     _check_id("user_id", request.user_id)
     ids = list(request.item_ids)
     if not ids:
@@ -46,6 +121,8 @@ def validate_rank(request, max_candidates: int) -> Query:  # request: ranking_pb
 
 
 def validate_recommend(request, max_k: int, default_k: int) -> Query:  # ranking_pb2.RecommendRequest
+    if type(request) is Undecodable:
+        raise request.error
     _check_id("user_id", request.user_id)
     if request.k < 0:
         raise InvalidArgument("k", f"must be zero (the default, {default_k}) or more, got {request.k}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from recstack.errors import UserError
 from recstack.flags import add_flag, host_port, non_negative_float, non_negative_int
+from recstack.kafka import add_kafka_security_flags, kafka_security_from_args
 
 NAMED_SOURCES = ("onlineretail", "otto", "synthetic")
 
@@ -57,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser, "--seed", default=0, type=non_negative_int, metavar="N", help="seed of the synthetic source"
     )
     add_flag(parser, "--no-progress", default=False, type=None, help="no progress bar")
+    add_kafka_security_flags(parser)
     parser.set_defaults(handler=_run)
 
 
@@ -67,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
             f"--source {source!r}: no such file or folder (give onlineretail, otto, synthetic, or the "
             "path of a JSON Lines or Parquet event log)"
         )
+    security = kafka_security_from_args(args)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     from recstack.sources import load_source
     from services.replay.publisher import frame_to_events, publish
@@ -81,6 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         topic=args.topic,
         rate=args.rate,
         progress=not args.no_progress,
+        security=security,
     )
     print(
         f"published {stats.events} events to {args.topic} in {stats.seconds:.1f} s "

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from recstack.events import COLUMNS, Event
+from recstack.kafka import KafkaSecurity
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def publish(
     topic: str,
     rate: float = 0.0,
     progress: bool = True,
+    security: KafkaSecurity | None = None,
 ) -> ReplayStats:
     """Send ``events`` (``total`` of them) to ``topic``; ``rate`` events/s, 0 = as fast as possible.
 
@@ -70,6 +72,7 @@ def publish(
         enable_idempotence=True,
         linger_ms=20,
         batch_size=256 * 1024,
+        **(security or KafkaSecurity()).client_options(),
     )
     sent = 0
     failures: list[BaseException] = []

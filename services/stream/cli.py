@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
+from recstack.credentials import add_redis_auth_flags, check_redis_auth, resolve_redis_args
 from recstack.flags import add_flag, host_port, non_negative_int, positive_float, positive_int, redis_url
+from recstack.kafka import add_kafka_security_flags, kafka_security_from_args
 from services.stream.config import StreamConfig
 
 _DEFAULTS = StreamConfig()
@@ -37,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=d.redis,
         type=redis_url,
         metavar="URL",
-        help="Redis URL of the online store",
+        help="Redis URL of the online store (redis://[user:password@]host:port/db)",
     )
+    add_redis_auth_flags(parser)
     add_flag(parser, "--group", default=d.group, metavar="NAME", help="Kafka consumer group")
     add_flag(parser, "--topic", default=d.topic, metavar="NAME", help="topic of the events")
     add_flag(
@@ -81,6 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_flag(
         parser,
+        "--metrics-host",
+        default=d.metrics_host,
+        metavar="ADDRESS",
+        help="address of the metrics endpoint; 127.0.0.1 keeps it on this machine",
+    )
+    add_flag(
+        parser,
         "--max-batch",
         default=d.max_batch,
         type=positive_int,
@@ -120,12 +131,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="how soon the group reassigns the partitions of a consumer that died",
     )
     add_flag(parser, "--client-id", default=d.client_id, metavar="NAME", help="Kafka client id")
+    add_kafka_security_flags(parser)
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = StreamConfig.from_namespace(args)  # checked before anything heavy is imported
+    # Checked before anything heavy is imported.
+    config = dataclasses.replace(
+        StreamConfig.from_namespace(args),
+        redis=resolve_redis_args(args),
+        kafka_security=kafka_security_from_args(args),
+    )
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    check_redis_auth(config.redis)  # before the heavy imports: a wrong password fails at once
     from services.stream.consumer import run
 
     return run(config)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from feature_store.values import DEFAULT_TRENDING_HALF_LIFE_S
 from recstack import redis_url
 from recstack.errors import UserError
+from recstack.kafka import KafkaSecurity
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class StreamConfig:
     dedup_window_s: int = 86_400
     trending_half_life_s: float = DEFAULT_TRENDING_HALF_LIFE_S
     metrics_port: int = 9465  # 0: no metrics endpoint
+    metrics_host: str = "0.0.0.0"  # all interfaces (the contract's :9465); 127.0.0.1: this machine only
     # Records per poll, hence per atomic Redis write. Bigger batches aggregate more per entity
     # (fewer hash merges per event) but hold Redis longer in one script.
     max_batch: int = 2_000
@@ -35,6 +37,8 @@ class StreamConfig:
     # How soon the group notices a consumer that died without leaving (SIGKILL, power loss).
     session_timeout_ms: int = 10_000
     client_id: str = "recstack-stream"
+    # TLS/SASL towards Kafka, for the consumer and its dead-letter producer alike.
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     def __post_init__(self) -> None:
         problems = []

@@ -43,13 +43,15 @@ from typing import Any, cast
 import prometheus_client  # noqa: F401  (before Feast, see services/stream/cli.py)
 import redis
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, SaslAuthenticationFailedError
 from kafka.structs import MemberState, OffsetAndMetadata
 from redis.exceptions import RedisClusterException
 
 from feature_store.cluster import ClusterFeatureWriter
 from feature_store.online import ApplyResult, BatchGuard, FeatureWriter
 from recstack import redis_url as redis_urls
+from recstack.credentials import check_redis_auth, redact_url
+from recstack.errors import UserError
 from recstack.events import Event, InvalidEvent, parse_events
 from services.stream.aggregate import aggregate
 from services.stream.config import StreamConfig
@@ -214,7 +216,13 @@ class StreamConsumer:
         cfg = self.config
         self._connect()
         self._subscribe()
-        log.info("consuming %s as group %s (redis %s)", cfg.topic, cfg.group, cfg.redis)
+        log.info(
+            "consuming %s as group %s (redis %s, kafka %s)",
+            cfg.topic,
+            cfg.group,
+            redact_url(cfg.redis),
+            cfg.kafka_security.describe(),
+        )
         try:
             while not self._stop.is_set():
                 consumer = self._consumer  # replaced when joining the group gets stuck
@@ -312,6 +320,7 @@ class StreamConsumer:
                     # CRC32C in pure Python costs ~40 us per record (a 7x slowdown); the broker
                     # verifies CRCs when records are written and TCP protects them in transit.
                     check_crcs=False,
+                    **cfg.kafka_security.client_options(),
                 )
                 if self._producer is None:
                     self._producer = KafkaProducer(
@@ -320,15 +329,32 @@ class StreamConsumer:
                         acks="all",
                         retries=10,
                         linger_ms=5,
+                        **cfg.kafka_security.client_options(),
                     )
                 return
+            except SaslAuthenticationFailedError as exc:
+                if self._consumer is not None:
+                    self._consumer.close(autocommit=False)
+                    self._consumer = None
+                raise UserError(
+                    f"Kafka at {cfg.bootstrap} refused the SASL credentials ({exc}); check "
+                    "--kafka-sasl-username, --kafka-sasl-mechanism and the password "
+                    "(RECSTACK_KAFKA_SASL_PASSWORD or --kafka-sasl-password-file)"
+                ) from None
             except KafkaError as exc:
                 if self._consumer is not None:
                     self._consumer.close(autocommit=False)
                     self._consumer = None
                 if self._stop.wait(delay):
                     raise _Stopping from exc
-                log.warning("Kafka at %s not available (%s); retrying", cfg.bootstrap, exc)
+                # A broker refusing SASL credentials just closes the connection: say where to look.
+                hint = (
+                    "; if the broker is up, check --kafka-sasl-username, --kafka-sasl-mechanism and "
+                    "the password (RECSTACK_KAFKA_SASL_PASSWORD or --kafka-sasl-password-file)"
+                    if cfg.kafka_security.protocol.startswith("SASL_")
+                    else ""
+                )
+                log.warning("Kafka at %s not available (%s)%s; retrying", cfg.bootstrap, exc, hint)
                 delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def _shutdown(self) -> None:
@@ -764,9 +790,10 @@ class StreamConsumer:
 
 def run(config: StreamConfig) -> int:
     """Run a consumer in this process until SIGTERM/SIGINT; exit code 0 after a clean stop."""
+    check_redis_auth(config.redis)  # a wrong password stops here, with the setting to fix
     metrics = StreamMetrics()
     if config.metrics_port:
-        metrics.serve(config.metrics_port)
+        metrics.serve(config.metrics_port, config.metrics_host)
     consumer = StreamConsumer(config, metrics)
 
     def request_stop(signum: int, _frame: Any) -> None:

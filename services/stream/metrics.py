@@ -93,9 +93,9 @@ class StreamMetrics:
             registry=r,
         )
 
-    def serve(self, port: int) -> None:
-        """Serve ``/metrics`` on ``port`` (all interfaces) from a daemon thread."""
-        start_http_server(port, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        """Serve ``/metrics`` on ``addr:port`` (default: all interfaces) from a daemon thread."""
+        start_http_server(port, addr=addr, registry=self.registry)
 
 
 class BatchHistogram:

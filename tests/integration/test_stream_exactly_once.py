@@ -63,6 +63,8 @@ _MALFORMED = [
     (b'{"event_id":"","user_id":"u","item_id":"i","event_type":"view","ts":1}', "event_id"),
     (b"\xff\xfe\x00", "UTF-8"),
     (None, "no value"),
+    # A lone surrogate escape: once accepted as valid, then the feature write could not encode it.
+    (b'{"event_id":"m","user_id":"u\\ud800","item_id":"i","event_type":"view","ts":1}', "user_id"),
 ]
 
 

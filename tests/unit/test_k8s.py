@@ -396,9 +396,6 @@ def test_recstack_variables_are_real_flags(
     )
 
 
-@pytest.mark.xfail(
-    reason="`recstack stream` has no Kafka SASL flags yet (needed for the Strimzi SCRAM listener)"
-)
 def test_kafka_sasl_variables_are_flags() -> None:
     assert PENDING_STREAM_FLAGS <= _subcommand_flags().get("stream", set())
 

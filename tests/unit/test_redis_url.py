@@ -47,12 +47,14 @@ def test_bad_urls_name_the_flag_and_the_problem(url: str, words: str) -> None:
 def test_plain_urls_are_unchanged() -> None:
     for url in ("redis://127.0.0.1:6379/0", "rediss://h:1/2", "unix:///run/redis.sock?db=1"):
         assert check(url) == url == redis_url(url)
-    assert connection_string("redis://u:p@h:1/3") == "h:1,db=3,username=u,password=p"
+    # Credentials as JSON strings: Feast json-loads each value (see store._feast_value).
+    assert connection_string("redis://u:p@h:1/3") == 'h:1,db=3,username="u",password="p"'
 
 
 def test_feast_gets_its_cluster_connection_string() -> None:
     assert connection_string("redis+cluster://a:1,b:2") == "a:1,b:2"
-    assert connection_string("rediss+cluster://:pw@a:1") == "a:1,password=pw,ssl=true"
+    assert connection_string("rediss+cluster://:pw@a:1") == 'a:1,password="pw",ssl=true'
+    assert connection_string("redis+cluster://:123@a:1") == 'a:1,password="123"'
 
 
 def test_every_slot_has_a_hash_tag_that_lands_in_it() -> None:
