@@ -35,31 +35,10 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import stream_bench as sb  # noqa: E402  (shares the topic, Redis and consumer helpers)
 
 
-def _start(args, topic: str, index: int, log_dir: Path, group: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "recstack.cli",
-        "stream",
-        "--bootstrap",
-        args.bootstrap,
-        "--redis",
-        args.redis,
-        "--topic",
-        topic,
-        "--dlq-topic",
-        f"{topic}.dlq",
-        "--group",
-        group,
-        "--event-log",
-        str(log_dir / f"events-{index}"),
-        "--metrics-port",
-        str(sb._free_port()),
-        "--max-batch",
-        str(args.max_batch),
-    ]
+def _start(args, topic: str, index: int, log_dir: Path) -> subprocess.Popen:
+    """Consumer ``index`` of the group ``bench-<topic>``, with its own event log and log file."""
     log = open(log_dir / f"consumer-{index}.log", "w")  # noqa: SIM115 (the process owns it)
-    return subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log)
+    return sb._start_consumer(args, topic, sb._free_port(), str(log_dir / f"events-{index}"), log)
 
 
 def _views_check(client, frame) -> tuple[int, int, int]:
@@ -93,8 +72,7 @@ def run_one(args, client, frame, consumers: int) -> dict:
         publish(
             frame_to_events(frame), total=len(frame), bootstrap=args.bootstrap, topic=topic, progress=False
         )
-        group = f"bench-{topic}"
-        procs = [_start(args, topic, i, log_dir, group) for i in range(consumers)]
+        procs = [_start(args, topic, i, log_dir) for i in range(consumers)]
         deadline = time.monotonic() + args.timeout
         first_t, first_n, n = None, 0, 0
         cpu0: list[float] = []
