@@ -82,10 +82,16 @@ class CompiledPaths:
         for h in heads:
             self._graph("cascade", h)
 
-    def __call__(self, path: str, batch: RankBatch, head: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, path: str, batch: RankBatch, head: Tensor | None = None, head_max: int | None = None
+    ) -> Tensor:
+        """Scores of ``path`` for ``batch``; the cascade takes each request's ``head`` (and their
+        maximum, ``head_max``, when the caller knows it: saves a tensor reduction)."""
         if path == "cascade":
             assert head is not None
-            h = min(int(head.max()), batch.cand.shape[1]) if head.numel() else 0
+            if head_max is None:
+                head_max = int(head.max()) if head.numel() else 0
+            h = min(head_max, batch.cand.shape[1])
             if h == 0:
                 return self._graph("light", 0)(batch.hist, batch.user_dense, batch.cand, batch.item_dense)
             return self._graph("cascade", h)(batch.hist, batch.user_dense, batch.cand, batch.item_dense, head)

@@ -244,7 +244,7 @@ class Ranker:
         batch = self._batch(path, group)
         if self.compiled is not None:
             head = None if heads is None else torch.tensor(heads, dtype=torch.int64, device=self.device)
-            out = self.compiled(path, batch, head)
+            out = self.compiled(path, batch, head, max(heads) if heads else None)
         elif path == "light":
             out = self.model.light(batch)
         elif path == "full":
