@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -45,8 +45,8 @@ from feature_store.online import (
     ApplyResult,
     BatchGuard,
     ItemDelta,
+    RememberedUsers,
     UserDelta,
-    UserFeatures,
     WriteState,
     _lua_bytes,
     _merge_user_values,
@@ -208,8 +208,7 @@ class ClusterFeatureWriter:
     ) -> None:
         self._client = client
         self._half_life_ms = half_life_s * 1000.0
-        self._cache_size = user_cache
-        self._known: dict[str, tuple[UserFeatures, tuple[bytes, bytes, bytes]]] = {}
+        self._known = RememberedUsers(user_cache)
         self._slots: dict[bytes, int] = {}
         self._slot_clients: list[tuple[str, Any]] | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cluster-writer")
@@ -335,11 +334,7 @@ class ClusterFeatureWriter:
 
     def forget(self, user_ids: Sequence[str] | None = None) -> None:
         """Drop remembered users (all of them by default), e.g. when a partition changes owner."""
-        if user_ids is None:
-            self._known.clear()
-        else:
-            for user_id in user_ids:
-                self._known.pop(user_id, None)
+        self._known.forget(user_ids)
 
     def apply(
         self,
@@ -419,7 +414,7 @@ class ClusterFeatureWriter:
             node = nodes[name]
             status = reply[0]
             if status == b"ok":
-                self._remember(node["written"])
+                self._known.remember(node["written"])
                 for slot in node["slots"]:  # this node's part is done: leave it out of a retry
                     for p in guard.slot_partitions[slot]:
                         floors[(slot, p)] = guard.applied[p]
@@ -446,13 +441,3 @@ class ClusterFeatureWriter:
             stale_users=stale,
             floors=floors,
         )
-
-    def _remember(self, written: Iterable[tuple[str, UserFeatures, tuple[bytes, bytes, bytes]]]) -> None:
-        known = self._known
-        for user_id, features, counters in written:
-            known.pop(user_id, None)
-            known[user_id] = (features, counters)
-        excess = len(known) - self._cache_size
-        if excess > 0:
-            for user_id in list(itertools.islice(known, excess)):
-                del known[user_id]

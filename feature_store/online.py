@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -608,6 +608,34 @@ MERGE_SCRIPT = _MERGE_SCRIPT_TEMPLATE % {
 _UNCHANGED = b""  # a field the merge script leaves as it is (an encoded Value is never empty)
 
 
+class RememberedUsers(dict):
+    """User id -> (features as stored, raw bytes of the three counters as stored), for the users a
+    writer wrote itself: the next batch needs neither their read nor their decoding. At most
+    ``size`` of them, the least recently written dropped first (re-inserting keeps the dict in
+    that order). A plain dict underneath, so lookups on the hot path cost what a dict's do."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forget(self, user_ids: Iterable[str] | None = None) -> None:
+        """Drop remembered users (all of them by default), e.g. when a partition changes owner."""
+        if user_ids is None:
+            self.clear()
+        else:
+            for user_id in user_ids:
+                self.pop(user_id, None)
+
+    def remember(self, written: Iterable[tuple[str, UserFeatures, tuple[bytes, bytes, bytes]]]) -> None:
+        for user_id, features, counters in written:
+            self.pop(user_id, None)
+            self[user_id] = (features, counters)
+        excess = len(self) - self.size
+        if excess > 0:
+            for user_id in list(itertools.islice(self, excess)):
+                del self[user_id]
+
+
 class FeatureWriter:
     """Applies stream batches to the online store: :meth:`read`, then :meth:`apply` (one script call).
 
@@ -623,9 +651,7 @@ class FeatureWriter:
         self._client = client
         self._half_life_ms = half_life_s * 1000.0
         self._script = client.register_script(MERGE_SCRIPT)
-        self._cache_size = user_cache
-        # user id -> (features as stored, raw bytes of the three counters as stored)
-        self._known: dict[str, tuple[UserFeatures, tuple[bytes, bytes, bytes]]] = {}
+        self._known = RememberedUsers(user_cache)
 
     def read(
         self,
@@ -651,11 +677,7 @@ class FeatureWriter:
 
     def forget(self, user_ids: Sequence[str] | None = None) -> None:
         """Drop remembered users (all of them by default), e.g. when a partition changes owner."""
-        if user_ids is None:
-            self._known.clear()
-        else:
-            for user_id in user_ids:
-                self._known.pop(user_id, None)
+        self._known.forget(user_ids)
 
     def apply(
         self,
@@ -725,7 +747,7 @@ class FeatureWriter:
         reply = self._script(keys=keys, args=args)
         status = reply[0]
         if status == b"ok":
-            self._remember(written)
+            self._known.remember(written)
             return ApplyResult(ok=True)
         if status == b"fence":
             return ApplyResult(ok=False, fenced_partition=int(reply[1]), stored_offset=int(reply[2]))
@@ -736,16 +758,6 @@ class FeatureWriter:
             self.forget(stale)
             return ApplyResult(ok=False, stale_users=stale)
         raise RuntimeError(f"unexpected reply from the merge script: {reply!r}")
-
-    def _remember(self, written: list[tuple[str, UserFeatures, tuple[bytes, bytes, bytes]]]) -> None:
-        known = self._known
-        for user_id, features, counters in written:
-            known.pop(user_id, None)  # re-inserting keeps the dict in least-recently-written order
-            known[user_id] = (features, counters)
-        excess = len(known) - self._cache_size
-        if excess > 0:
-            for user_id in list(itertools.islice(known, excess)):
-                del known[user_id]
 
 
 def _merge_user_values(
