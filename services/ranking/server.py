@@ -185,7 +185,6 @@ class RankingServer:
             raise OSError(f"cannot bind the ranking server to {config.address}")
         self._stopped = asyncio.Event()
         self._gc_pauses = GcPauseRecorder(self.metrics.gc_pause)
-        self._models_loaded = 0
         self._serving = False  # the gRPC port is open
 
     async def start(self) -> None:
@@ -204,10 +203,10 @@ class RankingServer:
         )
 
     def _model_loaded(self, ranker: Any) -> None:
-        self._models_loaded += 1
         if self.config.gc_freeze:
-            # The first model loads before the port opens: a full collection costs no call then.
-            freeze_heap(collect_first=self._models_loaded == 1 and not self._serving)
+            # A model loaded before the port opens (only the first can be): a full collection
+            # costs no call then.
+            freeze_heap(collect_first=not self._serving)
         asyncio.get_running_loop().create_task(
             self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         )
