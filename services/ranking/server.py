@@ -6,9 +6,11 @@ reflection; ``await server.start()`` starts it and its background work (model wa
 probe, micro-batcher); ``await server.stop(grace)`` stops accepting calls, lets in-flight ones
 finish, then stops the rest. ``serve(config)`` runs one until SIGTERM or SIGINT.
 
-Every call crosses one interceptor, :class:`_Boundary`: it checks the bearer token, times the
-call, and turns the service's typed errors (:mod:`services.ranking.errors`) into their gRPC
-status. Methods raise; nothing else maps exceptions to codes.
+Every RankingService call crosses one boundary (:func:`service_handlers`, wrapped around each
+method once at start-up): it times the call and turns the service's typed errors
+(:mod:`services.ranking.errors`) into their gRPC status. Methods raise; nothing else maps
+exceptions to codes. With a token configured, an interceptor (:class:`_Auth`) checks the bearer
+token first; without one no interceptor runs on the call path.
 """
 
 from __future__ import annotations
@@ -60,17 +62,58 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return await self._backend.serve(query, context.time_remaining())
 
 
-class _Boundary(grpc.aio.ServerInterceptor):
-    """Auth, timing and the one translation of typed errors into gRPC statuses."""
+def service_handlers(servicer: RankingServicer, metrics: RankingMetrics) -> dict[str, grpc.RpcMethodHandler]:
+    """RankingService's method handlers, each wrapped once, at start-up, in the call boundary:
+    timing, and the one translation of typed errors into gRPC statuses. Wrapping the handlers
+    rather than intercepting every call keeps a per-call interceptor hop off the hot path."""
+    service = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request_type = getattr(ranking_pb2, method.input_type.name)
+        response_type = getattr(ranking_pb2, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _bounded(method.name, getattr(servicer, method.name), metrics),
+            # Bytes protobuf cannot parse become INVALID_ARGUMENT naming the field, not UNKNOWN.
+            request_deserializer=tolerant_deserializer(request_type.FromString),
+            response_serializer=response_type.SerializeToString,
+        )
+    return handlers
 
-    def __init__(self, metrics: RankingMetrics, auth_token: str | None) -> None:
-        self._metrics = metrics
-        self._expected = None if auth_token is None else f"Bearer {auth_token}".encode()
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+def _bounded(name: str, inner: Callable[[Any, Any], Awaitable[Any]], metrics: RankingMetrics):
+    latency = metrics.latency
+    ok = latency.labels(name, "OK")
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        try:
+            response = await inner(request, context)
+        except RankingError as exc:
+            latency.labels(name, exc.code.name).observe(time.perf_counter() - start)
+            await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            latency.labels(name, "CANCELLED").observe(time.perf_counter() - start)
+            raise
+        except Exception:
+            log.exception("%s failed", name)
+            latency.labels(name, "INTERNAL").observe(time.perf_counter() - start)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{name} failed; see the server log")
+        ok.observe(time.perf_counter() - start)
+        return response
+
+    return call
+
+
+class _Auth(grpc.aio.ServerInterceptor):
+    """The bearer-token check, installed only when a token is configured: every method but the
+    health check needs ``authorization: Bearer <token>``."""
+
+    def __init__(self, auth_token: str) -> None:
+        self._expected = f"Bearer {auth_token}".encode()
         self._refusals: dict[str, grpc.RpcMethodHandler] = {}
 
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
-        if self._expected is None or details.method in _AUTH_EXEMPT:
+        if details.method in _AUTH_EXEMPT:
             return True
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
@@ -84,46 +127,9 @@ class _Boundary(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
+        if handler is None or self._authorized(details):
             return handler
-        method = details.method
-        if not self._authorized(details):
-            return self._refusal(method, handler)
-        if handler.unary_unary is None or not method.startswith(_SERVICE_PREFIX):
-            return handler  # health, reflection: standard servicers with their own statuses
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            wrapped = self._wrapped[method] = self._wrap(method.rsplit("/", 1)[1], handler)
-        return wrapped
-
-    def _wrap(self, name: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        inner = handler.unary_unary
-        latency = self._metrics.latency
-        ok = latency.labels(name, "OK")
-
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            try:
-                response = await inner(request, context)
-            except RankingError as exc:
-                latency.labels(name, exc.code.name).observe(time.perf_counter() - start)
-                await context.abort(exc.code, exc.message)
-            except asyncio.CancelledError:
-                latency.labels(name, "CANCELLED").observe(time.perf_counter() - start)
-                raise
-            except Exception:
-                log.exception("%s failed", name)
-                latency.labels(name, "INTERNAL").observe(time.perf_counter() - start)
-                await context.abort(grpc.StatusCode.INTERNAL, f"{name} failed; see the server log")
-            ok.observe(time.perf_counter() - start)
-            return response
-
-        return grpc.unary_unary_rpc_method_handler(
-            call,
-            # Bytes protobuf cannot parse become INVALID_ARGUMENT naming the field, not UNKNOWN.
-            request_deserializer=tolerant_deserializer(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        return self._refusal(details.method, handler)
 
     def _refusal(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         refusal = self._refusals.get(method)
@@ -164,11 +170,12 @@ class RankingServer:
             ("grpc.so_reuseport", 1 if config.reuse_port else 0),
         ]
         self.grpc = grpc.aio.server(
-            interceptors=[_Boundary(self.metrics, config.auth_token)], options=options
+            interceptors=[_Auth(config.auth_token)] if config.auth_token is not None else None,
+            options=options,
         )
-        ranking_pb2_grpc.add_RankingServiceServicer_to_server(
-            RankingServicer(self.backend, config), self.grpc
-        )
+        handlers = service_handlers(RankingServicer(self.backend, config), self.metrics)
+        self.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        self.grpc.add_registered_method_handlers(SERVICE_NAME, handlers)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
