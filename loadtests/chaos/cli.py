@@ -26,6 +26,13 @@ def _share(text: str) -> float:
     return value
 
 
+def _nice(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"expected a niceness 0-19, got {text}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from loadtests.chaos.schedule import FAULTS
 
@@ -74,6 +81,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="share of events sent twice (a producer retry)")  # fmt: skip
     add_flag(parser, "--bad-share", default=0.01, type=_share, metavar="SHARE",
              help="malformed records per valid event")  # fmt: skip
+    add_flag(parser, "--background-nice", default=10, type=_nice, metavar="N",
+             help="CPU niceness (0-19) of the stream consumers and the Kafka broker: on a shared "
+                  "machine they yield the cores to the ranking servers, as their own machines or "
+                  "CPU shares would give them in production; 0 runs everything alike")  # fmt: skip
     add_flag(parser, "--settle-s", default=0.0, type=non_negative_float, metavar="S",
              help="extra quiet seconds after each fault (on top of the schedule's)")  # fmt: skip
     parser.set_defaults(handler=_run)
@@ -110,6 +121,7 @@ def _run(args: argparse.Namespace) -> int:
         bad_share=args.bad_share,
         train_events=args.train_events,
         quick=args.quick,
+        background_nice=args.background_nice,
         command="recstack " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "recstack chaos",
     )
     started = time.monotonic()

@@ -64,13 +64,13 @@ FAULTS: tuple[FaultSpec, ...] = (
         "server-term",
         "ranking server 1 of 2 SIGTERMed under load, restarted",
         "no call fails while it drains and stops; it comes back; " + _STREAM,
-        hold_s=6.0,
+        hold_s=16.0,  # until the replacement is SERVING: a start-up loads and warms the model
     ),
     FaultSpec(
         "server-kill",
         "ranking server 1 of 2 SIGKILLed under load, restarted",
         "UNAVAILABLE only for calls in flight at the kill; service continues; " + _STREAM,
-        hold_s=4.0,
+        hold_s=16.0,
     ),
     FaultSpec(
         "model-corrupt",

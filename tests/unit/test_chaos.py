@@ -169,3 +169,51 @@ def test_report_table_json_and_plot(tmp_path):
     assert data["passed"] is False
     assert [f["ok"] for f in data["faults"]] == [True, False, False]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------ priorities
+
+
+def _thread_niceness(pid: int) -> dict[int, int]:
+    import os
+
+    return {int(t): os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_lower_priority_reaches_every_thread_of_a_running_process():
+    import subprocess
+    import sys
+
+    from loadtests.chaos.stack import lower_priority
+
+    # A process with a few threads already running, like a started JVM.
+    code = (
+        "import threading, time\n"
+        "for _ in range(3): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        before = _thread_niceness(proc.pid)
+        assert len(before) == 4 and set(before.values()) == {0}
+        assert lower_priority(proc.pid, 7) == 4
+        assert set(_thread_niceness(proc.pid).values()) == {7}
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert lower_priority(proc.pid, 7) == 0  # gone: nothing to change, no error
+
+
+def test_a_service_started_nice_runs_at_that_niceness(tmp_path, monkeypatch):
+    import sys
+
+    from loadtests.chaos import stack
+
+    # The service's own command replaced by one that reports the niceness it runs at.
+    monkeypatch.setattr(stack, "RECSTACK", [sys.executable, "-c", "import os; print('niceness', os.nice(0))"])
+    for nice in (0, 6):
+        service = stack.Service(f"probe-{nice}", [], tmp_path / f"probe-{nice}.log", nice=nice)
+        service.start()
+        assert service.wait(60) == 0
+        assert f"niceness {nice}" in service.log_text()
