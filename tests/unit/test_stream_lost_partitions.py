@@ -19,7 +19,7 @@ def test_lost_partitions_leave_the_buffer_to_their_new_owner(tmp_path):
     try:
         consumer._position = {0: 11, 1: 6}
         consumer._event_log.append(
-            [Event(f"e{i}", "u", "i", "view", 1_714_521_600_000 + i) for i in range(5)]
+            [Event(f"e{i}", "u", "i", "view", 1_714_521_600_000 + i) for i in range(5)], [0, 0, 1, 1, 0]
         )
         lost = {TopicPartition(config.topic, 0), TopicPartition(config.topic, 1)}
         consumer._on_revoked(lost, lost=True)
@@ -29,3 +29,4 @@ def test_lost_partitions_leave_the_buffer_to_their_new_owner(tmp_path):
     finally:
         consumer._executor.shutdown()
         consumer._log_executor.shutdown()
+        consumer._event_log.close()
