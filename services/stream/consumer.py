@@ -259,6 +259,7 @@ class StreamConsumer:
         self._uncertain: list[tuple[_Roll, list[Staged]]] = []
         self._unpublished: list[Staged] = []  # recorded in Redis, rename failed: tried again
         self._paused = False  # partitions paused: too many events wait for the event log
+        self._log_failing = False  # the last roll failed to write
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -819,8 +820,9 @@ class StreamConsumer:
         except OSError as exc:
             self._event_log.put_back(roll.columns)
             self._event_log.postpone(min(self.config.log_roll_s, _ROLL_RETRY_S))
+            self._log_failing = True
             self.metrics.log_write_failures.inc()
-            self.metrics.log_unwritten.set(self._event_log.rows)
+            self.metrics.log_unwritten.set(self._unwritten())
             log.error(
                 "event log: writing %d events to %s failed (%s); they stay buffered (%d in memory) and "
                 "Kafka offsets are not committed until a write succeeds",
@@ -871,6 +873,7 @@ class StreamConsumer:
                 dropped,
             )
             return
+        self._log_failing = False
         try:
             files = self._event_log.publish(staged)
         except OSError as exc:  # recorded in Redis: the files must be published, later
@@ -880,8 +883,7 @@ class StreamConsumer:
             if files:
                 log.info("event log: %d events -> %d file(s)", len(roll.columns[0]), len(files))
             self._forget_rolls([s.name for s in staged])
-        if not self._event_log.rows:
-            self.metrics.log_unwritten.set(0)
+        self.metrics.log_unwritten.set(0)
         marks = {p: o for p, o in roll.marks.items() if self._tokens.get(p) == roll.tokens[p]}
         self._logged.update(marks)
         if self._consumer is not None and marks:
@@ -921,6 +923,8 @@ class StreamConsumer:
         if consumer is None or self._event_log is None:
             return
         waiting = self._unwritten()
+        if self._log_failing:
+            self.metrics.log_unwritten.set(waiting)
         limit = self.config.eventlog_max_unwritten
         assigned = consumer.assignment()
         if waiting >= limit:
