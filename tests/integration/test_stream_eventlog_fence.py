@@ -216,7 +216,16 @@ def test_a_consumer_stalled_past_its_session_logs_nothing_twice(
     )
     stderr = tmp_path / "stalled.log"
     cmd = [sys.executable, "-m", "recstack.cli", "--log-level", "INFO", "stream"]
-    for name in ("bootstrap", "redis", "group", "topic", "dlq_topic", "event_log", "metrics_port"):
+    for name in (
+        "bootstrap",
+        "redis",
+        "group",
+        "topic",
+        "dlq_topic",
+        "event_log",
+        "metrics_port",
+        "trending_half_life_s",
+    ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
     cmd += ["--session-timeout-ms", str(STALL_SESSION_TIMEOUT_MS), "--log-roll-s", "1", "--max-batch", "500"]
     with open(stderr, "w") as err:
