@@ -124,6 +124,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_flag(
         parser,
+        "--eventlog-max-unwritten",
+        default=d.eventlog_max_unwritten,
+        type=positive_int,
+        metavar="N",
+        help=(
+            "while the event log cannot be written (disk full, read-only), pause consuming once this "
+            "many events wait in memory, and resume when a roll succeeds; features stop updating meanwhile"
+        ),
+    )
+    add_flag(
+        parser,
         "--session-timeout-ms",
         default=d.session_timeout_ms,
         type=positive_int,

@@ -34,6 +34,9 @@ class StreamConfig:
     # An event-log part file is closed (and Kafka offsets committed) after this many seconds or rows.
     log_roll_s: float = 30.0
     log_roll_rows: int = 200_000
+    # While rolls fail (disk full, read-only), past this many events held in memory the partitions
+    # are paused (features stop updating) until a roll succeeds: memory stays bounded.
+    eventlog_max_unwritten: int = 1_000_000
     # How soon the group notices a consumer that died without leaving (SIGKILL, power loss).
     session_timeout_ms: int = 10_000
     client_id: str = "recstack-stream"
@@ -60,6 +63,11 @@ class StreamConfig:
             problems.append(f"--poll-timeout-ms must be at least 1, got {self.poll_timeout_ms}")
         if not self.log_roll_s > 0 or self.log_roll_rows < 1:
             problems.append("--log-roll-s and --log-roll-rows must be positive")
+        if self.eventlog_max_unwritten < self.log_roll_rows:
+            problems.append(
+                f"--eventlog-max-unwritten ({self.eventlog_max_unwritten}) must be at least "
+                f"--log-roll-rows ({self.log_roll_rows})"
+            )
         if self.session_timeout_ms < 1_000:
             problems.append(f"--session-timeout-ms must be at least 1000, got {self.session_timeout_ms}")
         try:

@@ -15,6 +15,10 @@ How exactly-once works (the full argument is in ``docs/FEATURES.md``):
   a partition over starts reading right after it, so events applied but lost from a crashed
   buffer are read again: the fence stops them from being applied twice, and they are logged if
   their dedup key says this very record applied them. Kafka offsets are committed at each roll.
+  The log is fenced by ownership: taking a partition sets a fresh token for it in Redis, and a
+  roll's files (staged under temporary names) become part of the log only through one script
+  that checks every partition in them is still ours, raises their logged offsets and records the
+  roll; a refused roll is deleted and its events left to the partitions' new owner.
 * **Redis Cluster** (``--redis redis+cluster://...``): event ids are claimed for their records
   before any write, and each node gets one script guarded by per-slot fences
   (:mod:`feature_store.cluster`); the partition's applied offset moves once every node has written.
@@ -35,6 +39,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,7 +60,7 @@ from recstack.errors import UserError
 from recstack.events import Event, InvalidEvent, parse_events
 from services.stream.aggregate import aggregate
 from services.stream.config import StreamConfig
-from services.stream.eventlog import EventLog
+from services.stream.eventlog import EventLog, Staged, partitions_of, without_partitions
 from services.stream.metrics import StreamMetrics
 
 log = logging.getLogger(__name__)
@@ -66,6 +71,7 @@ _BACKOFF_MAX_S = 5.0
 _DLQ_ACK_TIMEOUT_S = 30.0
 _METADATA_RECHECK_S = 5.0
 _JOIN_STUCK_S = 30.0
+_ROLL_RETRY_S = 5.0  # a failed roll is tried again this soon (or after --log-roll-s, if shorter)
 
 
 def seen_key(event_id: str) -> bytes:
@@ -83,13 +89,50 @@ def logged_key(topic: str) -> str:
     return f"recstack:stream:{topic}:logged"
 
 
-# Raise a partition's logged offset, never lower it (a late writer must not move it back).
-_RAISE_LOGGED = """
-for i = 1, #ARGV, 2 do
-  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
-  if tonumber(ARGV[i + 1]) > cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+def log_owners_key(topic: str) -> str:
+    """Hash partition -> token of the consumer whose rolls may log that partition's events
+    (hash-tagged with the logged key: one slot on a Redis Cluster, so one script sees both)."""
+    return "{" + logged_key(topic) + "}:owners"
+
+
+def log_rolls_key(topic: str) -> str:
+    """Hash part-file name -> 1: rolls recorded as part of the log whose files may still wait
+    under their temporary names (removed once renamed into place)."""
+    return "{" + logged_key(topic) + "}:rolls"
+
+
+# Take partitions for the event log: a fresh owner token, and the logged offsets as they stand
+# once it is set (a roll of the previous owner either went through before, or is refused after).
+# KEYS: logged, owners. ARGV: token, partition...
+_TAKE_LOG = """
+local out = {}
+for i = 2, #ARGV do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[1])
+  out[#out + 1] = redis.call('HGET', KEYS[1], ARGV[i])
 end
-return 1
+return out
+"""
+
+# Record a roll if every partition in it is still owned by the token it was taken with: raise the
+# logged offsets (never lower them) and record its files. Otherwise change nothing and return the
+# partitions owned by someone else. KEYS: logged, owners, rolls. ARGV: n, (partition, token,
+# offset or -1) * n, file name...
+_COMMIT_ROLL = """
+local n = tonumber(ARGV[1])
+local refused = {}
+for i = 0, n - 1 do
+  local p = ARGV[2 + 3 * i]
+  if redis.call('HGET', KEYS[2], p) ~= ARGV[3 + 3 * i] then refused[#refused + 1] = p end
+end
+if #refused > 0 then return refused end
+for i = 0, n - 1 do
+  local p, offset = ARGV[2 + 3 * i], ARGV[4 + 3 * i]
+  if tonumber(offset) > tonumber(redis.call('HGET', KEYS[1], p) or '-1') then
+    redis.call('HSET', KEYS[1], p, offset)
+  end
+end
+for j = 2 + 3 * n, #ARGV do redis.call('HSET', KEYS[3], ARGV[j], '1') end
+return refused
 """
 
 
@@ -123,6 +166,7 @@ class _Batch:
     polled: dict[int, int]  # partition -> last offset polled
     plan: _Plan = field(default_factory=_Plan)
     to_log: list[Event] = field(default_factory=list)
+    to_log_partitions: list[int] = field(default_factory=list)
     dlq_sent: set[int] = field(default_factory=set)
     known_duplicates: set[int] = field(default_factory=set)
     # Redis Cluster: (slot, partition) -> offset whose effects that slot already holds
@@ -149,11 +193,13 @@ class _Batch:
 
 @dataclass(slots=True)
 class _Roll:
-    """Event-log files being written, and the offsets they make durable once written."""
+    """Event-log files being staged, the offsets they make durable once recorded, and the owner
+    tokens under which they may be recorded."""
 
-    future: Future
+    future: Future  # EventLog.stage -> list[Staged]
     columns: list[list]  # the events, as the event log's columns
     marks: dict[int, int]  # partition -> last offset whose events are in these files (or earlier ones)
+    tokens: dict[int, str]  # partition -> owner token, for every partition in marks or in columns
 
 
 class _Listener(AsyncConsumerRebalanceListener):
@@ -183,10 +229,13 @@ class StreamConsumer:
         self._redis = redis_urls.connect(config.redis, socket_timeout=10, socket_connect_timeout=5)
         writer = ClusterFeatureWriter if self._cluster else FeatureWriter
         self._writer = writer(self._redis, config.trending_half_life_s)
-        self._raise_logged = self._redis.register_script(_RAISE_LOGGED)
+        self._take_log = self._redis.register_script(_TAKE_LOG)
+        self._commit_roll = self._redis.register_script(_COMMIT_ROLL)
         self._half_life_ms = config.trending_half_life_s * 1000.0
         self._applied_key = applied_key(config.topic)
         self._logged_key = logged_key(config.topic)
+        self._log_keys = [self._logged_key, log_owners_key(config.topic)]
+        self._rolls_key = log_rolls_key(config.topic)
         self._event_log = (
             EventLog(config.event_log, config.log_roll_rows, config.log_roll_s) if config.event_log else None
         )
@@ -205,6 +254,12 @@ class StreamConsumer:
         # Event-log files are written on their own thread: a roll of 30 s of events takes a while.
         self._log_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-eventlog")
         self._rolling: _Roll | None = None
+        self._tokens: dict[int, str] = {}  # partition -> our owner token for the event log
+        # Rolls whose record in Redis failed without an answer (on the IO thread): settled on the main thread.
+        self._uncertain: list[tuple[_Roll, list[Staged]]] = []
+        self._unpublished: list[Staged] = []  # recorded in Redis, rename failed: tried again
+        self._paused = False  # partitions paused: too many events wait for the event log
+        self._log_failing = False  # the last roll failed to write
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -215,6 +270,7 @@ class StreamConsumer:
     def run(self) -> None:
         cfg = self.config
         self._connect()
+        self._resolve_leftovers()
         self._subscribe()
         log.info(
             "consuming %s as group %s (redis %s, kafka %s)",
@@ -248,8 +304,10 @@ class StreamConsumer:
                     self._inflight = self._begin(started)
                 if self._event_log is not None:
                     self._finish_roll(main_thread=True)
+                    self._settle_pending()
                     if self._event_log.due():
                         self._start_roll()
+                    self._backpressure()
                 self._update_lag()
         except _Stopping:
             log.info("stopping with a batch not applied; it will be read again")
@@ -298,6 +356,7 @@ class StreamConsumer:
         self._finish_inflight()
         if self._event_log is not None:
             self._finish_roll(main_thread=True)
+            self._settle_pending()
         self._stop.wait(self.config.poll_timeout_ms / 1000)
 
     def _connect(self) -> None:
@@ -361,6 +420,7 @@ class StreamConsumer:
         try:
             if self._event_log is not None:
                 self._roll(main_thread=True)
+                self._settle_pending()
             elif self._consumer is not None:
                 self._commit(dict(self._position), sync=True)
         except (_Stopping, redis.RedisError, RedisClusterException, KafkaError) as exc:
@@ -371,6 +431,8 @@ class StreamConsumer:
             self._producer.close(timeout=10)
         self._executor.shutdown(wait=True)
         self._log_executor.shutdown(wait=True)
+        if self._event_log is not None:
+            self._event_log.close()  # temporaries left (a roll not settled) are resolved by the next start
         self._redis.close()
         log.info("stream consumer stopped")
 
@@ -396,26 +458,32 @@ class StreamConsumer:
                 log.warning(
                     "batch in flight at revocation not applied (%s); the next owner reads it", outcome
                 )
-        if self._event_log is not None and lost and {tp.partition for tp in revoked} >= set(self._position):
-            # Every partition went to another member while this one was away (hung, cut off): it
-            # re-reads them from the last logged offset and logs what was applied here, so writing
-            # this buffer as well would log those events twice. Let a roll already writing finish.
+        gone = {tp.partition for tp in revoked}
+        if self._event_log is not None:
             try:
-                self._finish_roll(main_thread=False, wait=True)
-            except (redis.RedisError, OSError) as exc:
-                log.warning("roll before losing the partitions failed (%s)", exc)
-            left = len(self._event_log.take()[0])
-            self.metrics.log_unwritten.set(0)
-            if left:
-                log.warning("partitions lost: %d events not yet logged are left to their new owner", left)
-        elif self._event_log is not None:
-            try:
-                self._roll(main_thread=False)
+                if lost:
+                    # Another member owns them now (this one was away: hung, cut off) and logs what
+                    # was applied here from the last logged offset on. A roll already writing is
+                    # finished: the ownership fence in Redis decides whether it still counts.
+                    self._finish_roll(main_thread=False, wait=True)
+                else:
+                    self._roll(main_thread=False)
             except (_Stopping, redis.RedisError, RedisClusterException, OSError) as exc:
-                log.warning("roll before revoke failed (%s); the next owner re-reads from the last one", exc)
+                log.warning("roll before giving partitions up failed (%s); their new owner re-reads", exc)
+            left = self._event_log.drop_partitions(gone)
+            if left:
+                log.warning(
+                    "partitions %s %s: %d events not yet logged are left to their new owner",
+                    sorted(gone),
+                    "lost" if lost else "revoked",
+                    left,
+                )
+            if not self._event_log.rows:
+                self.metrics.log_unwritten.set(0)
         elif not lost:
             self._commit(dict(self._position), sync=False)
         for tp in revoked:
+            self._tokens.pop(tp.partition, None)
             self._applied.pop(tp.partition, None)
             self._logged.pop(tp.partition, None)
             self._position.pop(tp.partition, None)
@@ -433,7 +501,11 @@ class StreamConsumer:
             return
         tps = sorted(self._unpositioned, key=lambda tp: tp.partition)
         parts = [tp.partition for tp in tps]
-        applied, logged = self._with_retries(lambda: self._read_offsets(parts))
+        if self._event_log is not None:
+            self._resolve_leftovers()  # a rebalance often follows a crash: settle what it left
+            applied, logged = self._with_retries(lambda: self._take_partitions(parts))
+        else:
+            applied, logged = self._with_retries(lambda: self._read_offsets(parts))
         for tp in tps:
             p = tp.partition
             self._applied[p] = applied[p]
@@ -450,8 +522,21 @@ class StreamConsumer:
                 logged[p],
                 self._position[p],
             )
-        self._consumer.resume(*tps)
+        if not self._paused:  # else they stay paused until the event log is written again
+            self._consumer.resume(*tps)
         self._unpositioned.clear()
+
+    def _take_partitions(self, partitions: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+        """Become the partitions' event-log owner (a fresh token: rolls of any earlier owner are
+        refused from now on) and read their applied and logged offsets."""
+        token = uuid.uuid4().hex
+        logged_raw = self._take_log(keys=self._log_keys, args=[token, *partitions])
+        applied_raw = self._redis.hmget(self._applied_key, partitions)
+        for p in partitions:
+            self._tokens[p] = token
+        applied = {p: int(v) if v is not None else -1 for p, v in zip(partitions, applied_raw, strict=True)}
+        logged = {p: int(v) if v is not None else -1 for p, v in zip(partitions, logged_raw, strict=True)}
+        return applied, logged
 
     def _read_offsets(self, partitions: list[int]) -> tuple[dict[int, int], dict[int, int]]:
         pipe = self._redis.pipeline(transaction=False)
@@ -545,8 +630,8 @@ class StreamConsumer:
             if offset >= position.get(p, -1):
                 position[p] = offset + 1
         if self._event_log is not None:
-            self._event_log.append(applied_events)
-            self._event_log.append(batch.to_log)
+            self._event_log.append(applied_events, [records[i].partition for i in plan.apply])
+            self._event_log.append(batch.to_log, batch.to_log_partitions)
             self.metrics.logged.inc(len(applied_events) + len(batch.to_log))
         elif plan.last_offsets:
             self._commit(dict(self._position), sync=False)
@@ -612,10 +697,12 @@ class StreamConsumer:
         # Behind the fence, log a record again only if it applied itself (not a duplicate of
         # another); no key at all means it aged out of the dedup window: log rather than lose it.
         batch.to_log = []
+        batch.to_log_partitions = []
         for i, owner in zip(fenced, state.seen[n:], strict=True):
             rec = records[i]
             if owner is None or owner == f"{topic}:{rec.partition}:{rec.offset}".encode():
                 batch.to_log.append(cast(Event, parsed[i]))
+                batch.to_log_partitions.append(rec.partition)
         if any(owner is not None for owner in state.seen[:n]):  # ids applied by earlier records
             keep = [j for j in range(n) if state.seen[j] is None]
             plan.duplicates += n - len(keep)
@@ -704,26 +791,38 @@ class StreamConsumer:
     def _start_roll(self) -> None:
         """Hand the buffer to the log-writer thread; the loop keeps applying batches meanwhile."""
         assert self._event_log is not None
-        if self._rolling is not None:
+        if self._rolling is not None or self._uncertain:  # rolls are recorded in order
             return
         columns = self._event_log.take()
+        owned = self._tokens
+        stray = partitions_of(columns) - owned.keys()
+        if stray:  # refused before: they belong to another member now, which logs them
+            before = len(columns[0])
+            columns = without_partitions(columns, stray)
+            self.metrics.log_refused.inc(before - len(columns[0]))
         # every event of the partitions' processed records is in ``columns`` (or was logged before)
-        marks = {p: pos - 1 for p, pos in self._position.items() if pos - 1 > self._logged.get(p, -1)}
-        self._rolling = _Roll(self._log_executor.submit(self._event_log.write, columns), columns, marks)
+        logged = self._logged
+        marks = {p: at - 1 for p, at in self._position.items() if p in owned and at - 1 > logged.get(p, -1)}
+        tokens = {p: owned[p] for p in sorted(set(marks) | partitions_of(columns))}
+        future = self._log_executor.submit(self._event_log.stage, columns)
+        self._rolling = _Roll(future, columns, marks, tokens)
 
     def _finish_roll(self, main_thread: bool, wait: bool = False) -> None:
-        """Once a roll's files are durable: raise the logged offsets in Redis, commit them to Kafka."""
+        """Once a roll's files are staged, record it in Redis if every partition in it is still
+        ours (raising their logged offsets); then publish the files and commit to Kafka."""
         roll = self._rolling
         if roll is None or not (wait or roll.future.done()):
             return
         self._rolling = None
+        assert self._event_log is not None
         try:
-            files = roll.future.result()
+            staged = roll.future.result()
         except OSError as exc:
-            assert self._event_log is not None
             self._event_log.put_back(roll.columns)
+            self._event_log.postpone(min(self.config.log_roll_s, _ROLL_RETRY_S))
+            self._log_failing = True
             self.metrics.log_write_failures.inc()
-            self.metrics.log_unwritten.set(self._event_log.rows)
+            self.metrics.log_unwritten.set(self._unwritten())
             log.error(
                 "event log: writing %d events to %s failed (%s); they stay buffered (%d in memory) and "
                 "Kafka offsets are not committed until a write succeeds",
@@ -733,19 +832,159 @@ class StreamConsumer:
                 self._event_log.rows,
             )
             return
-        self.metrics.log_unwritten.set(0)
-        if files:
-            log.info("event log: %d events -> %d file(s)", len(roll.columns[0]), len(files))
-        if not roll.marks:
+        if not roll.tokens:
             return
-        args = [x for p, offset in sorted(roll.marks.items()) for x in (p, offset)]
-        if main_thread:
-            self._with_retries(lambda: self._raise_logged(keys=[self._logged_key], args=args))
-        else:  # on the IO thread: one attempt, do not stall heartbeats
-            self._raise_logged(keys=[self._logged_key], args=args)
-        self._logged.update(roll.marks)
-        if self._consumer is not None:
-            self._commit({p: offset + 1 for p, offset in roll.marks.items()}, sync=main_thread)
+        args: list[Any] = [len(roll.tokens)]
+        for p, token in roll.tokens.items():
+            args += [p, token, roll.marks.get(p, -1)]
+        args += [s.name for s in staged]
+        keys = [*self._log_keys, self._rolls_key]
+        try:
+            if main_thread:
+                refused = self._with_retries(lambda: self._commit_roll(keys=keys, args=args))
+            else:  # on the IO thread: one attempt, do not stall heartbeats
+                refused = self._commit_roll(keys=keys, args=args)
+        except _Stopping:
+            self._uncertain.append((roll, staged))
+            raise
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
+            self._uncertain.append((roll, staged))
+            log.warning("event log: recording a roll failed (%s); it is settled once Redis answers", exc)
+            return
+        self._settle_roll(roll, staged, {int(p) for p in refused}, main_thread)
+
+    def _settle_roll(self, roll: _Roll, staged: list[Staged], refused: set[int], main_thread: bool) -> None:
+        """A roll recorded in Redis (``refused`` empty) is published; a refused one is deleted, the
+        events of the partitions that moved are dropped and the others are rolled again."""
+        assert self._event_log is not None
+        if refused:
+            self._event_log.discard(staged)
+            for p in refused:
+                self._tokens.pop(p, None)
+            kept = without_partitions(roll.columns, refused)
+            self._event_log.put_back(kept)
+            dropped = len(roll.columns[0]) - len(kept[0]) + self._event_log.drop_partitions(refused)
+            self._event_log.postpone(0.0)
+            self.metrics.log_refused.inc(dropped)
+            log.warning(
+                "event log: partitions %s moved to another consumer before this roll was recorded; "
+                "its files are deleted and their %d unlogged events left to the new owner",
+                sorted(refused),
+                dropped,
+            )
+            return
+        self._log_failing = False
+        try:
+            files = self._event_log.publish(staged)
+        except OSError as exc:  # recorded in Redis: the files must be published, later
+            self._unpublished.extend(staged)
+            log.error("event log: renaming a recorded roll into place failed (%s); trying again", exc)
+        else:
+            if files:
+                log.info("event log: %d events -> %d file(s)", len(roll.columns[0]), len(files))
+            self._forget_rolls([s.name for s in staged])
+        self.metrics.log_unwritten.set(0)
+        marks = {p: o for p, o in roll.marks.items() if self._tokens.get(p) == roll.tokens[p]}
+        self._logged.update(marks)
+        if self._consumer is not None and marks:
+            self._commit({p: offset + 1 for p, offset in marks.items()}, sync=main_thread)
+
+    def _settle_pending(self) -> None:
+        """On the main thread: publish recorded files whose rename failed, and settle rolls whose
+        record in Redis went unanswered (recorded: publish; not: delete and roll again)."""
+        assert self._event_log is not None
+        if self._unpublished:
+            try:
+                self._event_log.publish(self._unpublished)
+            except OSError:
+                pass  # still failing: next time
+            else:
+                log.info("event log: %d recorded file(s) renamed into place", len(self._unpublished))
+                self._forget_rolls([s.name for s in self._unpublished])
+                self._unpublished = []
+        while self._uncertain:
+            roll, staged = self._uncertain[0]
+            names = [s.name for s in staged]
+            recorded = bool(names) and bool(self._with_retries(lambda names=names: self._recorded(names)))
+            self._uncertain.pop(0)
+            if recorded:
+                self._settle_roll(roll, staged, set(), main_thread=True)
+                continue
+            self._event_log.discard(staged)
+            moved = {p for p, token in roll.tokens.items() if self._tokens.get(p) != token}
+            kept = without_partitions(roll.columns, moved)
+            self._event_log.put_back(kept)
+            self.metrics.log_refused.inc(len(roll.columns[0]) - len(kept[0]))
+
+    def _backpressure(self) -> None:
+        """Pause every assigned partition while too many events wait for the event log; resume
+        once a roll brings them under the limit (``--eventlog-max-unwritten``)."""
+        consumer = self._consumer
+        if consumer is None or self._event_log is None:
+            return
+        waiting = self._unwritten()
+        if self._log_failing:
+            self.metrics.log_unwritten.set(waiting)
+        limit = self.config.eventlog_max_unwritten
+        assigned = consumer.assignment()
+        if waiting >= limit:
+            if not self._paused:
+                self._paused = True
+                self.metrics.paused.set(1)
+                log.warning(
+                    "event log: %d events wait in memory (limit %d, --eventlog-max-unwritten): pausing "
+                    "partitions %s until a roll succeeds; features stop updating meanwhile",
+                    waiting,
+                    limit,
+                    sorted(tp.partition for tp in assigned),
+                )
+            todo = assigned - consumer.paused()  # a partition assigned since comes unpaused
+            if todo:
+                consumer.pause(*todo)
+        elif self._paused:
+            self._paused = False
+            self.metrics.paused.set(0)
+            resume = assigned - self._unpositioned
+            if resume:
+                consumer.resume(*resume)
+            log.warning(
+                "event log: written again (%d events wait); resuming partitions %s",
+                waiting,
+                sorted(tp.partition for tp in resume),
+            )
+
+    def _unwritten(self) -> int:
+        """Applied events held in memory, not yet in a recorded part file."""
+        assert self._event_log is not None
+        n = self._event_log.rows + sum(len(roll.columns[0]) for roll, _ in self._uncertain)
+        if self._rolling is not None:
+            n += len(self._rolling.columns[0])
+        return n
+
+    def _recorded(self, names: list[str]) -> set[str]:
+        """Which of these part files belong to rolls recorded in Redis."""
+        values = self._redis.hmget(self._rolls_key, names)
+        return {name for name, v in zip(names, values, strict=True) if v is not None}
+
+    def _forget_rolls(self, names: list[str]) -> None:
+        """Drop the records of published files (one attempt: a leftover record is harmless)."""
+        if not names:
+            return
+        try:
+            self._redis.hdel(self._rolls_key, *names)
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
+            log.debug("event log: forgetting recorded rolls failed (%s)", exc)
+
+    def _resolve_leftovers(self) -> None:
+        """Settle part files left under temporary names by event-log writers that stopped."""
+        if self._event_log is None:
+            return
+        try:
+            published, _ = self._event_log.resolve_leftovers(self._recorded)
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
+            log.warning("event log: could not settle files left by stopped writers yet (%s)", exc)
+            return
+        self._forget_rolls([p.name for p in published])
 
     def _commit(self, positions: dict[int, int], sync: bool) -> None:
         """Commit next-offsets to Kafka (a convenience: Redis holds the offsets that matter)."""

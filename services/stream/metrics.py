@@ -58,6 +58,16 @@ class StreamMetrics:
             "Applied events held in memory because the event log could not be written (0 when healthy)",
             registry=r,
         )
+        self.log_refused = Counter(
+            "recstack_stream_eventlog_refused_events",
+            "Events dropped from a roll because their partition had moved to another consumer (it logs them)",
+            registry=r,
+        )
+        self.paused = Gauge(
+            "recstack_stream_paused",
+            "1 while consuming is paused because too many events wait for the event log (see the log)",
+            registry=r,
+        )
         self.redis_retries = Counter(
             "recstack_stream_redis_retries", "Batch writes retried after a Redis or Kafka error", registry=r
         )

@@ -79,3 +79,12 @@ def test_replay_refuses_a_missing_path_naming_it(capsys):
     assert main(["replay", "--source", "/no/such/events.jsonl"]) == 2
     err = capsys.readouterr().err
     assert "/no/such/events.jsonl" in err and "no such file" in err
+
+
+def test_eventlog_max_unwritten_from_env_and_checked_against_the_roll_size(monkeypatch):
+    monkeypatch.setenv("RECSTACK_EVENTLOG_MAX_UNWRITTEN", "300000")
+    config = StreamConfig.from_namespace(build_parser().parse_args(["stream"]))
+    assert config.eventlog_max_unwritten == 300_000
+    assert StreamConfig().eventlog_max_unwritten >= StreamConfig().log_roll_rows
+    with pytest.raises(UserError, match="--eventlog-max-unwritten"):
+        StreamConfig(eventlog_max_unwritten=1_000, log_roll_rows=5_000)

@@ -69,15 +69,71 @@ def test_take_write_and_put_back(tmp_path):
     assert log.write(log.take()) == []  # nothing buffered, nothing written
 
 
-def test_stale_temporaries_of_a_crashed_writer_are_removed(tmp_path):
-    folder = tmp_path / "date=2024-05-01"
-    folder.mkdir()
-    stale, fresh = folder / ".part-old.parquet.tmp", folder / ".part-new.parquet.tmp"
-    stale.write_bytes(b"partial")
-    fresh.write_bytes(b"being written by another writer")
-    os.utime(stale, (time.time() - 7200, time.time() - 7200))
-    EventLog(tmp_path)
-    assert not stale.exists() and fresh.exists()
+def _crash(log: EventLog) -> None:
+    """What a killed process leaves: its lock released (the kernel closes the file), files as they are."""
+    os.close(log._lock_fd)
+    log._lock_fd = None
+
+
+def test_leftovers_of_a_stopped_writer_are_published_if_recorded_and_removed_otherwise(tmp_path):
+    gone, alive = EventLog(tmp_path), EventLog(tmp_path)
+    recorded = gone.stage(_columns(gone, _events(3, MAY_1)))
+    unrecorded = gone.stage(_columns(gone, _events(2, MAY_1 + 1_000)))
+    in_progress = alive.stage(_columns(alive, _events(2, MAY_1 + 2_000)))
+    assert not list(tmp_path.rglob("*.parquet"))  # staged files are invisible to readers
+    _crash(gone)
+    asked = []
+
+    def committed(names):
+        asked.append(sorted(names))
+        return {recorded[0].name}
+
+    resolver = EventLog(tmp_path)
+    published, removed = resolver.resolve_leftovers(committed)
+    assert asked == [
+        sorted([recorded[0].name, unrecorded[0].name])
+    ]  # the live writer's file is not asked about
+    assert published == [recorded[0].final] and removed == [unrecorded[0].temporary]
+    assert list(load_event_log([tmp_path])["event_id"]) == [e.event_id for e in _events(3, MAY_1)]
+    assert in_progress[0].temporary.exists()
+    assert not (tmp_path / f".writer-{gone._writer_id}.lock").exists()
+    # the live writer finishes its roll; a clean close leaves no lock file behind
+    alive.publish(in_progress)
+    alive.close()
+    resolver.close()
+    assert not list(tmp_path.glob(".writer-*.lock"))
+
+
+def test_leftovers_stay_when_redis_cannot_say(tmp_path):
+    gone = EventLog(tmp_path)
+    staged = gone.stage(_columns(gone, _events(2, MAY_1)))
+    gone.close()  # a temporary is left: the lock file stays for the next start to find
+    assert (tmp_path / f".writer-{gone._writer_id}.lock").exists()
+
+    def redis_down(names):
+        raise ConnectionError("Redis is down")
+
+    try:
+        EventLog(tmp_path).resolve_leftovers(redis_down)
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("the error should reach the caller")
+    assert staged[0].temporary.exists()
+    assert EventLog(tmp_path).resolve_leftovers(lambda names: set()) == ([], [staged[0].temporary])
+
+
+def test_drop_partitions_keeps_the_order_of_the_rest(tmp_path):
+    log = EventLog(tmp_path)
+    events = _events(6, MAY_1)
+    log.append(events, [0, 1, 2, 0, 1, 2])
+    assert log.drop_partitions({1}) == 2
+    assert log.take()[0] == [events[i].event_id for i in (0, 2, 3, 5)]
+
+
+def _columns(log: EventLog, events: list[Event]) -> list[list]:
+    log.append(events, 0)
+    return log.take()
 
 
 def test_a_failed_write_leaves_no_file_behind_so_the_retry_logs_each_event_once(tmp_path):

@@ -19,7 +19,7 @@ def test_lost_partitions_leave_the_buffer_to_their_new_owner(tmp_path):
     try:
         consumer._position = {0: 11, 1: 6}
         consumer._event_log.append(
-            [Event(f"e{i}", "u", "i", "view", 1_714_521_600_000 + i) for i in range(5)]
+            [Event(f"e{i}", "u", "i", "view", 1_714_521_600_000 + i) for i in range(5)], [0, 0, 1, 1, 0]
         )
         lost = {TopicPartition(config.topic, 0), TopicPartition(config.topic, 1)}
         consumer._on_revoked(lost, lost=True)
@@ -29,3 +29,25 @@ def test_lost_partitions_leave_the_buffer_to_their_new_owner(tmp_path):
     finally:
         consumer._executor.shutdown()
         consumer._log_executor.shutdown()
+        consumer._event_log.close()
+
+
+def test_losing_some_partitions_keeps_the_events_of_the_others(tmp_path):
+    import prometheus_client  # noqa: F401
+    from kafka import TopicPartition
+
+    from services.stream.consumer import StreamConsumer
+
+    config = StreamConfig(event_log=str(tmp_path), metrics_port=0, redis="redis://127.0.0.1:1/0")
+    consumer = StreamConsumer(config)
+    try:
+        consumer._position = {0: 11, 1: 6}
+        events = [Event(f"e{i}", "u", "i", "view", 1_714_521_600_000 + i) for i in range(5)]
+        consumer._event_log.append(events, [0, 1, 0, 1, 0])
+        consumer._on_revoked({TopicPartition(config.topic, 1)}, lost=True)
+        assert consumer._event_log.take()[0] == ["e0", "e2", "e4"]  # partition 0's, in order
+        assert consumer._position == {0: 11}
+    finally:
+        consumer._executor.shutdown()
+        consumer._log_executor.shutdown()
+        consumer._event_log.close()
