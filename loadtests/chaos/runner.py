@@ -197,8 +197,9 @@ class ChaosRun:
         self._start_servers()
 
         self.traffic = EventTraffic(
-            cfg.bootstrap, self.topic, self.run_id, cfg.event_rate, cfg.dup_share, cfg.bad_share
-        )
+            cfg.bootstrap, self.topic, self.run_id, cfg.event_rate, cfg.dup_share, cfg.bad_share,
+            nice=cfg.background_nice,
+        )  # fmt: skip
         self.state = StreamState(cfg.redis_url, cfg.bootstrap, self.topic, self.group)
         self.letters = DeadLetters(cfg.bootstrap, self.dlq)
         self._start_generators()

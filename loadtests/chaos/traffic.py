@@ -9,10 +9,12 @@ in a Redis database that holds other data.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,6 +33,8 @@ MALFORMED: tuple[bytes | None, ...] = (
     b"\xff\xfe\x00",
     None,
 )
+T = TypeVar("T")
+
 _TYPES = ("view", "add_to_cart", "purchase")
 _TYPE_P = (0.85, 0.10, 0.05)
 
@@ -58,6 +62,7 @@ class EventTraffic:
         n_users: int = 400,
         n_items: int = 300,
         seed: int = 0,
+        nice: int = 0,
     ) -> None:
         from kafka import KafkaProducer
 
@@ -71,7 +76,9 @@ class EventTraffic:
         popularity = 1.0 / np.arange(1, n_items + 1) ** 1.1
         self._item_p = popularity / popularity.sum()
         self._rng = np.random.default_rng(seed)
-        self._producer = KafkaProducer(
+        self._nice = nice
+        # Built on a thread at the traffic's niceness: the producer's I/O thread inherits it.
+        self._producer = _on_niced_thread(nice, lambda: KafkaProducer(
             bootstrap_servers=bootstrap,
             client_id="recstack-chaos",
             acks="all",
@@ -80,7 +87,7 @@ class EventTraffic:
             request_timeout_ms=15_000,
             delivery_timeout_ms=300_000,  # a broker restart is waited out, not turned into a loss
             max_block_ms=120_000,
-        )
+        ))  # fmt: skip
         self.stats = TrafficStats()
         self._lock = threading.Lock()
         self._acked: list[Acked] = []
@@ -131,6 +138,7 @@ class EventTraffic:
     # -------------------------------------------------------------------- the producer thread
 
     def _loop(self) -> None:
+        _lower_this_thread(self._nice)
         while not self._stopping.is_set():
             if not self._active.wait(0.2):
                 continue
@@ -190,3 +198,30 @@ class EventTraffic:
     def _on_error(self, exc: BaseException) -> None:
         with self._lock:
             self.stats.failures.append(repr(exc))
+
+
+def _lower_this_thread(nice: int) -> None:
+    """Give the calling thread the niceness ``nice`` (per thread on Linux; threads it starts
+    inherit it)."""
+    if nice > 0:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+def _on_niced_thread(nice: int, build: Callable[[], T]) -> T:
+    """``build()`` run on a short-lived thread at niceness ``nice``: threads it starts keep it."""
+    out: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            _lower_this_thread(nice)
+            out.append(build())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="chaos-niced-build")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return out[0]

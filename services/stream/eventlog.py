@@ -88,8 +88,19 @@ class EventLog:
         self.directory.mkdir(parents=True, exist_ok=True)
         # Held while this writer lives: its temporary files are its own business until then.
         self._lock_path = self.directory / f".writer-{self._writer_id}.lock"
-        self._lock_fd: int | None = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._lock_fd: int | None = None
+        try:
+            self._take_lock()
+        except OSError as exc:  # a full or read-only disk: the first roll tries again
+            log.warning("event log: cannot create %s yet (%s); rolls wait for it", self._lock_path, exc)
+
+    def _take_lock(self) -> None:
+        if self._lock_fd is None:
+            # Opened read-only (flock needs no more): a file open for writing would keep the
+            # disk from being remounted read-only.
+            fd = os.open(self._lock_path, os.O_RDONLY | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = fd
 
     @property
     def rows(self) -> int:
@@ -149,6 +160,7 @@ class EventLog:
         names, durably (file and folder entry flushed); nothing is visible to readers yet."""
         if not columns[0]:
             return []
+        self._take_lock()  # no temporary file of ours may exist without our lock
         table = pa.Table.from_arrays(
             [pa.array(c, type=f.type) for c, f in zip(columns, SCHEMA, strict=False)], schema=SCHEMA
         )
@@ -268,7 +280,7 @@ class EventLog:
         if not writer:
             return None  # not a name this version writes
         try:
-            fd = os.open(self.directory / f".writer-{writer}.lock", os.O_RDWR)
+            fd = os.open(self.directory / f".writer-{writer}.lock", os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:

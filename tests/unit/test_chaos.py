@@ -217,3 +217,27 @@ def test_a_service_started_nice_runs_at_that_niceness(tmp_path, monkeypatch):
         service.start()
         assert service.wait(60) == 0
         assert f"niceness {nice}" in service.log_text()
+
+
+def test_a_niced_build_thread_passes_its_niceness_to_the_threads_it_starts():
+    import os
+    import threading
+
+    from loadtests.chaos.traffic import _on_niced_thread
+
+    def start_worker() -> threading.Thread:
+        # like KafkaProducer's constructor: starts its I/O thread and returns
+        ready, done = threading.Event(), threading.Event()
+        worker = threading.Thread(target=lambda: (ready.set(), done.wait(10)), daemon=True)
+        worker.start()
+        ready.wait(10)
+        worker.done = done  # type: ignore[attr-defined]
+        return worker
+
+    worker = _on_niced_thread(4, start_worker)
+    try:
+        assert os.getpriority(os.PRIO_PROCESS, worker.native_id) == 4
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0  # the caller keeps its own
+    finally:
+        worker.done.set()  # type: ignore[attr-defined]
+        worker.join(10)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from recstack.events import Event
 from recstack.sources import load_event_log
 from services.stream.eventlog import EventLog
@@ -180,3 +182,45 @@ def test_a_write_failing_mid_file_closes_and_removes_it(tmp_path, monkeypatch):
     # a read-only remount is not kept busy
     assert handles and handles[0].closed
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("*.parquet"))
+
+
+def test_the_writer_lock_is_held_read_only_so_the_disk_can_be_remounted_read_only(tmp_path):
+    log = EventLog(tmp_path)
+    assert log._lock_fd is not None
+    flags = int(
+        next(
+            line.split()[1]
+            for line in open(f"/proc/self/fdinfo/{log._lock_fd}")  # noqa: SIM115
+            if line.startswith("flags:")
+        ),
+        8,
+    )
+    assert flags & os.O_ACCMODE == os.O_RDONLY
+    log.close()
+
+
+def test_a_writer_started_on_a_failing_disk_takes_its_lock_at_its_first_roll(tmp_path, monkeypatch):
+    import errno
+
+    real_open = os.open
+
+    def read_only_disk(path, flags, *args):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only_disk)
+    log = EventLog(tmp_path, roll_rows=1_000, roll_s=3600)  # starts: the features need no log
+    assert log._lock_fd is None
+    log.append(_events(3, MAY_1))
+    taken = log.take()
+    with pytest.raises(OSError) as refused:  # a roll without the writer's lock must fail
+        log.write(taken)
+    assert refused.value.errno == errno.EROFS
+    log.put_back(taken)
+    assert not list(tmp_path.rglob("*.parquet*"))  # nothing staged without the lock
+    monkeypatch.setattr(os, "open", real_open)  # the disk is back
+    files = log.roll()
+    assert log._lock_fd is not None and len(files) == 1
+    assert list(load_event_log([tmp_path])["event_id"]) == [e.event_id for e in _events(3, MAY_1)]
+    log.close()
