@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from loadtests.chaos.stack import BACKGROUND_PRIORITIES
 from recstack.errors import UserError
 from recstack.flags import add_flag, non_negative_float, non_negative_int, positive_float, positive_int
 
@@ -23,13 +24,6 @@ def _share(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {text}")
-    return value
-
-
-def _nice(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 19:
-        raise argparse.ArgumentTypeError(f"expected a niceness 0-19, got {text}")
     return value
 
 
@@ -81,10 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="share of events sent twice (a producer retry)")  # fmt: skip
     add_flag(parser, "--bad-share", default=0.01, type=_share, metavar="SHARE",
              help="malformed records per valid event")  # fmt: skip
-    add_flag(parser, "--background-nice", default=10, type=_nice, metavar="N",
-             help="CPU niceness (0-19) of the stream consumers and the Kafka broker: on a shared "
-                  "machine they yield the cores to the ranking servers, as their own machines or "
-                  "CPU shares would give them in production; 0 runs everything alike")  # fmt: skip
+    add_flag(parser, "--background-priority", default="idle", choices=BACKGROUND_PRIORITIES,
+             help="CPU priority of the stream consumers, the Kafka broker and the event traffic, "
+                  "so that on a shared machine they yield the cores to the ranking servers as "
+                  "machines of their own would: idle (run only on cores nothing else wants), "
+                  "low (niceness 10) or normal (everything alike)")  # fmt: skip
     add_flag(parser, "--settle-s", default=0.0, type=non_negative_float, metavar="S",
              help="extra quiet seconds after each fault (on top of the schedule's)")  # fmt: skip
     parser.set_defaults(handler=_run)
@@ -121,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
         bad_share=args.bad_share,
         train_events=args.train_events,
         quick=args.quick,
-        background_nice=args.background_nice,
+        background_priority=args.background_priority,
         command="recstack " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "recstack chaos",
     )
     started = time.monotonic()

@@ -75,9 +75,9 @@ class ChaosConfig:
     half_life_s: float = 6 * 3600.0
     command: str = "recstack chaos"
     quick: bool = False
-    # Niceness of the stream consumers and the broker: on this shared machine they yield the
-    # cores to the ranking servers, as separate machines or CPU shares would in production.
-    background_nice: int = 10
+    # How the stream consumers, the broker and the event traffic yield the cores to the ranking
+    # servers (stack.BACKGROUND_PRIORITIES), as machines of their own would in production.
+    background_priority: str = "idle"
 
     @property
     def bootstrap(self) -> str:
@@ -198,7 +198,7 @@ class ChaosRun:
 
         self.traffic = EventTraffic(
             cfg.bootstrap, self.topic, self.run_id, cfg.event_rate, cfg.dup_share, cfg.bad_share,
-            nice=cfg.background_nice,
+            priority=cfg.background_priority,
         )  # fmt: skip
         self.state = StreamState(cfg.redis_url, cfg.bootstrap, self.topic, self.group)
         self.letters = DeadLetters(cfg.bootstrap, self.dlq)
@@ -240,9 +240,10 @@ class ChaosRun:
 
     def _deprioritize_broker(self) -> None:
         pid = self.infra.pid("kafka")
-        if self.cfg.background_nice and pid is not None:
-            threads = lower_priority(pid, self.cfg.background_nice)
-            self.say(f"Kafka broker (pid {pid}): {threads} threads at niceness {self.cfg.background_nice}")
+        priority = self.cfg.background_priority
+        if priority != "normal" and pid is not None:
+            threads = lower_priority(pid, priority)
+            self.say(f"Kafka broker (pid {pid}): {threads} threads at {priority} CPU priority")
 
     def _start_consumers(self) -> None:
         cfg = self.cfg
@@ -254,7 +255,8 @@ class ChaosRun:
                     "--session-timeout-ms", str(SESSION_TIMEOUT_MS), "--log-roll-s", str(LOG_ROLL_S),
                     "--max-batch", "500", "--trending-half-life-s", str(cfg.half_life_s),
                     "--client-id", f"{self.run_id}-{i}"]  # fmt: skip
-            service = Service(f"stream-{i}", args, self.logs / f"stream-{i}.log", nice=cfg.background_nice)
+            log_path = self.logs / f"stream-{i}.log"
+            service = Service(f"stream-{i}", args, log_path, priority=cfg.background_priority)
             service.start()
             self.consumers.append(service)
             self.consumer_metrics.append(port)

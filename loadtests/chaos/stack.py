@@ -88,10 +88,34 @@ class Infra:
             raise RuntimeError(f"creating topics {list(topics)} failed:\n{result.stdout}{result.stderr}")
 
 
-def lower_priority(pid: int, nice: int) -> int:
-    """Give every thread of process ``pid`` the scheduling niceness ``nice`` (threads it starts
-    later inherit it); returns how many threads were changed. Niceness is per thread on Linux,
-    so the process's own entry alone would leave a running JVM's threads as they were."""
+# How the stack's background work (stream consumers, broker, event traffic) yields the CPU to the
+# ranking servers: "idle" (SCHED_IDLE: it runs only on cores nothing else wants), "low"
+# (niceness 10) or "normal" (no difference). Both need no privileges.
+BACKGROUND_PRIORITIES = ("idle", "low", "normal")
+LOW_NICENESS = 10
+
+
+def command_prefix(priority: str) -> list[str]:
+    """What to run a command through for ``priority``; both exec it (same pid)."""
+    if priority == "idle":
+        return ["chrt", "--idle", "0"]
+    if priority == "low":
+        return ["nice", "-n", str(LOW_NICENESS)]
+    return []
+
+
+def set_thread_priority(tid: int, priority: str) -> None:
+    """Give one thread (0: the calling one) ``priority``; threads it starts later inherit it.
+    Scheduling policy and niceness are per thread on Linux."""
+    if priority == "idle":
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+    elif priority == "low":
+        os.setpriority(os.PRIO_PROCESS, tid, LOW_NICENESS)
+
+
+def lower_priority(pid: int, priority: str) -> int:
+    """Give every thread of running process ``pid`` ``priority`` (the process's own entry alone
+    would leave a running JVM's threads as they were); returns how many threads were changed."""
     changed = 0
     try:
         tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
@@ -99,7 +123,7 @@ def lower_priority(pid: int, nice: int) -> int:
         return 0
     for tid in tids:
         with contextlib.suppress(OSError):  # a thread that has just ended
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
+            set_thread_priority(tid, priority)
             changed += 1
     return changed
 
@@ -107,21 +131,21 @@ def lower_priority(pid: int, nice: int) -> int:
 class Service:
     """One ``recstack`` process (a stream consumer or a ranking server): signalled, restarted.
 
-    ``nice`` > 0 starts it (through coreutils ``nice``, which execs it: same pid) with a lower
-    CPU priority, so on a shared machine it yields the cores to the latency-bound processes."""
+    ``priority`` (see :data:`BACKGROUND_PRIORITIES`) other than "normal" starts it so that on a
+    shared machine it yields the cores to the latency-bound processes."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path, nice: int = 0) -> None:
+    def __init__(self, name: str, args: list[str], log_path: Path, priority: str = "normal") -> None:
         self.name = name
         self.args = args
         self.log_path = log_path
-        self.nice = nice
+        self.priority = priority
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         with self.log_path.open("a") as log:
             log.write(f"\n===== {time.strftime('%H:%M:%S')} starting {self.name} =====\n")
             log.flush()
-            prefix = ["nice", "-n", str(self.nice)] if self.nice else []
+            prefix = command_prefix(self.priority)
             self.proc = subprocess.Popen(
                 [*prefix, *RECSTACK, *self.args],
                 stdout=log,

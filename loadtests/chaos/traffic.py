@@ -9,7 +9,6 @@ in a Redis database that holds other data.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from loadtests.chaos.stack import set_thread_priority
 from loadtests.chaos.truth import Acked
 from recstack.events import Event
 
@@ -62,7 +62,7 @@ class EventTraffic:
         n_users: int = 400,
         n_items: int = 300,
         seed: int = 0,
-        nice: int = 0,
+        priority: str = "normal",
     ) -> None:
         from kafka import KafkaProducer
 
@@ -76,9 +76,9 @@ class EventTraffic:
         popularity = 1.0 / np.arange(1, n_items + 1) ** 1.1
         self._item_p = popularity / popularity.sum()
         self._rng = np.random.default_rng(seed)
-        self._nice = nice
-        # Built on a thread at the traffic's niceness: the producer's I/O thread inherits it.
-        self._producer = _on_niced_thread(nice, lambda: KafkaProducer(
+        self._priority = priority
+        # Built on a thread at the traffic's priority: the producer's I/O thread inherits it.
+        self._producer = on_thread_at(priority, lambda: KafkaProducer(
             bootstrap_servers=bootstrap,
             client_id="recstack-chaos",
             acks="all",
@@ -138,7 +138,7 @@ class EventTraffic:
     # -------------------------------------------------------------------- the producer thread
 
     def _loop(self) -> None:
-        _lower_this_thread(self._nice)
+        set_thread_priority(0, self._priority)
         while not self._stopping.is_set():
             if not self._active.wait(0.2):
                 continue
@@ -200,26 +200,19 @@ class EventTraffic:
             self.stats.failures.append(repr(exc))
 
 
-def _lower_this_thread(nice: int) -> None:
-    """Give the calling thread the niceness ``nice`` (per thread on Linux; threads it starts
-    inherit it)."""
-    if nice > 0:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-
-
-def _on_niced_thread(nice: int, build: Callable[[], T]) -> T:
-    """``build()`` run on a short-lived thread at niceness ``nice``: threads it starts keep it."""
+def on_thread_at(priority: str, build: Callable[[], T]) -> T:
+    """``build()`` run on a short-lived thread at ``priority``: threads it starts keep it."""
     out: list[T] = []
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            _lower_this_thread(nice)
+            set_thread_priority(0, priority)
             out.append(build())
         except BaseException as exc:
             errors.append(exc)
 
-    thread = threading.Thread(target=run, name="chaos-niced-build")
+    thread = threading.Thread(target=run, name="chaos-background-build")
     thread.start()
     thread.join()
     if errors:

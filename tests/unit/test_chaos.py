@@ -174,13 +174,18 @@ def test_report_table_json_and_plot(tmp_path):
 # ------------------------------------------------------------------------------------ priorities
 
 
-def _thread_niceness(pid: int) -> dict[int, int]:
+def _thread_priorities(pid: int) -> dict[int, tuple[int, int]]:
     import os
 
-    return {int(t): os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+    return {
+        int(t): (os.sched_getscheduler(int(t)), os.getpriority(os.PRIO_PROCESS, int(t)))
+        for t in os.listdir(f"/proc/{pid}/task")
+    }
 
 
-def test_lower_priority_reaches_every_thread_of_a_running_process():
+@pytest.mark.parametrize(("priority", "expected"), [("idle", "SCHED_IDLE"), ("low", 10)])
+def test_lower_priority_reaches_every_thread_of_a_running_process(priority, expected):
+    import os
     import subprocess
     import sys
 
@@ -195,35 +200,41 @@ def test_lower_priority_reaches_every_thread_of_a_running_process():
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        before = _thread_niceness(proc.pid)
-        assert len(before) == 4 and set(before.values()) == {0}
-        assert lower_priority(proc.pid, 7) == 4
-        assert set(_thread_niceness(proc.pid).values()) == {7}
+        assert set(_thread_priorities(proc.pid).values()) == {(os.SCHED_OTHER, 0)}
+        assert lower_priority(proc.pid, priority) == 4
+        after = set(_thread_priorities(proc.pid).values())
+        assert after == ({(os.SCHED_IDLE, 0)} if expected == "SCHED_IDLE" else {(os.SCHED_OTHER, expected)})
     finally:
         proc.kill()
         proc.wait(10)
-    assert lower_priority(proc.pid, 7) == 0  # gone: nothing to change, no error
+    assert lower_priority(proc.pid, priority) == 0  # gone: nothing to change, no error
 
 
-def test_a_service_started_nice_runs_at_that_niceness(tmp_path, monkeypatch):
+def test_a_service_runs_at_its_priority(tmp_path, monkeypatch):
+    import os
     import sys
 
     from loadtests.chaos import stack
 
-    # The service's own command replaced by one that reports the niceness it runs at.
-    monkeypatch.setattr(stack, "RECSTACK", [sys.executable, "-c", "import os; print('niceness', os.nice(0))"])
-    for nice in (0, 6):
-        service = stack.Service(f"probe-{nice}", [], tmp_path / f"probe-{nice}.log", nice=nice)
+    # The service's own command replaced by one that reports the priority it runs at.
+    report = "import os; print('policy', os.sched_getscheduler(0), 'niceness', os.nice(0))"
+    monkeypatch.setattr(stack, "RECSTACK", [sys.executable, "-c", report])
+    for priority, policy, niceness in (
+        ("normal", os.SCHED_OTHER, 0),
+        ("low", os.SCHED_OTHER, stack.LOW_NICENESS),
+        ("idle", os.SCHED_IDLE, 0),
+    ):
+        service = stack.Service(f"probe-{priority}", [], tmp_path / f"{priority}.log", priority=priority)
         service.start()
         assert service.wait(60) == 0
-        assert f"niceness {nice}" in service.log_text()
+        assert f"policy {policy} niceness {niceness}" in service.log_text()
 
 
-def test_a_niced_build_thread_passes_its_niceness_to_the_threads_it_starts():
+def test_a_build_thread_passes_its_priority_to_the_threads_it_starts():
     import os
     import threading
 
-    from loadtests.chaos.traffic import _on_niced_thread
+    from loadtests.chaos.traffic import on_thread_at
 
     def start_worker() -> threading.Thread:
         # like KafkaProducer's constructor: starts its I/O thread and returns
@@ -234,10 +245,10 @@ def test_a_niced_build_thread_passes_its_niceness_to_the_threads_it_starts():
         worker.done = done  # type: ignore[attr-defined]
         return worker
 
-    worker = _on_niced_thread(4, start_worker)
+    worker = on_thread_at("idle", start_worker)
     try:
-        assert os.getpriority(os.PRIO_PROCESS, worker.native_id) == 4
-        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0  # the caller keeps its own
+        assert os.sched_getscheduler(worker.native_id) == os.SCHED_IDLE
+        assert os.sched_getscheduler(threading.get_native_id()) == os.SCHED_OTHER  # the caller keeps its own
     finally:
         worker.done.set()  # type: ignore[attr-defined]
         worker.join(10)
