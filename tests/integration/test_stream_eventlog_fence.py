@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from test_stream_exactly_once import (
     _events,
     applied_records,
     assert_features_exact,
+    consumer_process,
     consumer_thread,
     logged_event_ids,
     publish,
@@ -213,29 +215,23 @@ def test_a_consumer_stalled_past_its_session_logs_nothing_twice(
     config = dataclasses.replace(
         _config(kafka_bootstrap, redis_url, topic, event_log, session_timeout_ms=STALL_SESSION_TIMEOUT_MS),
         log_roll_s=1.0,
+        max_batch=500,
     )
     stderr = tmp_path / "stalled.log"
-    cmd = [sys.executable, "-m", "recstack.cli", "--log-level", "INFO", "stream"]
-    for name in (
-        "bootstrap",
-        "redis",
-        "group",
-        "topic",
-        "dlq_topic",
-        "event_log",
-        "metrics_port",
-        "trending_half_life_s",
-    ):
-        cmd += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
-    cmd += ["--session-timeout-ms", str(STALL_SESSION_TIMEOUT_MS), "--log-roll-s", "1", "--max-batch", "500"]
     with open(stderr, "w") as err:
-        stalled = subprocess.Popen(cmd, cwd=REPO_ROOT, stderr=err)
+        stalled = consumer_process(config, log_level="INFO", stderr=err)
     try:
         events = _events(14_000, seed=14)
         with consumer_thread(config) as other:
             with publishing(kafka_bootstrap, topic, events, published, rate=700, dup_share=0.05) as pub:
+                # Both hold partitions: the thread has given some up, and the process says it took
+                # some (the thread's side alone is true while the process is still joining).
                 wait_until(
-                    lambda: applied_records(redis_client, topic) > 0 and 0 < len(other._tokens) < 6,
+                    lambda: (
+                        applied_records(redis_client, topic) > 0
+                        and 0 < len(other._tokens) < 6
+                        and re.search(r"assigned partitions \[\d", stderr.read_text()) is not None
+                    ),
                     180,
                     "both consumers to share the partitions",
                 )

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -181,8 +182,9 @@ def consumer_thread(config) -> Iterator:
         assert not errors, errors
 
 
-def consumer_process(config) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "recstack.cli", "--log-level", "WARNING", "stream"]
+def consumer_process(config, log_level: str = "WARNING", stderr: Any = None) -> subprocess.Popen:
+    """``recstack stream`` as its own process with ``config``'s settings."""
+    cmd = [sys.executable, "-m", "recstack.cli", "--log-level", log_level, "stream"]
     for name in (
         "bootstrap",
         "redis",
@@ -197,7 +199,7 @@ def consumer_process(config) -> subprocess.Popen:
         "max_batch",
     ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(config, name))]
-    return subprocess.Popen(cmd, cwd=REPO_ROOT)
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, stderr=stderr)
 
 
 def applied_records(client, topic: str) -> int:
