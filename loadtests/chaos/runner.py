@@ -36,9 +36,9 @@ from loadtests.chaos.stack import (
     StreamState,
     copy_newest_version,
     free_port,
-    lower_priority,
     scrape,
     served_version,
+    set_priority,
     wait_serving,
 )
 from loadtests.chaos.traffic import EventTraffic
@@ -242,8 +242,14 @@ class ChaosRun:
         pid = self.infra.pid("kafka")
         priority = self.cfg.background_priority
         if priority != "normal" and pid is not None:
-            threads = lower_priority(pid, priority)
+            threads = set_priority(pid, priority)
             self.say(f"Kafka broker (pid {pid}): {threads} threads at {priority} CPU priority")
+
+    def _restore_broker(self) -> None:
+        """A broker the run did not start (one of ``make up``) keeps running: as it was."""
+        pid = self.infra.pid("kafka")
+        if self.cfg.background_priority != "normal" and pid is not None and "kafka" not in self.infra.started:
+            set_priority(pid, "normal")
 
     def _start_consumers(self) -> None:
         cfg = self.cfg
@@ -755,6 +761,7 @@ class ChaosRun:
         self.disk.unmount()
         with contextlib.suppress(Exception):
             _delete_topics(self.cfg.bootstrap, [self.topic, self.dlq])
+        self._restore_broker()
         self.infra.down()
 
 

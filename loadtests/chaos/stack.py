@@ -111,9 +111,12 @@ def set_thread_priority(tid: int, priority: str) -> None:
         os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
     elif priority == "low":
         os.setpriority(os.PRIO_PROCESS, tid, LOW_NICENESS)
+    else:  # back to the default (raising priority again may need privileges: callers tolerate OSError)
+        os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, tid, 0)
 
 
-def lower_priority(pid: int, priority: str) -> int:
+def set_priority(pid: int, priority: str) -> int:
     """Give every thread of running process ``pid`` ``priority`` (the process's own entry alone
     would leave a running JVM's threads as they were); returns how many threads were changed."""
     changed = 0

@@ -184,12 +184,12 @@ def _thread_priorities(pid: int) -> dict[int, tuple[int, int]]:
 
 
 @pytest.mark.parametrize(("priority", "expected"), [("idle", "SCHED_IDLE"), ("low", 10)])
-def test_lower_priority_reaches_every_thread_of_a_running_process(priority, expected):
+def test_set_priority_reaches_every_thread_of_a_running_process(priority, expected):
     import os
     import subprocess
     import sys
 
-    from loadtests.chaos.stack import lower_priority
+    from loadtests.chaos.stack import set_priority
 
     # A process with a few threads already running, like a started JVM.
     code = (
@@ -201,13 +201,15 @@ def test_lower_priority_reaches_every_thread_of_a_running_process(priority, expe
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         assert set(_thread_priorities(proc.pid).values()) == {(os.SCHED_OTHER, 0)}
-        assert lower_priority(proc.pid, priority) == 4
+        assert set_priority(proc.pid, priority) == 4
         after = set(_thread_priorities(proc.pid).values())
         assert after == ({(os.SCHED_IDLE, 0)} if expected == "SCHED_IDLE" else {(os.SCHED_OTHER, expected)})
+        assert set_priority(proc.pid, "normal") == 4  # as it was (this test runs as root)
+        assert set(_thread_priorities(proc.pid).values()) == {(os.SCHED_OTHER, 0)}
     finally:
         proc.kill()
         proc.wait(10)
-    assert lower_priority(proc.pid, priority) == 0  # gone: nothing to change, no error
+    assert set_priority(proc.pid, priority) == 0  # gone: nothing to change, no error
 
 
 def test_a_service_runs_at_its_priority(tmp_path, monkeypatch):
