@@ -37,6 +37,7 @@ import redis
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
+from feature_store.changes import announce_items
 from feature_store.online import (
     _LUA_CODEC,
     DEFAULT_TRENDING_HALF_LIFE_S,
@@ -432,6 +433,7 @@ class ClusterFeatureWriter:
             if guard.applied:
                 args = [x for p, offset in sorted(guard.applied.items()) for x in (p, offset)]
                 self._raise(keys=[guard.offsets_key], args=args)
+            announce_items(self._client, items)  # after every node wrote: readers see the new values
             return ApplyResult(ok=True)
         self.forget(stale)
         return ApplyResult(

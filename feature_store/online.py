@@ -39,6 +39,7 @@ from feast.protos.feast.types.Value_pb2 import Int64List, StringList
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from feature_store.changes import announce_items
 from feature_store.definitions import ITEM_VIEW, PROJECT_NAME, USER_VIEW, item_popularity, user_activity
 from feature_store.values import (
     DEFAULT_TRENDING_HALF_LIFE_S,
@@ -748,6 +749,7 @@ class FeatureWriter:
         status = reply[0]
         if status == b"ok":
             self._known.remember(written)
+            announce_items(self._client, items)  # after the write: readers then see the new values
             return ApplyResult(ok=True)
         if status == b"fence":
             return ApplyResult(ok=False, fenced_partition=int(reply[1]), stored_offset=int(reply[2]))

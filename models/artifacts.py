@@ -44,6 +44,7 @@ VOCAB = "vocab.json"
 CATALOGUE = "catalogue.npz"
 WEIGHTS_FP32 = "weights.fp32.pt"
 WEIGHTS_INT8 = "weights.int8.pt"
+SERVED_FORMS = ("aoti", "torchscript")
 REQUIRED = (CONFIG, VOCAB, CATALOGUE, WEIGHTS_FP32, WEIGHTS_INT8)
 TMP_PREFIX = ".tmp-"
 log = logging.getLogger(__name__)
@@ -134,13 +135,22 @@ def publish_version(
     metrics: dict[str, Any] | None = None,
     extra_files: Callable[[Path], None] | None = None,
     version: str | None = None,
+    served_form: str | None = None,
 ) -> Path:
     """Write a complete version into ``.tmp-<version>``, then rename it into place. Returns its folder.
 
     ``config`` is the run's description (training settings, router, runtime); the model's own
     config and the artifact format are added here. ``extra_files(folder)`` may write reports
     before the manifest is computed.
+
+    ``served_form`` (default ``$RECSTACK_SERVED_FORM``, else ``aoti``): ``aoti`` also compiles the
+    served int8 model ahead of time into ``model.pt2`` (:mod:`models.aoti`; about half a minute),
+    ``torchscript`` leaves the server to trace it at load. Where compiling fails (no C++
+    compiler, say) the version is published without a package and says so in its config.
     """
+    served_form = served_form or os.environ.get("RECSTACK_SERVED_FORM") or "aoti"
+    if served_form not in SERVED_FORMS:
+        raise ValueError(f"served_form must be one of {SERVED_FORMS}, got {served_form!r}")
     root = Path(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     version = version or new_version_name()
@@ -157,13 +167,15 @@ def publish_version(
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         torch.save(state, tmp / WEIGHTS_FP32)
-        torch.save(quantize_state_dict(state), tmp / WEIGHTS_INT8)
+        qstate = quantize_state_dict(state)
+        torch.save(qstate, tmp / WEIGHTS_INT8)
         (tmp / VOCAB).write_text(json.dumps(vocab.item_ids))
         np.savez(tmp / CATALOGUE, item_stats=np.asarray(catalogue_stats, dtype=np.float32))
         full_config = dict(config)
         full_config.update(format_version=FORMAT_VERSION, version=version, model=model.config.to_dict())
         full_config.setdefault("router", RouterConfig().to_dict())
         full_config.setdefault("int8_dense_runtime", SERVED_DENSE_RUNTIME)
+        full_config["served"] = _compile_served(model.config, qstate, tmp, served_form)
         (tmp / CONFIG).write_text(json.dumps(full_config, indent=2, sort_keys=True))
         if metrics is not None:
             write_metrics(tmp, metrics)
@@ -177,6 +189,21 @@ def publish_version(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _compile_served(config: Any, qstate: dict[str, torch.Tensor], folder: Path, form: str) -> dict[str, Any]:
+    """The served graph's record in config.json (and ``model.pt2`` in ``folder`` for ``aoti``)."""
+    if form != "aoti":
+        return {"form": "torchscript", "reason": "published without an AOTInductor package"}
+    from models import aoti
+
+    int8 = build_int8_model(config, qstate, "fp32")
+    try:
+        return aoti.compile_package(int8, folder / aoti.PACKAGE)
+    except Exception as exc:  # any failure to compile means "serve TorchScript", never "no version"
+        log.warning("AOTInductor compilation failed (%s); the version will be served as TorchScript", exc)
+        (folder / aoti.PACKAGE).unlink(missing_ok=True)
+        return {"form": "torchscript", "reason": f"AOTInductor compilation failed: {exc}"[:500]}
 
 
 def write_metrics(folder: Path, metrics: dict[str, Any]) -> None:
@@ -290,6 +317,7 @@ def load_version(
     folder = Path(version_dir)
     model, vocab, config, catalogue = load_model(folder, device, quantized, dense_runtime=dense_runtime)
     runtime = dense_runtime or config.get("int8_dense_runtime", "fp32")
+    served = _served_graph(folder, config) if quantized and runtime == "aoti" else None
     try:
         router = PathRouter(RouterConfig(**config.get("router", {})))
     except (TypeError, ValueError) as exc:
@@ -303,5 +331,23 @@ def load_version(
         catalogue_stats=catalogue,
         device=device,
         quantized=quantized,
-        compiled=quantized and runtime == "torchscript",
+        compiled=quantized and runtime in ("torchscript", "aoti"),
+        served=served,
     )
+
+
+def _served_graph(folder: Path, config: dict[str, Any]) -> Any:
+    """The version's AOTInductor graph, or None (with a warning) where it cannot run here."""
+    from models import aoti
+
+    info = config.get("served") or {}
+    why_not = aoti.usable_here(info)
+    if why_not is None and not (folder / aoti.PACKAGE).is_file():
+        why_not = f"{aoti.PACKAGE} is missing"
+    if why_not is None:
+        try:
+            return aoti.load(folder / aoti.PACKAGE)
+        except Exception as exc:  # a package that does not load is served as TorchScript
+            why_not = f"{aoti.PACKAGE} does not load: {exc}"
+    log.warning("%s: serving TorchScript graphs instead of the compiled package: %s", folder.name, why_not)
+    return None

@@ -21,7 +21,7 @@ import torch
 from models.compiled import CompiledPaths
 from models.features import ITEM_DENSE_DIM, USER_DENSE_DIM, item_dense, user_dense
 from models.model import RankBatch, TwoPathRanker
-from models.router import PathRouter
+from models.router import PathRouter, Route
 from models.vocab import FIRST_ITEM_ROW, PAD, ItemVocab
 
 # Compiled graphs are traced at warm-up for the cascade heads of requests up to this size (the
@@ -48,24 +48,30 @@ class RankOutput:
 
 
 class _Buffers:
-    """Growable padded input arrays; the tensors handed to the model are views into them."""
+    """Growable flat input arrays; the tensors handed to the model are contiguous views of them
+    (a compiled graph assumes dense strides: a slice of a wider buffer would be read wrongly)."""
 
     def __init__(self) -> None:
-        self.hist = np.zeros((0, 0), dtype=np.int64)
-        self.cand = np.zeros((0, 0), dtype=np.int64)
-        self.item = np.zeros((0, 0, ITEM_DENSE_DIM), dtype=np.float32)
-        self.user = np.zeros((0, USER_DENSE_DIM), dtype=np.float32)
+        self.hist = np.zeros(0, dtype=np.int64)
+        self.cand = np.zeros(0, dtype=np.int64)
+        self.item = np.zeros(0, dtype=np.float32)
+        self.user = np.zeros(0, dtype=np.float32)
+
+    @staticmethod
+    def _grown(buffer: np.ndarray, size: int) -> np.ndarray:
+        return buffer if buffer.size >= size else np.zeros(max(size, 2 * buffer.size), dtype=buffer.dtype)
 
     def views(self, b: int, h: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        if b > self.hist.shape[0] or h > self.hist.shape[1]:
-            self.hist = np.zeros((max(b, self.hist.shape[0]), max(h, self.hist.shape[1], 1)), dtype=np.int64)
-        if b > self.cand.shape[0] or c > self.cand.shape[1]:
-            rows, cols = max(b, self.cand.shape[0]), max(c, self.cand.shape[1])
-            self.cand = np.zeros((rows, cols), dtype=np.int64)
-            self.item = np.zeros((rows, cols, ITEM_DENSE_DIM), dtype=np.float32)
-        if b > self.user.shape[0]:
-            self.user = np.zeros((b, USER_DENSE_DIM), dtype=np.float32)
-        return self.hist[:b, :h], self.cand[:b, :c], self.item[:b, :c], self.user[:b]
+        self.hist = self._grown(self.hist, b * h)
+        self.cand = self._grown(self.cand, b * c)
+        self.item = self._grown(self.item, b * c * ITEM_DENSE_DIM)
+        self.user = self._grown(self.user, b * USER_DENSE_DIM)
+        return (
+            self.hist[: b * h].reshape(b, h),
+            self.cand[: b * c].reshape(b, c),
+            self.item[: b * c * ITEM_DENSE_DIM].reshape(b, c, ITEM_DENSE_DIM),
+            self.user[: b * USER_DENSE_DIM].reshape(b, USER_DENSE_DIM),
+        )
 
 
 @dataclass
@@ -92,6 +98,7 @@ class Ranker:
         device: str = "cpu",
         quantized: bool = False,
         compiled: bool = False,
+        served: Any = None,
     ) -> None:
         self.model = model.eval()
         self.model.prepare_inference()
@@ -103,8 +110,13 @@ class Ranker:
         self.quantized = quantized
         self.history_len = model.config.light.history_len
         self._local = threading.local()
-        # TorchScript graphs of the paths (models.compiled) where the model can be traced.
-        self.compiled = CompiledPaths(model) if compiled and CompiledPaths.supported(model) else None
+        # The AOTInductor graph of every path (models.aoti), when the version holds one that runs
+        # here: one call per batch. Else TorchScript graphs of the paths (models.compiled) where the
+        # model can be traced, else eager.
+        self.served = served
+        self.compiled = (
+            CompiledPaths(model) if served is None and compiled and CompiledPaths.supported(model) else None
+        )
         # For candidate generation: every known item with its counters as of the end of training.
         stats = catalogue_stats if catalogue_stats is not None else np.zeros((len(vocab), ITEM_DENSE_DIM))
         self._all_rows = torch.arange(FIRST_ITEM_ROW, len(vocab), device=self.device)
@@ -119,6 +131,8 @@ class Ranker:
             return []
         prepared = self._prepare(inputs)
         routes = [self.router.route(len(p.hist) > 0, len(p.cand), load, force_path) for p in prepared]
+        if self.served is not None:
+            return self._rank_served(prepared, routes)
         scores: list[np.ndarray | None] = [None] * len(inputs)
         groups = {
             path: [i for i, r in enumerate(routes) if r.path == path] for path in ("light", "cascade", "full")
@@ -134,6 +148,41 @@ class Ranker:
                     for i, s in zip(ids, self._forward(path, [prepared[i] for i in ids], heads), strict=True):
                         scores[i] = s
         return [RankOutput(scores=s, path=r.path) for s, r in zip(scores, routes, strict=True)]  # type: ignore[arg-type]
+
+    @property
+    def form(self) -> str:
+        """How this version's forward passes run: aoti | torchscript | eager."""
+        return "aoti" if self.served is not None else "torchscript" if self.compiled is not None else "eager"
+
+    def _rank_served(self, prepared: list[_Prepared], routes: list[Route]) -> list[RankOutput]:
+        """Every request of the batch in one call of the compiled graph: light is a head of 0,
+        full a head of every candidate (see models.aoti)."""
+        heads = [
+            0 if r.path == "light" else len(p.cand) if r.path == "full" else r.head
+            for p, r in zip(prepared, routes, strict=True)
+        ]
+        batch = self._batch("served", prepared)
+        h = min(max(max(heads), 1), batch.cand.shape[1])
+        with torch.inference_mode():
+            out = self.served(
+                batch.hist,
+                batch.user_dense,
+                batch.cand,
+                batch.item_dense,
+                torch.tensor(heads, dtype=torch.int64),
+                self._head_slots(h),
+            )
+        scores = out.numpy()
+        return [
+            RankOutput(scores=scores[k, : len(p.cand)].copy(), path=r.path)
+            for k, (p, r) in enumerate(zip(prepared, routes, strict=True))
+        ]
+
+    def _head_slots(self, h: int) -> torch.Tensor:
+        slots = self._local.__dict__.get("head_slots")
+        if slots is None or slots.shape[0] < h:
+            slots = self._local.head_slots = torch.empty(max(h, 64), dtype=torch.int8)
+        return slots[:h]
 
     def candidates(self, recent_items: Sequence[str], k: int, exclude: set[str] | None = None) -> list[str]:
         """Up to ``k`` item ids for a user: the light path over the whole catalogue, scored from the
@@ -220,7 +269,9 @@ class Ranker:
         # At least one history slot (padding when nobody has history): every path masks it, and a
         # compiled graph is traced for a non-empty history axis.
         longest = max(max((len(p.hist) for p in group), default=0), 1)
-        c = max((len(p.cand) for p in group), default=0)
+        # At least two candidate slots: the compiled graph's candidate axis starts at 2 (a size of
+        # 1 would be specialised by export); the extra slot is padding.
+        c = max(max((len(p.cand) for p in group), default=0), 2)
         hist, cand, item, user = self._buffers(slot).views(b, longest, c)
         hist.fill(PAD)
         cand.fill(PAD)

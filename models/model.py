@@ -459,14 +459,23 @@ class TwoPathRanker(nn.Module):
         is ordered by the full path; the rest keeps the light order. One pass: the user side is
         computed once for both paths, the head picked and gathered in torch.
         """
+        h = int(min(int(head.max()), batch.cand.shape[1])) if head.numel() else 0
+        if h == 0:
+            return self.light(batch)
+        return self.cascade_top(batch, head, h)
+
+    def cascade_top(self, batch: RankBatch, head: Tensor, h: int) -> Tensor:
+        """:meth:`cascade` with the batch's largest head ``h`` (``1 <= h <= C``) given as a size.
+
+        Every path is this one function: ``head[b] == 0`` gives request ``b`` its light scores,
+        ``head[b] == C`` its full scores (on its real candidates). The compiled served graph
+        (:mod:`models.aoti`) is this method with ``h`` a dynamic dimension.
+        """
         u, hist_emb, mask = self.user_vector(batch.hist, batch.user_dense)
         cand, item_dense = batch.cand, batch.item_dense
         rep = self.repeat(batch.hist, cand)
         light = self.light_from(u, self.candidate_rows(cand, full=False), rep, item_dense)  # B x C
         pad = cand == 0
-        h = int(min(int(head.max()), cand.shape[1])) if head.numel() else 0
-        if h == 0:
-            return light
         top = torch.topk(light.masked_fill(pad, float("-inf")), h, dim=1).indices  # B x h
         in_head = (torch.arange(h, device=cand.device).unsqueeze(0) < head.unsqueeze(1)) & ~pad.gather(1, top)
         cand_h = cand.gather(1, top)

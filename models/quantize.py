@@ -24,12 +24,14 @@ from models.model import Int8ItemEmbedding, InteractionMLP, RankerConfig, TwoPat
 
 QSUFFIX = ".q"
 SSUFFIX = ".scale"
-# "torchscript": the int8 weights dequantized once at load (weight-only int8), and every path run
-# as a traced TorchScript graph (models.compiled); the other runtimes run the paths eagerly.
-DENSE_RUNTIMES = ("fp32", "torch-dynamic", "onnxruntime-int8", "onnxruntime-fp32", "torchscript")
+# "aoti": the int8 weights dequantized once at load (weight-only int8), and every path run as the
+# version's AOTInductor graph (models.aoti), compiled when it was published; where the version has
+# none that runs on this machine, as "torchscript": the same weights, every path a traced
+# TorchScript graph (models.compiled). The other runtimes run the paths eagerly.
+DENSE_RUNTIMES = ("fp32", "torch-dynamic", "onnxruntime-int8", "onnxruntime-fp32", "torchscript", "aoti")
 # What a new version is served with: fastest at equal quality in benchmarks/model_bench.py
-# (interaction MLP 1.3-4.5x faster than torch fp32 at 100-12,800 rows; NDCG@10 within 0.3%).
-SERVED_DENSE_RUNTIME = "onnxruntime-int8"
+# (docs/MODEL.md, "Served form").
+SERVED_DENSE_RUNTIME = "aoti"
 LONG_VECTOR = 1024  # vectors at least this long (one value per item) are stored int8 too
 
 

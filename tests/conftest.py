@@ -13,6 +13,11 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Versions published by tests leave their AOTInductor compilation (half a minute or more each)
+# to the tests that are about it (they ask for served_form="aoti"); everything else serves the
+# TorchScript form, which the server falls back to anyway. Subprocesses inherit the setting.
+os.environ.setdefault("RECSTACK_SERVED_FORM", "torchscript")
+
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     kafka = (

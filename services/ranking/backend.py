@@ -91,7 +91,8 @@ class BatchedBackend(ModelOwner):
         self.fetcher = FeatureFetcher(
             config.redis_url,
             timeout_s=config.redis_timeout_ms / 1000.0,
-            item_cache_ttl_s=config.item_cache_ttl_s,
+            item_refresh_s=config.item_refresh_ms / 1000.0,
+            item_resync_s=config.item_resync_s,
             item_cache_max_items=config.item_cache_max_items,
             retry_interval_s=config.redis_retry_interval_s,
             metrics=metrics,
@@ -118,6 +119,7 @@ class BatchedBackend(ModelOwner):
             max_concurrent_batches=config.max_concurrent_batches,
             metrics=metrics,
             extra_load=self._lag_load if self._max_lag_s > 0 else None,
+            inline_when_idle=config.inline_when_idle,
         )
         self._recommend_cost = max(config.recommend_pool, 1)
 
@@ -133,7 +135,17 @@ class BatchedBackend(ModelOwner):
             self.loop_lag.start()
         self.fetcher.start()
         await self.batcher.start()
-        await self.start_models(on_model)
+
+        def loaded(ranker: Any) -> None:
+            # The new version's whole vocabulary into the item catalogue, in the background: the
+            # first calls then read only their users.
+            vocab = getattr(ranker, "vocab", None)
+            if vocab is not None:
+                self.fetcher.catalogue.preload(vocab.item_ids)
+            if on_model is not None:
+                on_model(ranker)
+
+        await self.start_models(loaded)
 
     async def stop(self) -> None:
         await self.batcher.stop()

@@ -14,7 +14,12 @@ loop forms batches:
   time for a request that has waited longer than ``max_queue_wait`` (it would miss the latency
   target anyway, and computing it would make the requests behind it miss theirs too).
 
-The batch itself runs in a worker thread (``compute(items, load)``), up to
+A request that finds the server idle (nothing computing, nobody queued, and the last answer
+more than ``idle_gap_s`` ago) is computed at once on the event loop itself when
+``inline_when_idle`` is set: a lone call then makes no hop at all. A call that follows an answer
+closely was probably waiting in gRPC meanwhile: it takes the batcher path, and the burst batches.
+
+Any other batch runs in a worker thread (``compute(items, load)``), up to
 ``max_concurrent_batches`` at a time, so the event loop keeps accepting calls meanwhile; torch
 and hiredis release the GIL for most of their work.
 
@@ -70,6 +75,8 @@ class MicroBatcher(Generic[T, R]):
         max_concurrent_batches: int = 1,
         metrics: RankingMetrics | None = None,
         extra_load: Callable[[], float] | None = None,
+        inline_when_idle: bool = False,
+        idle_gap_s: float = 0.001,
     ) -> None:
         self._compute = compute
         self._executor = executor
@@ -80,6 +87,11 @@ class MicroBatcher(Generic[T, R]):
         self._shed_min_queue = shed_min_queue  # wait-based shedding needs at least this backlog
         self._max_concurrent = max_concurrent_batches
         self._extra_load = extra_load  # another 0-1 load signal (the event loop's lag), or None
+        self._inline = inline_when_idle
+        # A call that comes this soon after the last answer was probably waiting in gRPC while
+        # that one was computed: a burst, which the batcher path gathers into batches.
+        self._idle_gap = idle_gap_s
+        self._last_done = float("-inf")
         self._metrics = metrics or RankingMetrics()
         self._queue: collections.deque[_Job[T]] = collections.deque()
         self._queued_cost = 0
@@ -135,12 +147,43 @@ class MicroBatcher(Generic[T, R]):
             raise Overloaded(f"ranking queue is full ({self._max_queue} requests waiting); retry later")
         loop = self._loop
         now = loop.time()
+        if self._inline and not self._in_flight and not self._queue and now - self._last_done > self._idle_gap:
+            return self._run_inline(item, cost, timeout_s)
         future = loop.create_future()
         self._queue.append(_Job(item, cost, now, None if timeout_s is None else now + timeout_s, future))
         self._queued_cost += cost
         self._metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()  # type: ignore[union-attr]
         return await future
+
+    def _run_inline(self, item: T, cost: int, timeout_s: float | None) -> R:
+        """Compute a request that found the server idle right here, on the event loop.
+
+        Nothing else is computing and nobody waits, so the loop has nothing better to do; calls
+        arriving meanwhile wait in gRPC and form the next batch. It saves the hand-off to a worker
+        thread and back (a queue, two thread wake-ups and loop iterations), which on an idle
+        machine, with every cache cold, costs more than the forward pass itself."""
+        if timeout_s is not None and timeout_s <= 0:
+            self._metrics.shed.labels("deadline").inc()
+            raise DeadlineExpired("deadline passed before the call was computed")
+        metrics = self._metrics
+        metrics.batch_requests.observe(1)
+        metrics.batch_candidates.observe(cost)
+        metrics.queue_delay.observe(0.0)
+        self._in_flight += 1
+        try:
+            (result,) = self._compute((item,), self.load(0.0, 1))
+        except Exception:
+            log.exception("a request computed inline failed")
+            raise
+        finally:
+            self._in_flight -= 1
+            self._last_done = self._loop.time()  # type: ignore[union-attr]
+            if self._queue:
+                self._wakeup.set()  # type: ignore[union-attr]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     # --- dispatcher ----------------------------------------------------------------------------
     async def _dispatch_forever(self) -> None:
@@ -240,6 +283,7 @@ class MicroBatcher(Generic[T, R]):
                     job.future.set_result(result)
         finally:
             self._in_flight -= 1
+            self._last_done = loop.time()
             self._metrics.in_flight_batches.set(self._in_flight)
             assert self._slots is not None and self._wakeup is not None
             self._slots.release()

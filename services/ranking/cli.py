@@ -32,6 +32,15 @@ def _dense_runtime(text: str) -> str:
     return text
 
 
+def _on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 # (flag, config field, type, help) per group; type None is an on/off switch.
 _Flag = tuple[str, str, Callable[[str], Any] | None, str]
 _GROUPS: dict[str, list[_Flag]] = {
@@ -56,7 +65,8 @@ _GROUPS: dict[str, list[_Flag]] = {
         ("--redis", "redis_url", redis_url, "Redis online store (the Feast feature store)"),
         ("--device", "device", str, "torch device: cpu, or cuda where a GPU exists"),
         ("--dense-runtime", "dense_runtime", _dense_runtime,
-         "how the int8 model runs: torchscript (traced graphs), onnxruntime-int8, fp32, ..."),
+         "how the int8 model runs: aoti (the version's compiled graph, else torchscript), torchscript, "
+         "onnxruntime-int8, fp32, ..."),
         ("--naive", "naive", None,
          "the baseline: no batching, Feast reads per call, fp32, always the full path"),
         ("--model-poll-interval-s", "model_poll_interval_s", non_negative_float,
@@ -84,8 +94,12 @@ _GROUPS: dict[str, list[_Flag]] = {
          "most candidates per Rank call (and the largest Recommend k)"),
         ("--recommend-pool", "recommend_pool", positive_int,
          "candidates Recommend generates and ranks before returning its top k"),
-        ("--item-cache-ttl-s", "item_cache_ttl_s", non_negative_float,
-         "how long item features are cached in-process (user features never are)"),
+        ("--item-refresh-ms", "item_refresh_ms", non_negative_float,
+         "how often changed item features are re-read into the in-process catalogue (their staleness bound)"),
+        ("--item-resync-s", "item_resync_s", non_negative_float,
+         "how often every item of the in-process catalogue is re-read"),
+        ("--inline-when-idle", "inline_when_idle", _on_off,
+         "on|off: compute a request that finds the server idle on the event loop, without a thread hand-off"),
         ("--redis-timeout-ms", "redis_timeout_ms", non_negative_float,
          "feature reads slower than this are abandoned and the batch served degraded"),
         ("--redis-retry-interval-s", "redis_retry_interval_s", non_negative_float,

@@ -70,6 +70,10 @@ class RankingConfig:
     # batch size and both then fight the event loop for CPU and the GIL); with more cores a
     # second lets one batch's Redis round trip overlap another's forward pass.
     max_concurrent_batches: int = 1
+    # A request that finds the server idle (no batch computing, nobody queued) is computed right
+    # on the event loop: no hand-off to a worker thread and back, which on an idle machine costs
+    # more than the forward pass (both threads wake from cold). Concurrent requests still batch.
+    inline_when_idle: bool = True
 
     # --- features ------------------------------------------------------------------------------
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
@@ -77,17 +81,22 @@ class RankingConfig:
     redis_timeout_ms: float = 20.0
     # While Redis is down, a background probe retries this often (the hot path never waits on it).
     redis_retry_interval_s: float = 0.5
-    item_cache_ttl_s: float = 1.0  # item features change slowly; user features are always read fresh
-    item_cache_max_items: int = 200_000  # bounds memory; the cache is cleared when it grows past this
+    # Item features live in process (services.ranking.catalogue); a background thread re-reads
+    # the items the stream announces as changed this often: the bound on their staleness.
+    # User features are always read fresh.
+    item_refresh_ms: float = 250.0
+    # ...and re-reads every held item this often (repairs a change whose announcement was lost).
+    item_resync_s: float = 60.0
+    item_cache_max_items: int = 200_000  # bounds memory; the catalogue is cleared when it grows past this
 
     # --- model ---------------------------------------------------------------------------------
     models_dir: Path = Path("artifacts/models")
     model_poll_interval_s: float = 2.0
     device: str = "cpu"
-    # How the int8 model runs (models.quantize.DENSE_RUNTIMES). TorchScript graphs of every path
-    # (int8 weights dequantized at load) ran a 100-candidate cascade 2.5x faster than eager torch
-    # with the ONNX Runtime int8 MLP at one request, 1.8x at four (models.compiled).
-    dense_runtime: str = "torchscript"
+    # How the int8 model runs (models.quantize.DENSE_RUNTIMES). "aoti": the version's
+    # AOTInductor graph, one call per batch for every path (docs/MODEL.md, "Served form"), else
+    # TorchScript graphs of every path (int8 weights dequantized at load).
+    dense_runtime: str = "aoti"
     torch_threads: int = 1  # per forward pass; the other core runs the event loop and gRPC
     # Python's GIL switch interval (process-wide, set by `recstack serve`). The batch workers and
     # the event loop share the GIL; with the default 5 ms a thread that wants it back can wait
@@ -132,7 +141,8 @@ class RankingConfig:
             "max_loop_lag_ms",
             "redis_timeout_ms",
             "redis_retry_interval_s",
-            "item_cache_ttl_s",
+            "item_refresh_ms",
+            "item_resync_s",
             "model_poll_interval_s",
             "switch_interval_ms",
         )

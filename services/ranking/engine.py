@@ -128,7 +128,7 @@ class BatchEngine:
         stats = fetched.items
         if generated:
             extra = self._fetcher.fetch((), [c for i in generated for c in candidates[i]])
-            stats = {**stats, **extra.items}
+            stats = extra.items  # the same catalogue, now holding the generated candidates too
             if extra.degraded:
                 for i in generated:
                     degraded[i] = True

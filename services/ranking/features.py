@@ -1,17 +1,18 @@
 """FeatureFetcher: the features of a whole micro-batch in one Redis round trip, and what to do without Redis.
 
-* One non-transactional pipeline per batch reads every user's hash and every candidate item
-  hash not in the item cache (:func:`feature_store.online.read_features`, over the lean
-  transport of :mod:`services.ranking.redis_client`).
-* Item features change slowly: a small in-process cache keeps them ``item_cache_ttl_s``
-  (unknown items too, so a cold item costs one read per TTL). User features are always fresh.
+* One non-transactional pipeline per batch reads every user's hash, and the hash of any
+  candidate the in-process item catalogue does not hold yet
+  (:func:`feature_store.online.read_features`, over the lean transport of
+  :mod:`services.ranking.redis_client`). User features are always read fresh.
+* Item features come from the :class:`~services.ranking.catalogue.ItemCatalogue`, which a
+  background thread keeps within ``item_refresh_ms`` of Redis from the stream's item change
+  feed: a warm batch reads only its users.
 * Every read has a short socket timeout. A failure or timeout marks Redis down: that batch
   and the following ones are served at once with default user features and whatever item
-  features the cache still holds (stale is better than nothing), flagged ``degraded``. A
+  features the catalogue holds (stale is better than nothing), flagged ``degraded``. A
   background probe (never a request) pings Redis and marks it up again when it answers.
 
-Runs in the batcher's worker threads; the cache is a plain dict whose single operations the
-GIL keeps consistent (a race costs at most a redundant read).
+Runs in the batcher's worker threads (or on the event loop for a lone request).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import redis
 from feature_store.online import ItemFeatures, UserFeatures, read_features
 from recstack import redis_url as redis_urls
 from recstack.credentials import REDIS_PASSWORD_SETTINGS, is_auth_error
+from services.ranking.catalogue import ItemCatalogue
 from services.ranking.metrics import RankingMetrics
 from services.ranking.redis_client import ClusterPipelinedRedis, PipelinedRedis
 
@@ -55,7 +57,8 @@ class FeatureFetcher:
         redis_url: str,
         *,
         timeout_s: float = 0.020,
-        item_cache_ttl_s: float = 1.0,
+        item_refresh_s: float = 0.25,
+        item_resync_s: float = 60.0,
         item_cache_max_items: int = 200_000,
         retry_interval_s: float = 0.5,
         metrics: RankingMetrics | None = None,
@@ -66,16 +69,20 @@ class FeatureFetcher:
         self._timeout = timeout_s
         # Fails fast (short timeouts, no retries): the fetcher's own fallback is the retry policy.
         self._client = _client(redis_url, timeout_s)
-        self._ttl = item_cache_ttl_s
-        self._cache_max = item_cache_max_items
         self._retry_interval = retry_interval_s
         self._metrics = metrics or RankingMetrics()
         self._clock = clock
-        # Items are cached in the form the caller uses (converted once per read, not per request).
-        self._transform = item_transform
-        self._unknown_item = item_transform(None)
-        # item id -> (expires at, transformed features; an item Redis does not know is cached too)
-        self._items: dict[str, tuple[float, Any]] = {}
+        # Items are held in the form the caller uses (converted once per read, not per request).
+        self.catalogue = ItemCatalogue(
+            redis_urls.connect(redis_url, socket_timeout=max(timeout_s, 1.0), socket_connect_timeout=1.0),
+            self._client,
+            transform=item_transform,
+            refresh_interval_s=item_refresh_s,
+            resync_interval_s=item_resync_s,
+            max_items=item_cache_max_items,
+            metrics=self._metrics,
+            clock=clock,
+        )
         self._up = True
         self._probe: asyncio.Task | None = None
 
@@ -83,49 +90,32 @@ class FeatureFetcher:
     def redis_up(self) -> bool:
         return self._up
 
-    # --- hot path (worker threads) -------------------------------------------------------------
+    # --- hot path (worker threads, or the event loop for a lone request) -------------------------
     def fetch(self, user_ids: Collection[str], item_ids: Iterable[str]) -> BatchFeatures:
-        """Features of ``user_ids`` (always read) and ``item_ids`` (from the cache when fresh)."""
-        now = self._clock()
-        items: dict[str, ItemFeatures | None] = {}
-        missing: list[str] = []
-        cache = self._items
-        for item_id in set(item_ids):
-            cached = cache.get(item_id)
-            if cached is not None and (cached[0] > now or not self._up):
-                items[item_id] = cached[1]
-            else:
-                missing.append(item_id)
-        hits = len(items)
-        if hits:
-            self._metrics.item_cache.labels("hit").inc(hits)
+        """Features of ``user_ids`` (always read) and ``item_ids`` (read only when not held yet).
+
+        ``items`` of the result is the catalogue's own mapping: look items up with
+        ``.get(item_id, default)``; an item Redis does not know maps to ``transform(None)``."""
+        catalogue = self.catalogue
+        held = catalogue.values
+        wanted = set(item_ids)
+        missing = [i for i in wanted if i not in held]
+        metrics = self._metrics
         if missing:
-            self._metrics.item_cache.labels("miss").inc(len(missing))
+            metrics.item_cache.labels("miss").inc(len(missing))
+        if len(wanted) > len(missing):
+            metrics.item_cache.labels("hit").inc(len(wanted) - len(missing))
         users_list = list(user_ids)
         if not self._up:
-            return self._fallback(users_list, items, missing)
+            return BatchFeatures(dict.fromkeys(users_list), catalogue.values, True)
         try:
             user_rows, item_rows = read_features(self._client, users_list, missing)
         except (redis.RedisError, OSError) as exc:
             self._mark_down(exc)
-            return self._fallback(users_list, items, missing)
-        expires = now + self._ttl
-        if len(cache) + len(missing) > self._cache_max:
-            cache.clear()  # rare; simpler and cheaper than LRU bookkeeping on every hit
-        transform = self._transform
-        for item_id, row in zip(missing, item_rows, strict=True):
-            value = transform(row)
-            items[item_id] = value
-            cache[item_id] = (expires, value)
-        return BatchFeatures(dict(zip(users_list, user_rows, strict=True)), items, False)
-
-    def _fallback(self, user_ids: list[str], items: dict, missing: list[str]) -> BatchFeatures:
-        """Default user features; items from the cache even when expired, else unknown."""
-        cache, unknown = self._items, self._unknown_item
-        for item_id in missing:
-            cached = cache.get(item_id)
-            items[item_id] = unknown if cached is None else cached[1]
-        return BatchFeatures(dict.fromkeys(user_ids), items, True)
+            return BatchFeatures(dict.fromkeys(users_list), catalogue.values, True)
+        if missing:
+            catalogue.add(missing, item_rows)
+        return BatchFeatures(dict(zip(users_list, user_rows, strict=True)), catalogue.values, False)
 
     def _mark_down(self, exc: Exception) -> None:
         self._metrics.redis_failures.inc()
@@ -155,6 +145,7 @@ class FeatureFetcher:
 
     def start(self) -> None:
         self._probe = asyncio.get_running_loop().create_task(self._probe_forever(), name="redis-probe")
+        self.catalogue.start()
 
     async def stop(self) -> None:
         if self._probe is not None:
@@ -163,4 +154,5 @@ class FeatureFetcher:
                 await self._probe
             except asyncio.CancelledError:
                 pass
+        self.catalogue.stop()
         self._client.close()

@@ -144,7 +144,35 @@ class RankingMetrics:
             registry=r,
         )
         self.item_cache = Counter(
-            "recstack_ranking_item_cache_total", "Item-feature cache lookups.", ["result"], registry=r
+            "recstack_ranking_item_cache_total",
+            "Candidates found in the in-process item catalogue (hit) or read with their batch (miss).",
+            ["result"],
+            registry=r,
+        )
+        self.catalogue_items = Gauge(
+            "recstack_ranking_catalogue_items", "Items held in the in-process item catalogue.", registry=r
+        )
+        self.catalogue_reads = Counter(
+            "recstack_ranking_catalogue_reads_total",
+            "Item hashes the catalogue's refresher read, by why (changed, resync, preload).",
+            ["why"],
+            registry=r,
+        )
+        self.catalogue_refresh_seconds = Histogram(
+            "recstack_ranking_catalogue_refresh_seconds",
+            "Duration of one refresh of the item catalogue (change feed and re-reads).",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.catalogue_refresh_failures = Counter(
+            "recstack_ranking_catalogue_refresh_failures_total",
+            "Refreshes of the item catalogue that failed (Redis unreachable); retried next interval.",
+            registry=r,
+        )
+        self.catalogue_age = Gauge(
+            "recstack_ranking_catalogue_age_seconds",
+            "Seconds since the item catalogue last refreshed from Redis (its staleness bound).",
+            registry=r,
         )
         self.model = Info("recstack_ranking_model", "The model version being served.", registry=r)
         self.model_reloads = Counter(
@@ -175,6 +203,8 @@ class RankingMetrics:
             self.model_reloads.labels(result)
         for result in ("hit", "miss"):
             self.item_cache.labels(result)
+        for why in ("changed", "resync", "preload"):
+            self.catalogue_reads.labels(why)
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
         """Expose the metrics at ``http://addr:port/metrics`` from a daemon thread."""

@@ -349,7 +349,9 @@ def test_redis_down_serves_degraded_and_recovers(start_server, redis_url, models
 def test_an_expired_request_is_dropped_before_any_work(start_server, redis_url, models_dir):
     publish_model(models_dir, V1, seed=1)
     seed_features(redis_url, {})
-    server = start_server(max_concurrent_batches=1)
+    # A request held in a worker thread, so that others queue behind it (a lone request on an
+    # idle server is otherwise computed on the event loop, which the hold would block).
+    server = start_server(max_concurrent_batches=1, inline_when_idle=False)
     held = HeldRanker(server.server.backend.models.current)
     server.server.backend.models.current = held
 
@@ -372,7 +374,7 @@ def test_an_expired_request_is_dropped_before_any_work(start_server, redis_url, 
 def test_a_full_queue_answers_resource_exhausted(start_server, redis_url, models_dir):
     publish_model(models_dir, V1, seed=1)
     seed_features(redis_url, {})
-    server = start_server(max_concurrent_batches=1, max_queue=2)
+    server = start_server(max_concurrent_batches=1, max_queue=2, inline_when_idle=False)
     held = HeldRanker(server.server.backend.models.current)
     server.server.backend.models.current = held
 
@@ -392,7 +394,9 @@ def test_a_full_queue_answers_resource_exhausted(start_server, redis_url, models
 def test_graceful_stop_finishes_accepted_calls_and_refuses_new_ones(start_server, redis_url, models_dir):
     publish_model(models_dir, V1, seed=1)
     seed_features(redis_url, {})
-    server = start_server(max_concurrent_batches=1)
+    # A request held in a worker thread, so that others queue behind it (a lone request on an
+    # idle server is otherwise computed on the event loop, which the hold would block).
+    server = start_server(max_concurrent_batches=1, inline_when_idle=False)
     held = HeldRanker(server.server.backend.models.current)
     server.server.backend.models.current = held
     running = server.stub.Rank.future(rank("u1", ITEMS[:10]), timeout=WAIT_S)
@@ -551,3 +555,76 @@ def test_naive_baseline_serves_the_same_api_through_feast(
     with pytest.raises(grpc.RpcError) as err:
         server.stub.Rank(rank("", candidates), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_lone_call_runs_on_the_event_loop_and_concurrent_calls_still_batch(
+    start_server, redis_url, models_dir
+):
+    publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})
+    server = start_server(max_concurrent_batches=1)
+    threads: list[str] = []
+    inner = server.server.backend.models.current
+
+    class Recording:
+        version = inner.version
+
+        def rank_batch(self, inputs, load=0.0, force_path=None):
+            threads.append(threading.current_thread().name)
+            return inner.rank_batch(inputs, load=load, force_path=force_path)
+
+        def candidates(self, *args, **kwargs):
+            return inner.candidates(*args, **kwargs)
+
+    server.server.backend.models.current = Recording()
+    for _ in range(3):
+        time.sleep(0.02)  # a lone call: the server has been idle a while
+        assert len(server.stub.Rank(rank("u1", ITEMS[:50]), timeout=30).items) == 50
+    # computed on the event loop's own thread: no hand-off to a batch worker and back
+    assert len(threads) == 3 and not any(t.startswith("rank-batch") for t in threads)
+    served_before = server.metric("recstack_ranking_batch_requests_count")
+
+    threads.clear()
+    calls = [server.stub.Rank.future(rank("u1", ITEMS[:50]), timeout=30) for _ in range(40)]
+    assert all(len(c.result().items) == 50 for c in calls)
+    batches = server.metric("recstack_ranking_batch_requests_count") - served_before
+    assert batches < 40  # concurrent calls shared batches
+    assert any(t.startswith("rank-batch") for t in threads)  # ...computed by the worker
+
+
+def test_item_features_changed_by_the_stream_reach_rank_within_the_refresh_bound(
+    start_server, redis_url, models_dir
+):
+    from feature_store.online import BatchGuard, FeatureWriter
+    from feature_store.values import ItemDelta
+
+    publish_model(models_dir, V1, seed=1)
+    seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})
+    server = start_server(item_refresh_ms=100.0, item_resync_s=3600.0)
+    candidates = ITEMS[200:260]  # unknown to Redis so far: all start with the same zero counters
+    first = server.stub.Rank(rank("u1", candidates), timeout=30)
+    before = {item.item_id: item.score for item in first.items}
+    assert server.metric("recstack_ranking_catalogue_items") >= len(candidates)
+
+    # The stream consumer's own writer applies a batch that makes one candidate very popular.
+    client = redis.Redis.from_url(redis_url)
+    writer = FeatureWriter(client)
+    popular = candidates[-1]
+    delta = ItemDelta(
+        views=5_000, add_to_carts=800, purchases=400, trending=900.0, last_event_ts=int(time.time() * 1000)
+    )
+    guard = BatchGuard(offsets_key=b"test:offsets", expected={0: -1}, applied={0: 0})
+    assert writer.apply({}, {popular: delta}, guard, writer.read([])).ok
+    written = time.monotonic()
+
+    held = server.server.backend.fetcher.catalogue.values  # what every Rank batch reads its items from
+    wait_for(lambda: held.get(popular) == (5000.0, 800.0, 400.0, 900.0), "the change to reach the catalogue")
+    seen_after = time.monotonic() - written
+    after = {item.item_id: item.score for item in server.stub.Rank(rank("u1", candidates), timeout=30).items}
+    others = [c for c in candidates if c != popular]
+    # The popular item rose against every other candidate, which kept its (zero) counters.
+    assert min(after[popular] - after[c] for c in others) > min(before[popular] - before[c] for c in others)
+    # Only the announced item was re-read: no resync, no read of the other held items.
+    assert server.metric("recstack_ranking_catalogue_reads_total", {"why": "changed"}) == 1
+    assert server.metric("recstack_ranking_catalogue_reads_total", {"why": "resync"}) == 0
+    assert seen_after < 5.0

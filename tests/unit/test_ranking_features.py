@@ -1,4 +1,4 @@
-"""FeatureFetcher's cache and degraded mode, and the engine's response encoding, without Redis."""
+"""FeatureFetcher's item catalogue and degraded mode, and the engine's response encoding, without Redis."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from feature_store.online import ItemFeatures, UserFeatures
+from services.ranking import catalogue as catalogue_module
 from services.ranking import features as features_module
 from services.ranking.engine import NO_STATS, encode, item_stats_of, rank_input
 from services.ranking.features import FeatureFetcher
@@ -45,13 +46,13 @@ class Clock:
 def store(monkeypatch) -> FakeStore:
     fake = FakeStore()
     monkeypatch.setattr(features_module, "read_features", fake)
+    monkeypatch.setattr(catalogue_module, "read_features", fake)
     return fake
 
 
 def _fetcher(clock: Clock, metrics: RankingMetrics | None = None) -> FeatureFetcher:
     return FeatureFetcher(
         "redis://127.0.0.1:1/0",
-        item_cache_ttl_s=1.0,
         clock=clock,
         item_transform=item_stats_of,
         metrics=metrics or RankingMetrics(),
@@ -59,23 +60,62 @@ def _fetcher(clock: Clock, metrics: RankingMetrics | None = None) -> FeatureFetc
     )
 
 
-def test_items_are_cached_for_the_ttl_users_never(store):
+def test_items_are_read_once_then_held_users_always_read(store):
     clock, metrics = Clock(), RankingMetrics()
     fetcher = _fetcher(clock, metrics)
     first = fetcher.fetch(["known-1", "new-2"], ["a", "b", "unknown", "a"])
     assert not first.degraded
     assert first.users["known-1"].views == 1 and first.users["new-2"] is None
-    assert first.items == {"a": (1.0, 0.0, 0.0, 0.5), "b": (1.0, 0.0, 0.0, 0.5), "unknown": NO_STATS}
+    assert store.calls[-1] == (["known-1", "new-2"], ["a", "b", "unknown"])  # each item once
+    assert {i: first.items.get(i) for i in ("a", "b", "unknown")} == {
+        "a": (1.0, 0.0, 0.0, 0.5),
+        "b": (1.0, 0.0, 0.0, 0.5),
+        "unknown": NO_STATS,
+    }
 
-    clock.now += 0.5
+    clock.now += 3600.0  # no TTL: the catalogue's refresher, not time, replaces held items
     second = fetcher.fetch(["known-1"], ["a", "b", "unknown", "c"])
-    assert store.calls[-1] == (["known-1"], ["c"])  # users re-read, fresh items from the cache
-    assert second.items["unknown"] == NO_STATS
-
-    clock.now += 1.0
-    fetcher.fetch(["known-1"], ["a"])
-    assert store.calls[-1] == (["known-1"], ["a"])  # expired: read again
+    assert store.calls[-1] == (["known-1"], ["c"])  # users re-read, held items not
+    assert second.items.get("unknown") == NO_STATS and second.items.get("c") == (1.0, 0.0, 0.0, 0.5)
     assert metrics.value("recstack_ranking_item_cache_total", {"result": "hit"}) == 3
+    assert metrics.value("recstack_ranking_item_cache_total", {"result": "miss"}) == 4
+
+
+def test_the_catalogue_rereads_only_what_the_feed_names(store):
+    clock, metrics = Clock(), RankingMetrics()
+    fetcher = _fetcher(clock, metrics)
+    fetcher.fetch(["known-1"], ["a", "b", "c"])
+    feed = FakeFeed()
+    catalogue = fetcher.catalogue
+    catalogue._stream = feed
+    feed.entries = [(b"1-0", {b"items": b"x"})]
+    assert catalogue.refresh() == 0  # starts at the newest entry: nothing it holds changed since
+    feed.entries.append((b"2-0", {b"items": b"b\nnot-held"}))
+    assert catalogue.refresh() == 1
+    assert store.calls[-1] == ([], ["b"])  # only the changed item the catalogue holds
+    clock.now += 61.0  # the periodic resync re-reads everything held
+    assert catalogue.refresh() == 3
+    feed.entries = [(b"9-0", {b"items": b"a"})]  # what we read last was trimmed away: a gap
+    assert catalogue.refresh() == 3
+    assert metrics.value("recstack_ranking_catalogue_reads_total", {"why": "resync"}) == 6
+
+
+class FakeFeed:
+    """Stands in for the redis-py client on the item change stream."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+
+    def xrevrange(self, key, count=None):
+        return self.entries[::-1][:count]
+
+    def xrange(self, key, min="-", count=None):
+        def key_of(entry_id: bytes) -> tuple[int, int]:
+            ms, _, seq = entry_id.decode().partition("-")
+            return int(ms), int(seq)
+
+        lo = key_of(min)
+        return [e for e in self.entries if key_of(e[0]) >= lo][:count]
 
 
 def test_redis_failure_serves_degraded_at_once_then_recovers_through_the_probe(store, monkeypatch):
@@ -83,12 +123,11 @@ def test_redis_failure_serves_degraded_at_once_then_recovers_through_the_probe(s
     fetcher = _fetcher(clock, metrics)
     fetcher.fetch(["known-1"], ["a"])
     store.fail = True
-    clock.now += 5.0  # the cached "a" has expired, but stale beats nothing while Redis is down
-
     down = fetcher.fetch(["known-1"], ["a", "b"])
     assert down.degraded and not fetcher.redis_up
     assert down.users == {"known-1": None}
-    assert down.items == {"a": (1.0, 0.0, 0.0, 0.5), "b": NO_STATS}
+    # what the catalogue holds is served while Redis is down; an item it never read is unknown
+    assert down.items.get("a", NO_STATS) == (1.0, 0.0, 0.0, 0.5) and down.items.get("b", NO_STATS) == NO_STATS
     calls = len(store.calls)
     again = fetcher.fetch(["known-1"], ["a"])
     assert again.degraded and len(store.calls) == calls  # no read is even tried while down
