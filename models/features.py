@@ -49,9 +49,14 @@ def user_dense(counts: np.ndarray, seconds_since_last: np.ndarray) -> np.ndarray
     return out
 
 
-def item_dense(stats: np.ndarray) -> np.ndarray:
+def item_dense(stats: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Raw item features (``N x 4``: views, add_to_carts, purchases, trending) -> ``N x ITEM_DENSE_DIM``
-    float32 model inputs. Unknown items come as zeros and stay zeros."""
+    float32 model inputs. Unknown items come as zeros and stay zeros.
+
+    ``out`` (float32, ``... x 4``, may be ``stats`` itself): transform into it, in place."""
+    if out is not None:
+        np.maximum(stats, 0.0, out=out)
+        return np.log1p(out, out=out)
     stats = np.asarray(stats, dtype=np.float32).reshape(-1, ITEM_DENSE_DIM)
     return np.log1p(np.clip(stats, 0.0, None))
 

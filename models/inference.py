@@ -21,9 +21,10 @@ import torch
 from models.compiled import CompiledPaths
 from models.features import ITEM_DENSE_DIM, USER_DENSE_DIM, item_dense, user_dense
 from models.model import RankBatch, TwoPathRanker
-from models.router import PathRouter, Route
+from models.router import PathRouter
 from models.vocab import FIRST_ITEM_ROW, PAD, ItemVocab
 
+_NO_ROWS = np.zeros(0, dtype=np.int64)
 # Compiled graphs are traced at warm-up for the cascade heads of requests up to this size (the
 # server's default candidate limit); a larger head is traced on first use.
 WARM_CANDIDATES = 1_000
@@ -129,10 +130,10 @@ class Ranker:
         """Score each request's candidates. One forward pass per path used in the batch."""
         if not inputs:
             return []
+        if self.served is not None:
+            return self._rank_served(inputs, load, force_path)
         prepared = self._prepare(inputs)
         routes = [self.router.route(len(p.hist) > 0, len(p.cand), load, force_path) for p in prepared]
-        if self.served is not None:
-            return self._rank_served(prepared, routes)
         scores: list[np.ndarray | None] = [None] * len(inputs)
         groups = {
             path: [i for i, r in enumerate(routes) if r.path == path] for path in ("light", "cascade", "full")
@@ -154,28 +155,56 @@ class Ranker:
         """How this version's forward passes run: aoti | torchscript | eager."""
         return "aoti" if self.served is not None else "torchscript" if self.compiled is not None else "eager"
 
-    def _rank_served(self, prepared: list[_Prepared], routes: list[Route]) -> list[RankOutput]:
+    def _rank_served(self, inputs: list[RankInput], load: float, force_path: str | None) -> list[RankOutput]:
         """Every request of the batch in one call of the compiled graph: light is a head of 0,
-        full a head of every candidate (see models.aoti)."""
+        full a head of every candidate (see models.aoti). The padded inputs are written straight
+        into this thread's buffers, and the transforms run once over the whole batch."""
+        L = self.history_len
+        rows_of = self.vocab.rows
+        hists = [rows_of(inp.recent_items[:L]) if len(inp.recent_items) else _NO_ROWS for inp in inputs]
+        sizes = [len(inp.candidates) for inp in inputs]
+        route = self.router.route
+        routes = [route(len(h) > 0, n, load, force_path) for h, n in zip(hists, sizes, strict=True)]
         heads = [
-            0 if r.path == "light" else len(p.cand) if r.path == "full" else r.head
-            for p, r in zip(prepared, routes, strict=True)
+            0 if r.path == "light" else n if r.path == "full" else r.head
+            for r, n in zip(routes, sizes, strict=True)
         ]
-        batch = self._batch("served", prepared)
-        h = min(max(max(heads), 1), batch.cand.shape[1])
+        b = len(inputs)
+        c = max(max(sizes), 2)  # the graph's candidate axis starts at 2; the extra slot is padding
+        hist, cand, item, user = self._buffers("served").views(b, max(max(map(len, hists)), 1), c)
+        hist.fill(PAD)
+        cand.fill(PAD)
+        item.fill(0.0)
+        cand_rows = rows_of(itertools.chain.from_iterable(inp.candidates for inp in inputs))
+        start = 0
+        for k, inp in enumerate(inputs):
+            n = sizes[k]
+            hist[k, : len(hists[k])] = hists[k]
+            cand[k, :n] = cand_rows[start : start + n]
+            item[k, :n] = inp.item_stats
+            start += n
+        item_dense(item, out=item)  # in place, over the whole batch (padding zeros stay zeros)
+        user[:] = user_dense(
+            [inp.user_counts for inp in inputs],
+            [
+                math.nan if inp.seconds_since_last_event is None else inp.seconds_since_last_event
+                for inp in inputs
+            ],
+        )
+        h = min(max(max(heads), 1), c)
         with torch.inference_mode():
             out = self.served(
-                batch.hist,
-                batch.user_dense,
-                batch.cand,
-                batch.item_dense,
+                torch.from_numpy(hist),
+                torch.from_numpy(user),
+                torch.from_numpy(cand),
+                torch.from_numpy(item),
                 torch.tensor(heads, dtype=torch.int64),
                 self._head_slots(h),
             )
         scores = out.numpy()
         return [
-            RankOutput(scores=scores[k, : len(p.cand)].copy(), path=r.path)
-            for k, (p, r) in enumerate(zip(prepared, routes, strict=True))
+            RankOutput(scores=scores[k, :n].copy(), path=r.path)
+            for k, (n, r) in enumerate(zip(sizes, routes, strict=True))
         ]
 
     def _head_slots(self, h: int) -> torch.Tensor:

@@ -37,6 +37,14 @@ def _load_warm(version_dir: Path, *, device: str, quantized: bool, dense_runtime
     return ranker
 
 
+def _torch_threads(n: int) -> None:
+    """torch's thread count for the calling thread too: OpenMP keeps it per thread, and a worker
+    left at the default would start a team per kernel on every core."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
 class ModelOwner:
     """The model slot and watcher both backends share."""
 
@@ -104,9 +112,12 @@ class BatchedBackend(ModelOwner):
         self._max_lag_s = config.max_loop_lag_ms / 1000.0
         self._shed_min_calls = config.shed_min_queue
         self._in_flight = 0  # calls between serve() and their answer (event loop only)
-        self.loop_lag = LoopLag(gauge=metrics.loop_lag)
+        self.loop_lag = LoopLag(gauge=metrics.loop_lag, busy=lambda: self._in_flight > 0)
         self._workers = ThreadPoolExecutor(
-            max_workers=config.max_concurrent_batches, thread_name_prefix="rank-batch"
+            max_workers=config.max_concurrent_batches,
+            thread_name_prefix="rank-batch",
+            initializer=_torch_threads,
+            initargs=(config.torch_threads,),
         )
         self.batcher: MicroBatcher[Query, Any] = MicroBatcher(
             self.engine,
@@ -164,6 +175,7 @@ class BatchedBackend(ModelOwner):
             raise Overloaded(f"the server is {lag * 1000:.0f} ms behind its calls; retry later")
         cost = len(query.item_ids) if query.item_ids is not None else max(self._recommend_cost, query.top_k)
         self._in_flight += 1
+        self.loop_lag.wake()
         try:
             return await self.batcher.submit(query, cost, timeout_s)
         finally:

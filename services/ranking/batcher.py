@@ -147,7 +147,12 @@ class MicroBatcher(Generic[T, R]):
             raise Overloaded(f"ranking queue is full ({self._max_queue} requests waiting); retry later")
         loop = self._loop
         now = loop.time()
-        if self._inline and not self._in_flight and not self._queue and now - self._last_done > self._idle_gap:
+        if (
+            self._inline
+            and not self._in_flight
+            and not self._queue
+            and now - self._last_done > self._idle_gap
+        ):
             return self._run_inline(item, cost, timeout_s)
         future = loop.create_future()
         self._queue.append(_Job(item, cost, now, None if timeout_s is None else now + timeout_s, future))

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 
 from models.inference import RankInput, RankOutput
-from recstack.v1 import ranking_pb2
+from services.ranking.encoding import encode_response
 from services.ranking.errors import NoModel
 from services.ranking.features import FeatureFetcher
 from services.ranking.lifecycle import ModelSlot
-from services.ranking.metrics import RankingMetrics
+from services.ranking.metrics import PATHS, STAGES, RankingMetrics
 from services.ranking.validation import Query
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,9 @@ def item_stats_of(features: Any) -> ItemStats:
     )
 
 
-def rank_input(
-    user: Any, candidates: Sequence[str], stats: Mapping[str, ItemStats], now_ms: int
-) -> RankInput:
-    """One request's model input from its user's features (None: cold or unknown) and item stats."""
+def rank_input(user: Any, candidates: Sequence[str], stats: Any, now_ms: int) -> RankInput:
+    """One request's model input from its user's features (None: cold or unknown) and item stats
+    (the item catalogue, or a mapping item id -> :data:`ItemStats`)."""
     if user is None:
         recent: Sequence[str] = ()
         counts = (0.0, 0.0, 0.0)
@@ -59,27 +58,20 @@ def rank_input(
         counts = (float(user.views), float(user.add_to_carts), float(user.purchases))
         last = user.last_event_ts
         since = None if not last else max(0.0, (now_ms - last) / 1000.0)
-    get = stats.get
-    table = np.array([get(c, NO_STATS) for c in candidates], dtype=np.float32).reshape(-1, 4)
+    if isinstance(stats, Mapping):
+        get = stats.get
+        table = np.array([get(c, NO_STATS) for c in candidates], dtype=np.float32).reshape(-1, 4)
+    else:  # the item catalogue: one row gather
+        table = stats.stats(candidates)
     return RankInput(recent, counts, since, candidates, table)
 
 
 def encode(
     candidates: Sequence[str], scores: np.ndarray, top_k: int, path: str, version: str, degraded: bool
-) -> ranking_pb2.RankResponse:
-    """The response: the best ``top_k`` (0 = all) candidates, best first; ties keep request order."""
-    n = len(candidates)
-    if 0 < top_k < n:
-        head = np.argpartition(-scores, top_k - 1)[:top_k]
-        order = head[np.argsort(-scores[head], kind="stable")]
-    else:
-        order = np.argsort(-scores, kind="stable")
-    ordered = scores[order].tolist()
-    response = ranking_pb2.RankResponse(model_version=version, path=path, degraded=degraded)
-    add = response.items.add
-    for i, score in zip(order.tolist(), ordered, strict=True):
-        add(item_id=candidates[i], score=score)
-    return response
+) -> bytes:
+    """The response, serialized: the best ``top_k`` (0 = all) candidates, best first; ties keep
+    request order (:func:`services.ranking.encoding.encode_response`)."""
+    return encode_response(candidates, scores, top_k, path, version, degraded)
 
 
 class BatchEngine:
@@ -97,19 +89,22 @@ class BatchEngine:
         self._models = models
         self._pool = recommend_pool
         self._metrics = metrics
+        # Label look-ups done once: each costs a lock and a dict walk per call otherwise.
+        self._stages = {name: metrics.batch_seconds.labels(name) for name in STAGES}
+        self._paths = {name: metrics.paths.labels(name) for name in PATHS}
 
     def __call__(self, queries: Sequence[Query], load: float) -> list[Any]:
         ranker = self._models.current  # the whole batch uses the model it started with
         if ranker is None:
             raise NoModel("no model version is loaded yet")
-        m = self._metrics.batch_seconds
+        stage = self._stages
         t0 = time.perf_counter()
         now_ms = time.time_ns() // 1_000_000
         user_ids = {q.user_id for q in queries}
         wanted = [c for q in queries if q.item_ids is not None for c in q.item_ids]
         fetched = self._fetcher.fetch(user_ids, wanted)
         t1 = time.perf_counter()
-        m.labels("fetch").observe(t1 - t0)
+        stage["fetch"].observe(t1 - t0)
 
         candidates: list[Sequence[str]] = []
         degraded = [fetched.degraded] * len(queries)
@@ -134,7 +129,7 @@ class BatchEngine:
                     degraded[i] = True
         t2 = time.perf_counter()
         if generated:
-            m.labels("candidates").observe(t2 - t1)
+            stage["candidates"].observe(t2 - t1)
 
         users = fetched.users
         inputs = [
@@ -142,19 +137,19 @@ class BatchEngine:
             for q, c in zip(queries, candidates, strict=True)
         ]
         t3 = time.perf_counter()
-        m.labels("assemble").observe(t3 - t2)
+        stage["assemble"].observe(t3 - t2)
         outputs: list[RankOutput] = ranker.rank_batch(inputs, load=load)
         t4 = time.perf_counter()
-        m.labels("forward").observe(t4 - t3)
+        stage["forward"].observe(t4 - t3)
 
         responses = []
-        paths = self._metrics.paths
+        paths = self._paths
         n_degraded = 0
         for q, c, out, bad in zip(queries, candidates, outputs, degraded, strict=True):
             responses.append(encode(c, out.scores, q.top_k, out.path, ranker.version, bad))
-            paths.labels(out.path).inc()
+            paths[out.path].inc()
             n_degraded += bad
         if n_degraded:
             self._metrics.degraded.inc(n_degraded)
-        m.labels("encode").observe(time.perf_counter() - t4)
+        stage["encode"].observe(time.perf_counter() - t4)
         return responses

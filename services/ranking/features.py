@@ -47,7 +47,7 @@ def _client(redis_url: str, timeout_s: float) -> PipelinedRedis | ClusterPipelin
 class BatchFeatures:
     users: dict[str, UserFeatures | None]  # None: unknown user (cold start) or Redis down
     # item id -> item_transform(ItemFeatures, or None: unknown item or no data while Redis is down)
-    items: dict[str, Any]
+    items: Any  # the ItemCatalogue: .stats(ids) -> rows, .get(id, default) -> one item's numbers
     degraded: bool
 
 
@@ -71,6 +71,8 @@ class FeatureFetcher:
         self._client = _client(redis_url, timeout_s)
         self._retry_interval = retry_interval_s
         self._metrics = metrics or RankingMetrics()
+        self._hits = self._metrics.item_cache.labels("hit")
+        self._misses = self._metrics.item_cache.labels("miss")
         self._clock = clock
         # Items are held in the form the caller uses (converted once per read, not per request).
         self.catalogue = ItemCatalogue(
@@ -94,28 +96,27 @@ class FeatureFetcher:
     def fetch(self, user_ids: Collection[str], item_ids: Iterable[str]) -> BatchFeatures:
         """Features of ``user_ids`` (always read) and ``item_ids`` (read only when not held yet).
 
-        ``items`` of the result is the catalogue's own mapping: look items up with
-        ``.get(item_id, default)``; an item Redis does not know maps to ``transform(None)``."""
+        ``items`` of the result is the catalogue itself (its rows are what the batch reads); an item
+        Redis does not know has ``transform(None)``."""
         catalogue = self.catalogue
-        held = catalogue.values
+        held = catalogue.held
         wanted = set(item_ids)
         missing = [i for i in wanted if i not in held]
-        metrics = self._metrics
         if missing:
-            metrics.item_cache.labels("miss").inc(len(missing))
+            self._misses.inc(len(missing))
         if len(wanted) > len(missing):
-            metrics.item_cache.labels("hit").inc(len(wanted) - len(missing))
+            self._hits.inc(len(wanted) - len(missing))
         users_list = list(user_ids)
         if not self._up:
-            return BatchFeatures(dict.fromkeys(users_list), catalogue.values, True)
+            return BatchFeatures(dict.fromkeys(users_list), catalogue, True)
         try:
             user_rows, item_rows = read_features(self._client, users_list, missing)
         except (redis.RedisError, OSError) as exc:
             self._mark_down(exc)
-            return BatchFeatures(dict.fromkeys(users_list), catalogue.values, True)
+            return BatchFeatures(dict.fromkeys(users_list), catalogue, True)
         if missing:
             catalogue.add(missing, item_rows)
-        return BatchFeatures(dict(zip(users_list, user_rows, strict=True)), catalogue.values, False)
+        return BatchFeatures(dict(zip(users_list, user_rows, strict=True)), catalogue, False)
 
     def _mark_down(self, exc: Exception) -> None:
         self._metrics.redis_failures.inc()

@@ -75,9 +75,19 @@ def service_handlers(servicer: RankingServicer, metrics: RankingMetrics) -> dict
             _bounded(method.name, getattr(servicer, method.name), metrics),
             # Bytes protobuf cannot parse become INVALID_ARGUMENT naming the field, not UNKNOWN.
             request_deserializer=tolerant_deserializer(request_type.FromString),
-            response_serializer=response_type.SerializeToString,
+            response_serializer=_serializer(response_type),
         )
     return handlers
+
+
+def _serializer(response_type: Any) -> Callable[[Any], bytes]:
+    """Responses the batched backend already wrote in wire format pass through as they are."""
+    serialize = response_type.SerializeToString
+
+    def serializer(response: Any) -> bytes:
+        return response if type(response) is bytes else serialize(response)
+
+    return serializer
 
 
 def _bounded(name: str, inner: Callable[[Any, Any], Awaitable[Any]], metrics: RankingMetrics):

@@ -617,7 +617,7 @@ def test_item_features_changed_by_the_stream_reach_rank_within_the_refresh_bound
     assert writer.apply({}, {popular: delta}, guard, writer.read([])).ok
     written = time.monotonic()
 
-    held = server.server.backend.fetcher.catalogue.values  # what every Rank batch reads its items from
+    held = server.server.backend.fetcher.catalogue  # what every Rank batch reads its items from
     wait_for(lambda: held.get(popular) == (5000.0, 800.0, 400.0, 900.0), "the change to reach the catalogue")
     seen_after = time.monotonic() - written
     after = {item.item_id: item.score for item in server.stub.Rank(rank("u1", candidates), timeout=30).items}

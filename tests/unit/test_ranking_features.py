@@ -9,8 +9,10 @@ import pytest
 import redis
 
 from feature_store.online import ItemFeatures, UserFeatures
+from recstack.v1 import ranking_pb2
 from services.ranking import catalogue as catalogue_module
 from services.ranking import features as features_module
+from services.ranking.encoding import ENCODED_FIELDS
 from services.ranking.engine import NO_STATS, encode, item_stats_of, rank_input
 from services.ranking.features import FeatureFetcher
 from services.ranking.metrics import RankingMetrics
@@ -147,22 +149,52 @@ def test_redis_failure_serves_degraded_at_once_then_recovers_through_the_probe(s
     assert not fetcher.fetch(["known-1"], ["a"]).degraded
 
 
+def _decoded(*args) -> ranking_pb2.RankResponse:
+    return ranking_pb2.RankResponse.FromString(encode(*args))  # what a client's stubs read
+
+
 def test_encode_orders_best_first_and_keeps_request_order_on_ties():
     ids = ["a", "b", "c", "d", "e"]
     scores = np.array([0.1, 0.9, 0.5, 0.9, -1.0], dtype=np.float32)
-    full = encode(ids, scores, 0, "light", "v1", False)
+    full = _decoded(ids, scores, 0, "light", "v1", False)
     assert [x.item_id for x in full.items] == ["b", "d", "c", "a", "e"]
+    assert [x.score for x in full.items] == pytest.approx([0.9, 0.9, 0.5, 0.1, -1.0])
     assert (full.path, full.model_version, full.degraded) == ("light", "v1", False)
-    top = encode(ids, scores, 2, "full", "v1", True)
+    top = _decoded(ids, scores, 2, "full", "v1", True)
     assert [x.item_id for x in top.items] == ["b", "d"] and top.degraded
-    assert [x.item_id for x in encode(ids, scores, 99, "full", "v1", False).items] == [
+    assert [x.item_id for x in _decoded(ids, scores, 99, "full", "v1", False).items] == [
         "b",
         "d",
         "c",
         "a",
         "e",
     ]
-    assert len(encode([], np.zeros(0, np.float32), 3, "light", "v1", False).items) == 0
+    assert len(_decoded([], np.zeros(0, np.float32), 3, "light", "v1", False).items) == 0
+
+
+def test_the_wire_encoder_writes_what_the_generated_classes_write():
+    rng = np.random.default_rng(7)
+    # ids of every length class: one-byte and two-byte varint lengths, non-ASCII text
+    ids = ["x", "85123A", "ü" * 70, "k" * 300, *(f"sku-{k}" for k in range(60))]
+    scores = rng.normal(size=len(ids)).astype(np.float32)
+    for top_k, path, version, degraded in ((0, "cascade", "v20240101-000000", True), (7, "light", "", False)):
+        got = encode(ids, scores, top_k, path, version, degraded)
+        order = np.argsort(-scores, kind="stable")[: top_k or None]
+        want = ranking_pb2.RankResponse(model_version=version, path=path, degraded=degraded)
+        for i in order:
+            want.items.add(item_id=ids[i], score=float(scores[i]))
+        assert got == want.SerializeToString()  # byte for byte (no score is exactly 0 here)
+        assert ranking_pb2.RankResponse.FromString(got) == want
+
+
+def test_the_wire_encoder_covers_every_field_of_the_response():
+    written = {
+        (message.name, f.name)
+        for message in (ranking_pb2.RankResponse.DESCRIPTOR, ranking_pb2.ScoredItem.DESCRIPTOR)
+        for f in message.fields
+    }
+    # A field added to the proto must be written by services/ranking/encoding.py too.
+    assert written == ENCODED_FIELDS
 
 
 def test_rank_input_of_cold_and_warm_users():
