@@ -7,7 +7,8 @@
 # every second), pid file and log live in the state directory ($RECSTACK_RUN_DIR, default .run/).
 # Environment: RECSTACK_REDIS_PORT (6379), RECSTACK_REDIS_STOP_TIMEOUT (seconds, 20),
 # RECSTACK_REDIS_PASSWORD (unset: no password; set: clients must AUTH with it, and the services
-# read the same variable). The server listens on 127.0.0.1 only.
+# read the same variable), RECSTACK_REDIS_SOCKET (unset: none; a path: also listen on that Unix
+# socket, owner only, for unix:///PATH?db=N URLs). The server listens on 127.0.0.1 only.
 COMPONENT=redis
 # shellcheck source=infra/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -18,6 +19,7 @@ PID_FILE="$RUN_DIR/redis.pid"
 LOG_FILE="$LOG_DIR/redis.log"
 STOP_TIMEOUT="${RECSTACK_REDIS_STOP_TIMEOUT:-20}"
 REDIS_PASSWORD="${RECSTACK_REDIS_PASSWORD:-}"
+REDIS_SOCKET="${RECSTACK_REDIS_SOCKET:-}"
 
 # redis-server rewrites its argv to "redis-server 127.0.0.1:PORT", so the marker is the address.
 running_pid() { pid_from_file "$PID_FILE" "redis-server 127.0.0.1:$REDIS_PORT"; }
@@ -51,6 +53,9 @@ EOF
         local quoted=${REDIS_PASSWORD//\\/\\\\}
         quoted=${quoted//\"/\\\"}
         printf 'requirepass "%s"\n' "$quoted" >>"$CONFIG"
+    fi
+    if [[ -n $REDIS_SOCKET ]]; then
+        printf 'unixsocket "%s"\nunixsocketperm 700\n' "$REDIS_SOCKET" >>"$CONFIG"
     fi
 }
 
