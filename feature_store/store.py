@@ -54,6 +54,8 @@ def connection_string(redis_url: str) -> str:
         pieces.append(f"password={_feast_value(parsed.password)}")
     if parsed.ssl:
         pieces.append("ssl=true")
+    if parsed.ssl_ca_certs:
+        pieces.append(f"ssl_ca_certs={_feast_value(parsed.ssl_ca_certs)}")
     return ",".join(pieces)
 
 

@@ -126,7 +126,13 @@ def check_redis_auth(url: str, timeout_s: float = 5.0) -> None:
     parsed = parse(url)
     if parsed.cluster:
         return  # its own client reports refused credentials when it connects
-    client = connect(parsed, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # redis-py retries a refused AUTH with backoff (~4 s): a refusal is final, so ask once.
+    client = connect(
+        parsed, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
     try:
         client.ping()
     except redis.RedisError as exc:

@@ -4,7 +4,8 @@ Accepted forms (a password or user name percent-encoded: ``@`` as ``%40``, ``/``
 
 * ``redis://host:port/db``, ``rediss://…`` (TLS), with credentials as ``redis://:password@…``,
   ``redis://user:password@…`` or in the query: ``redis://host:port/db?password=…[&username=…]``;
-  ``?db=N`` may stand for the path's database;
+  ``?db=N`` may stand for the path's database; ``rediss://…?ssl_ca_certs=/path/ca.crt`` trusts a
+  private CA (the system's CAs otherwise);
 * ``unix:///path/to/redis.sock?db=N&password=…`` (or ``unix://:password@/path?db=N``);
 * a Redis Cluster: ``redis+cluster://[user:password@]host:port[,host:port...]`` (``rediss+cluster://``
   for TLS), ``?password=`` and ``?username=`` too: any reachable nodes, from which the client learns
@@ -30,7 +31,7 @@ from recstack.errors import UserError
 SINGLE_SCHEMES = ("redis", "rediss", "unix")
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 DEFAULT_PORT = 6379
-QUERY_PARAMETERS = ("db", "password", "username")
+QUERY_PARAMETERS = ("db", "password", "username", "ssl_ca_certs")
 _FORMS = (
     "redis://[[user]:password@]HOST:PORT/DB[?password=...], rediss://..., "
     "unix:///PATH?db=N[&password=...] or redis+cluster://[[user]:password@]HOST:PORT[,HOST:PORT...]"
@@ -47,6 +48,7 @@ class RedisURL:
     db: int = 0
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    ssl_ca_certs: str | None = None  # rediss only: a PEM file of CAs to trust instead of the system's
 
     @property
     def cluster(self) -> bool:
@@ -58,9 +60,8 @@ class RedisURL:
 
     def node(self, host: str, port: int) -> RedisURL:
         """One node of this cluster as a single-server URL with the same credentials and TLS."""
-        return RedisURL(
-            "rediss" if self.ssl else "redis", ((host, port),), None, 0, self.username, self.password
-        )
+        scheme = "rediss" if self.ssl else "redis"
+        return RedisURL(scheme, ((host, port),), None, 0, self.username, self.password, self.ssl_ca_certs)
 
     def with_password(self, password: str) -> RedisURL:
         return replace(self, password=password)
@@ -75,6 +76,8 @@ class RedisURL:
         else:
             kwargs["host"], kwargs["port"] = self.nodes[0]
             kwargs["ssl"] = self.ssl
+            if self.ssl_ca_certs is not None:
+                kwargs["ssl_ca_certs"] = self.ssl_ca_certs
         return kwargs
 
     def to_url(self) -> str:
@@ -87,7 +90,8 @@ class RedisURL:
         if self.socket_path is not None:
             return f"unix://{auth}{quote(self.socket_path)}?db={self.db}"
         hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.nodes)
-        return f"{self.scheme}://{auth}{hosts}/{self.db}"
+        cafile = f"?ssl_ca_certs={quote(self.ssl_ca_certs, safe='/')}" if self.ssl_ca_certs else ""
+        return f"{self.scheme}://{auth}{hosts}/{self.db}{cafile}"
 
     def __str__(self) -> str:
         return redact(self.to_url())
@@ -98,7 +102,7 @@ def is_cluster(url: str) -> bool:
     return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
 
 
-_SHOWN_PARAMETERS = ("db", "username")  # query values that are no secret
+_SHOWN_PARAMETERS = ("db", "username", "ssl_ca_certs")  # query values that are no secret
 
 
 def redact(url: str) -> str:
@@ -106,7 +110,7 @@ def redact(url: str) -> str:
 
     Works on the text, not on a parse, so a malformed URL (the kind that ends up in an error
     message) leaks nothing either. Hidden: the user info after its first colon up to the last
-    ``@``, and the value of every query parameter but ``db`` and ``username`` (a misspelt
+    ``@``, and the value of every query parameter but ``db``, ``username`` and ``ssl_ca_certs`` (a misspelt
     ``?pasword=`` too). Where the two readings of an odd URL disagree, both are hidden.
     """
     hide = [False] * len(url)
@@ -200,6 +204,9 @@ def parse(url: str, flag: str = "--redis") -> RedisURL:
             raise _fail(flag, url, f"the {name} is given twice (in the user info and in ?{name}=)")
     password = params.get("password") or password
     username = params.get("username") or username
+    cafile = params.get("ssl_ca_certs") or None
+    if cafile is not None and scheme not in ("rediss", "rediss+cluster"):
+        raise _fail(flag, url, "ssl_ca_certs needs TLS: rediss:// or rediss+cluster://")
 
     db_text = params.get("db")
     if scheme == "unix":
@@ -221,10 +228,10 @@ def parse(url: str, flag: str = "--redis") -> RedisURL:
         if not hosts:
             raise _fail(flag, url, "expected HOST:PORT for every cluster node")
         nodes = tuple(_host_port(node, flag, url) for node in hosts.split(","))
-        return RedisURL(scheme, nodes, None, 0, username, password)
+        return RedisURL(scheme, nodes, None, 0, username, password, cafile)
     if not hosts or "," in hosts:
         raise _fail(flag, url, "expected one HOST:PORT (a cluster is named redis+cluster://)")
-    return RedisURL(scheme, (_host_port(hosts, flag, url),), None, db, username, password)
+    return RedisURL(scheme, (_host_port(hosts, flag, url),), None, db, username, password, cafile)
 
 
 def parse_cluster(url: str, flag: str = "--redis") -> RedisURL:
@@ -256,5 +263,6 @@ def connect(url: str | RedisURL, **kwargs: Any) -> Any:
         username=parsed.username,
         password=parsed.password,
         ssl=parsed.ssl,
+        **({"ssl_ca_certs": parsed.ssl_ca_certs} if parsed.ssl_ca_certs else {}),
         **kwargs,
     )

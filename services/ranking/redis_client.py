@@ -73,6 +73,7 @@ class PipelinedRedis:
         self._db = parsed.db
         self._username = parsed.username
         self._password = parsed.password
+        self._cafile = parsed.ssl_ca_certs
         self._timeout = timeout_s
         self._local = threading.local()
         self._connections: list[_Connection] = []
@@ -92,7 +93,8 @@ class PipelinedRedis:
                 sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self._scheme == "rediss":
-                    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self._host)
+                    context = ssl.create_default_context(cafile=self._cafile)
+                    sock = context.wrap_socket(sock, server_hostname=self._host)
         except OSError as exc:
             raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
         conn = _Connection(sock)

@@ -24,7 +24,9 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from test_redis_password import PASSWORD, PasswordRedis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from test_redis_password import PASSWORD, PasswordRedis, _free_port
 
 pytestmark = pytest.mark.integration
 
@@ -46,6 +48,9 @@ def server(tmp_path_factory) -> Iterator[PasswordRedis]:
     srv = PasswordRedis(run_dir, PASSWORD)
     srv.socket = run_dir / "redis.sock"
     srv.env["RECSTACK_REDIS_SOCKET"] = str(srv.socket)
+    srv.tls_port = _free_port()
+    srv.env["RECSTACK_REDIS_TLS_PORT"] = str(srv.tls_port)
+    srv.ca = run_dir / "redis" / "tls" / "ca.crt"  # the private CA infra/redis.sh makes
     started = srv.script("start")
     assert started.returncode == 0, started.stdout + started.stderr
     try:
@@ -60,8 +65,14 @@ def server(tmp_path_factory) -> Iterator[PasswordRedis]:
         srv.script("stop")
 
 
+@pytest.fixture(scope="module")
+def feast_dir(tmp_path_factory) -> Path:
+    """One Feast registry for the module (applying it is the slow part of opening a store)."""
+    return tmp_path_factory.mktemp("feast")
+
+
 def single_forms(srv: PasswordRedis) -> dict[str, str]:
-    port, sock = srv.port, srv.socket
+    port, sock, tls, ca = srv.port, srv.socket, srv.tls_port, srv.ca
     return {
         "password": f"redis://:{Q(PASSWORD)}@127.0.0.1:{port}/{DB}",
         "user-password": f"redis://{ACL_USER}:{Q(ACL_PASSWORD)}@127.0.0.1:{port}/{DB}",
@@ -69,7 +80,18 @@ def single_forms(srv: PasswordRedis) -> dict[str, str]:
         "query-user-password": f"redis://127.0.0.1:{port}/{DB}?username={ACL_USER}&password={Q(ACL_PASSWORD)}",
         "unix-query": f"unix://{sock}?db={DB}&password={Q(PASSWORD)}",
         "unix-userinfo": f"unix://:{Q(PASSWORD)}@{sock}?db={DB}",
+        "tls-password": f"rediss://:{Q(PASSWORD)}@127.0.0.1:{tls}/{DB}?ssl_ca_certs={ca}",
+        "tls-user-query-password": f"rediss://{ACL_USER}@127.0.0.1:{tls}/{DB}?password={Q(ACL_PASSWORD)}"
+        f"&ssl_ca_certs={ca}",
     }
+
+
+def secret_of(form: str) -> str:
+    return (
+        ACL_PASSWORD
+        if form in ("user-password", "query-user-password", "tls-user-query-password")
+        else PASSWORD
+    )
 
 
 SINGLE_FORMS = [
@@ -79,6 +101,8 @@ SINGLE_FORMS = [
     "query-user-password",
     "unix-query",
     "unix-userinfo",
+    "tls-password",
+    "tls-user-query-password",
 ]
 
 
@@ -99,7 +123,7 @@ def _no_secret(text: str) -> None:
 
 
 @pytest.mark.parametrize("form", SINGLE_FORMS)
-def test_every_single_server_form_through_every_client(server, form, tmp_path, caplog):
+def test_every_single_server_form_through_every_client(server, form, feast_dir, caplog):
     from feature_store.online import read_features
     from feature_store.store import open_store
     from recstack.credentials import redact_url
@@ -130,7 +154,7 @@ def test_every_single_server_form_through_every_client(server, form, tmp_path, c
         fast.close()
 
     # Feast's own reader, through the connection string recstack builds from the URL.
-    store = open_store(url, tmp_path / "feast")
+    store = open_store(url, feast_dir)
     rows = store.get_online_features(features=["user_activity:views"], entity_rows=[{"user_id": user}])
     assert rows.to_dict()["views"] == [11]
 
@@ -146,12 +170,12 @@ def test_a_wrong_password_in_every_form_is_refused_without_showing_it(server, fo
     from services.ranking.redis_client import PipelinedRedis
 
     good = single_forms(server)[form]
-    secret = ACL_PASSWORD if "user-password" in form else PASSWORD
+    secret = secret_of(form)
     wrong_secret = "wr0ng-" + uuid.uuid4().hex
     url = good.replace(Q(secret), Q(wrong_secret))
     assert url != good
     with pytest.raises(redis.AuthenticationError) as caught:
-        connect(url, socket_timeout=5).ping()
+        connect(url, socket_timeout=5, retry=Retry(NoBackoff(), 0)).ping()  # refused: no retries
     assert wrong_secret not in str(caught.value)
     fast = PipelinedRedis(url, 5.0)
     with pytest.raises(redis.AuthenticationError) as caught:
@@ -306,7 +330,7 @@ def test_the_cluster_script_requires_the_password(password_cluster):
 
 
 @pytest.mark.parametrize("form", ["cluster-password", "cluster-user-password", "cluster-query-password"])
-def test_every_cluster_form_through_every_client(password_cluster, form, tmp_path, caplog):
+def test_every_cluster_form_through_every_client(password_cluster, form, feast_dir, caplog):
     from feature_store.online import read_features
     from feature_store.store import open_store
     from recstack.credentials import redact_url
@@ -331,7 +355,7 @@ def test_every_cluster_form_through_every_client(password_cluster, form, tmp_pat
     finally:
         fast.close()
 
-    store = open_store(url, tmp_path / "feast")
+    store = open_store(url, feast_dir)
     rows = store.get_online_features(
         features=["user_activity:views"], entity_rows=[{"user_id": u} for u in users]
     ).to_dict()

@@ -100,6 +100,10 @@ ENC = "p%40ss%3Aw%2Frd%2C1%3D2%25%22x"
         (f"redis+cluster://a:1?password={ENC}", RedisURL("redis+cluster", (("a", 1),), password=SECRET)),
         # The same password twice is no conflict; an unencoded '@' in the user info still parses.
         (f"redis://:{ENC}@h:1/0?password={ENC}", RedisURL("redis", (("h", 1),), password=SECRET)),
+        (
+            f"rediss://:{ENC}@h:1/2?ssl_ca_certs=/etc/ca.pem",
+            RedisURL("rediss", (("h", 1),), None, 2, None, SECRET, "/etc/ca.pem"),
+        ),
         ("redis://:a@b@h:1/0", RedisURL("redis", (("h", 1),), password="a@b")),
     ],
 )
@@ -124,6 +128,7 @@ def test_every_accepted_form_parses(url: str, expected: RedisURL) -> None:
         (f"redis+cluster://:{ENC}@a:1/3", "only database 0"),
         (f"unix://:{ENC}@somehost/r.sock", "socket path"),
         (f"http://:{ENC}@h:1", "expected redis://"),
+        (f"redis://:{ENC}@h:1/0?ssl_ca_certs=/ca.pem", "needs TLS"),
     ],
 )
 def test_bad_urls_are_refused_without_showing_the_password(url: str, words: str) -> None:
@@ -142,6 +147,9 @@ def test_redaction_keeps_everything_but_the_password() -> None:
     assert redact(f"unix:///s?db=2&password={ENC}") == "unix:///s?db=2&password=***"
     assert redact(f"redis+cluster://:{ENC}@a:1,b:2") == "redis+cluster://:***@a:1,b:2"
     assert redact("redis://h:1/0") == "redis://h:1/0"
+    assert redact(f"rediss://h:1/0?ssl_ca_certs=/ca.pem&password={ENC}") == (
+        "rediss://h:1/0?ssl_ca_certs=/ca.pem&password=***"
+    )
     # Malformed URLs (what error messages show) leak nothing either.
     assert redact("redis://:pa/ss@h:1/0") == "redis://:***@h:1/0"
     assert redact("redis://:pa?ss@h:1/0") == "redis://:***"  # ambiguous: hidden whole
@@ -169,6 +177,12 @@ def test_each_client_is_given_the_same_credentials() -> None:
         "ssl": False,
     }
     assert connection_string(url) == f'h:1,db=3,username="app",password={connection_string_value(SECRET)}'
+    tls = f"rediss+cluster://a:1?password={ENC}&ssl_ca_certs=/ca.pem"
+    assert (
+        connection_string(tls)
+        == f'a:1,password={connection_string_value(SECRET)},ssl=true,ssl_ca_certs="/ca.pem"'
+    )
+    assert ClusterPipelinedRedis(tls, 1.0).node(("b", 2))._cafile == "/ca.pem"
     assert connection_string(f"unix:///run/r.sock?db=4&password={ENC}").startswith(
         'localhost:6379,unix_socket_path="/run/r.sock",db=4,password='
     )
