@@ -192,3 +192,15 @@ def connection_string_value(text: str) -> str:
     import json
 
     return json.dumps(text).replace(",", "\\u002c")
+
+
+def test_the_password_flags_fold_into_every_form_once() -> None:
+    from recstack.credentials import resolve_redis_url
+
+    for url in ("redis://h:1/3", "redis://app@h:1/3", "unix:///run/r.sock?db=3", "redis+cluster://a:1,b:2"):
+        folded = parse(resolve_redis_url(url, SECRET, None))
+        assert folded.password == SECRET and folded == parse(url).with_password(SECRET)
+    # A password already in the query counts as given: not silently replaced by the variable's.
+    with pytest.raises(UserError, match="already holds a password") as info:
+        resolve_redis_url(f"redis://h:1/0?password={ENC}", "other", None)
+    assert SECRET not in str(info.value) and ENC not in str(info.value)
