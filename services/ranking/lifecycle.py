@@ -81,7 +81,8 @@ class ModelWatcher:
                 self._missing_dir_logged = True
             return None
         self._missing_dir_logged = False
-        current = self._served
+        # A slot filled before the watcher started names its version by its folder too (load_version).
+        current = self._served if self._served is not None else self._slot.version
         for version_dir in reversed(self._list(self._dir)):
             name = Path(version_dir).name
             if name == current:
