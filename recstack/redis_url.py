@@ -141,9 +141,15 @@ def _fail(flag: str, url: str, reason: str) -> UserError:
     return UserError(f"{flag}: {reason} in {redact(url)!r}")
 
 
+def _quoted(url: str, part: str) -> str:
+    """``part`` of ``url`` quoted for an error message, unless redaction hides it (a malformed URL
+    whose password was cut at an unencoded ``?`` may put pieces of it where a port is expected)."""
+    return repr(part) if part in redact(url) else "(a part hidden as it may hold the password)"
+
+
 def _port(text: str, flag: str, url: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
-        raise _fail(flag, url, f"expected a port 1-65535, got {text!r}")
+        raise _fail(flag, url, f"expected a port 1-65535, got {_quoted(url, text)}")
     return int(text)
 
 
@@ -157,13 +163,13 @@ def _host_port(node: str, flag: str, url: str) -> tuple[str, int]:
         if not colon:
             host, port = node, str(DEFAULT_PORT)
     if not host:
-        raise _fail(flag, url, f"expected HOST:PORT, got {node!r}")
+        raise _fail(flag, url, f"expected HOST:PORT, got {_quoted(url, node)}")
     return unquote(host), _port(port, flag, url)
 
 
 def _db(text: str, flag: str, url: str) -> int:
     if not text.isdigit():
-        raise _fail(flag, url, f"the database must be a number, got {text!r}")
+        raise _fail(flag, url, f"the database must be a number, got {_quoted(url, text)}")
     return int(text)
 
 
@@ -193,10 +199,12 @@ def parse(url: str, flag: str = "--redis") -> RedisURL:
     for name, value in pairs:
         if name not in QUERY_PARAMETERS:
             raise _fail(
-                flag, url, f"unknown parameter {name!r} (recstack reads {', '.join(QUERY_PARAMETERS)})"
+                flag,
+                url,
+                f"unknown parameter {_quoted(url, name)} (recstack reads {', '.join(QUERY_PARAMETERS)})",
             )
         if name in params:
-            raise _fail(flag, url, f"parameter {name!r} given twice")
+            raise _fail(flag, url, f"parameter {_quoted(url, name)} given twice")
         params[name] = value
     for name, current in (("password", password), ("username", username)):
         given = params.get(name)
@@ -220,7 +228,7 @@ def parse(url: str, flag: str = "--redis") -> RedisURL:
 
     path_db = path.strip("/")
     if path_db and db_text is not None and path_db != db_text:
-        raise _fail(flag, url, f"two databases: /{path_db} and ?db={db_text}")
+        raise _fail(flag, url, f"two databases: /{_quoted(url, path_db)} and ?db={_quoted(url, db_text)}")
     db = _db(db_text if db_text is not None else path_db or "0", flag, url)
     if scheme in CLUSTER_SCHEMES:
         if db != 0:

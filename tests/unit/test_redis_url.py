@@ -129,6 +129,9 @@ def test_every_accepted_form_parses(url: str, expected: RedisURL) -> None:
         (f"unix://:{ENC}@somehost/r.sock", "socket path"),
         (f"http://:{ENC}@h:1", "expected redis://"),
         (f"redis://:{ENC}@h:1/0?ssl_ca_certs=/ca.pem", "needs TLS"),
+        # A password cut at an unencoded '?' lands where a port or a parameter is expected.
+        ('redis://app:p@ss:w/rd,1=2%"x?yz@h:1/0', "malformed query"),
+        (f"redis://app:{SECRET}?oops=1@h:1/0", "hidden"),
     ],
 )
 def test_bad_urls_are_refused_without_showing_the_password(url: str, words: str) -> None:
