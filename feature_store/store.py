@@ -15,10 +15,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit
 
 from recstack import redis_url as redis_urls
-from recstack.errors import UserError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -36,34 +34,28 @@ def feast_dir() -> Path:
 
 
 def connection_string(redis_url: str) -> str:
-    """``redis://[user:password@]host:port/db`` -> Feast's ``host:port,db=N[,password=...][,ssl=true]``;
-    ``redis+cluster://host:port,host:port`` -> ``host:port,host:port[,password=...][,ssl=true]``
-    (Feast's form for ``redis_type: redis_cluster``)."""
-    if redis_urls.is_cluster(redis_url):
-        cluster = redis_urls.parse_cluster(redis_url)
-        pieces = [f"{host}:{port}" for host, port in cluster.nodes]
-        if cluster.username:
-            pieces.append(f"username={_feast_value(cluster.username)}")
-        if cluster.password:
-            pieces.append(f"password={_feast_value(cluster.password)}")
-        if cluster.ssl:
-            pieces.append("ssl=true")
-        return ",".join(pieces)
-    parts = urlsplit(redis_url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise UserError(f"Feast's Redis online store needs a redis:// or rediss:// URL, got {redis_url!r}")
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or 6379
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise UserError(f"the database of a Redis URL must be a number, got {path!r} in {redis_url!r}")
-    pieces = [f"{host}:{port}", f"db={int(path or 0)}"]
-    if parts.username:
-        pieces.append(f"username={_feast_value(unquote(parts.username))}")
-    if parts.password:
-        pieces.append(f"password={_feast_value(unquote(parts.password))}")
-    if parts.scheme == "rediss":
+    """Feast's connection string for any URL :func:`recstack.redis_url.parse` accepts:
+    ``host:port,db=N[,username=...][,password=...][,ssl=true]`` for one server (a ``unix://`` socket
+    as ``unix_socket_path=...``, which Feast hands to ``redis.Redis``), and
+    ``host:port,host:port[,username=...][,password=...][,ssl=true]`` for a cluster (Feast's form for
+    ``redis_type: redis_cluster``)."""
+    parsed = redis_urls.parse(redis_url)
+    if parsed.cluster:
+        pieces = [f"{host}:{port}" for host, port in parsed.nodes]
+    elif parsed.socket_path is not None:
+        # Feast needs a host:port first; redis-py ignores both once it has a socket path.
+        pieces = ["localhost:6379", f"unix_socket_path={_feast_value(parsed.socket_path)}", f"db={parsed.db}"]
+    else:
+        host, port = parsed.nodes[0]
+        pieces = [f"{host}:{port}", f"db={parsed.db}"]
+    if parsed.username:
+        pieces.append(f"username={_feast_value(parsed.username)}")
+    if parsed.password is not None:
+        pieces.append(f"password={_feast_value(parsed.password)}")
+    if parsed.ssl:
         pieces.append("ssl=true")
+    if parsed.ssl_ca_certs:
+        pieces.append(f"ssl_ca_certs={_feast_value(parsed.ssl_ca_certs)}")
     return ",".join(pieces)
 
 

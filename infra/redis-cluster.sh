@@ -11,7 +11,9 @@
 # redis+cluster://127.0.0.1:PORT (any node; `start` prints the URL).
 # Environment: RECSTACK_REDIS_CLUSTER_PORT (first node's port, 7000; the nodes use PORT..PORT+2),
 # RECSTACK_REDIS_CLUSTER_BUS_OFFSET (cluster bus port = node port + this, 10000),
-# RECSTACK_REDIS_STOP_TIMEOUT (seconds, 20).
+# RECSTACK_REDIS_STOP_TIMEOUT (seconds, 20), RECSTACK_REDIS_CLUSTER_PASSWORD (unset: no password;
+# set: every node requires it, clients name it in the URL, e.g. redis+cluster://:PASSWORD@HOST:PORT,
+# or in RECSTACK_REDIS_PASSWORD; the node configs holding it are readable by their owner only).
 COMPONENT=redis-cluster
 # shellcheck source=infra/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -22,15 +24,24 @@ NODES=3
 STOP_TIMEOUT="${RECSTACK_REDIS_STOP_TIMEOUT:-20}"
 STATE_ROOT="$RUN_DIR/redis-cluster"
 LOG_FILE="$LOG_DIR/redis-cluster-$BASE_PORT.log" # `redis-cli --cluster create` output
+CLUSTER_PASSWORD="${RECSTACK_REDIS_CLUSTER_PASSWORD:-}"
 
 ports() { seq "$BASE_PORT" $((BASE_PORT + NODES - 1)); }
 pid_file() { printf '%s/redis-cluster-%s.pid\n' "$RUN_DIR" "$1"; }
 node_log() { printf '%s/redis-cluster-%s.log\n' "$LOG_DIR" "$1"; }
 node_pid() { pid_from_file "$(pid_file "$1")" "redis-server 127.0.0.1:$1"; }
+# redis-cli (and `redis-cli --cluster`) reads the password from REDISCLI_AUTH, off the command line.
+auth_cli() {
+    if [[ -n $CLUSTER_PASSWORD ]]; then
+        REDISCLI_AUTH=$CLUSTER_PASSWORD "$@"
+    else
+        "$@"
+    fi
+}
 cli() {
     local port=$1
     shift
-    redis-cli -h 127.0.0.1 -p "$port" "$@"
+    auth_cli redis-cli -h 127.0.0.1 -p "$port" "$@"
 }
 
 # `status` (via report_status) asks for running_pid: the cluster counts as running when every node is.
@@ -50,6 +61,8 @@ install_redis() {
 write_config() {
     local port=$1 dir="$STATE_ROOT/$1"
     mkdir -p "$dir" "$LOG_DIR"
+    # The file may hold the password: readable by its owner only.
+    (umask 077 && : >"$dir/redis.conf")
     cat >"$dir/redis.conf" <<EOF
 # Written by infra/redis-cluster.sh on every start; edit the script, not this file.
 bind 127.0.0.1
@@ -67,6 +80,13 @@ appendonly yes
 appendfsync everysec
 save ""
 EOF
+    if [[ -n $CLUSTER_PASSWORD ]]; then
+        # A quoted string in redis.conf: escape backslashes and double quotes. masterauth lets a
+        # replica (added by hand) authenticate to its master with the same password.
+        local quoted=${CLUSTER_PASSWORD//\\/\\\\}
+        quoted=${quoted//\"/\\\"}
+        printf 'requirepass "%s"\nmasterauth "%s"\n' "$quoted" "$quoted" >>"$dir/redis.conf"
+    fi
 }
 
 ping() { [[ $(cli "$1" ping 2>/dev/null) == PONG ]]; }
@@ -109,7 +129,7 @@ start() {
     done
     if ! slots_assigned "$BASE_PORT"; then
         log "creating the cluster: ${addresses[*]} (3 masters, no replicas)"
-        redis-cli --cluster create "${addresses[@]}" --cluster-replicas 0 --cluster-yes \
+        auth_cli redis-cli --cluster create "${addresses[@]}" --cluster-replicas 0 --cluster-yes \
             >>"$LOG_FILE" 2>&1 || {
             tail_log "$LOG_FILE"
             die "redis-cli --cluster create failed (log: $LOG_FILE)"
@@ -125,7 +145,7 @@ start() {
             sleep 0.2
         done
     done
-    log "ready: redis+cluster://127.0.0.1:$BASE_PORT (nodes ${addresses[*]}); logs: $LOG_DIR/redis-cluster-*.log"
+    log "ready: redis+cluster://127.0.0.1:$BASE_PORT${CLUSTER_PASSWORD:+ (password required)} (nodes ${addresses[*]}); logs: $LOG_DIR/redis-cluster-*.log"
 }
 
 stop() {

@@ -1,6 +1,8 @@
 """Versioned model artifacts (CONTRACT section 6): write atomically, list, verify and load.
 
-A version is a folder ``<models_dir>/<version>/`` (versions sort by name: ``vYYYYMMDD-HHMMSS``):
+A version is a folder ``<models_dir>/<version>/`` (versions sort by name: ``vYYYYMMDD-HHMMSS``); the
+folder name is the version's one identity (served, compared and reported), whatever ``config.json``
+records:
 
 * ``weights.fp32.pt`` / ``weights.int8.pt``: plain state dicts of tensors (``torch.save``), loaded
   with ``torch.load(weights_only=True)``: nothing is unpickled but tensors;
@@ -322,11 +324,19 @@ def load_version(
         router = PathRouter(RouterConfig(**config.get("router", {})))
     except (TypeError, ValueError) as exc:
         raise ArtifactError(f"{folder}: bad router config: {exc}") from None
+    trained_as = config.get("version")
+    if trained_as is not None and str(trained_as) != folder.name:
+        log.info(
+            "model version %s was published as %s (config.json); its folder name wins",
+            folder.name,
+            trained_as,
+        )
     return Ranker(
         model,
         vocab,
         config,
-        version=str(config.get("version", folder.name)),
+        # The folder name is the version's one identity (what the watcher compares and responses report).
+        version=folder.name,
         router=router,
         catalogue_stats=catalogue,
         device=device,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from recstack.errors import UserError
 from recstack.flags import add_flag
+from recstack.redis_url import connect, parse, redact
 
 REDIS_PASSWORD_SETTINGS = "the password in --redis, RECSTACK_REDIS_PASSWORD or --redis-password-file"
 # Error replies of a Redis server that refuses the credentials (or wants some).
@@ -34,13 +35,9 @@ def read_secret_file(path: str | Path, flag: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0`` (for logs and errors)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    """``redis://user:secret@host:6379/0`` -> ``redis://user:***@host:6379/0``, and a ``?password=``
+    hidden too (for logs and errors): :func:`recstack.redis_url.redact`."""
+    return redact(url)
 
 
 def add_redis_auth_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -76,16 +73,20 @@ def resolve_redis_url(url: str, password: str | None, password_file: str | None)
         return url
     if not password:
         raise UserError("--redis-password (RECSTACK_REDIS_PASSWORD) is empty")
-    parts = urlsplit(url)
-    if parts.password is not None:
+    if parse(url).password is not None:
         raise UserError(
             f"--redis {redact_url(url)} already holds a password; give it once "
             "(in the URL, RECSTACK_REDIS_PASSWORD or --redis-password-file)"
         )
-    host = parts.netloc.rpartition("@")[2]
-    user = quote(parts.username or "", safe="")
-    netloc = f"{user}:{quote(password, safe='')}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    # Into the user info, the rest of the URL as it was given (the parser reads either place).
+    scheme, _, rest = url.partition("://")
+    authority_end = rest.find("/", rest.rfind("@") + 1)
+    query_start = rest.find("?")
+    ends = [i for i in (authority_end, query_start) if i >= 0]
+    netloc, tail = (rest[: min(ends)], rest[min(ends) :]) if ends else (rest, "")
+    userinfo, at, hosts = netloc.rpartition("@")
+    user = userinfo.partition(":")[0] if at else ""
+    return f"{scheme}://{user}:{quote(password, safe='')}@{hosts}{tail}"
 
 
 def resolve_redis_args(args: argparse.Namespace, url_attr: str = "redis") -> str:
@@ -122,9 +123,16 @@ def check_redis_auth(url: str, timeout_s: float = 5.0) -> None:
     """
     import redis
 
-    if url.split("://", 1)[0].lower() not in ("redis", "rediss", "unix"):
-        return  # e.g. a Redis Cluster URL: its own client reports refused credentials when it connects
-    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+    parsed = parse(url)
+    if parsed.cluster:
+        return  # its own client reports refused credentials when it connects
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # redis-py retries a refused AUTH with backoff (~4 s): a refusal is final, so ask once.
+    client = connect(
+        parsed, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
     try:
         client.ping()
     except redis.RedisError as exc:

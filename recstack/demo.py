@@ -69,11 +69,10 @@ def _run(args: list[str]) -> None:
 
 def _wait_applied(redis_url: str, expect_users: list[str], timeout_s: float) -> float:
     """Wait until the features of the last replayed users are visible; returns seconds waited."""
-    import redis
-
     from feature_store import online
+    from recstack.redis_url import connect
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
         users, _ = online.read_features(client, expect_users, [])

@@ -5,6 +5,10 @@ loading and warm-up all run in a worker thread, never on a request's path; the n
 replaces the old one with a single reference assignment, so a batch computes entirely with
 the model it started with and no call fails during a swap. A version that fails to verify or
 load is refused once (logged and counted) and never retried; the current one keeps serving.
+
+A version's identity is its folder name, nothing else: the watcher compares folder names with the
+folder it swapped in, never with what the version's own files say (``config.json`` keeps the name
+it was trained under, which differs once a version is promoted or copied under another name).
 """
 
 from __future__ import annotations
@@ -61,6 +65,9 @@ class ModelWatcher:
         self._refused: set[str] = set()
         self._task: asyncio.Task | None = None
         self._missing_dir_logged = False
+        # Folder name of the version in the slot, and of the one poll_once loaded last (not yet swapped).
+        self._served: str | None = None
+        self._loaded: tuple[Any, str] | None = None
 
     @property
     def refused(self) -> frozenset[str]:
@@ -74,7 +81,8 @@ class ModelWatcher:
                 self._missing_dir_logged = True
             return None
         self._missing_dir_logged = False
-        current = self._slot.version
+        # A slot filled before the watcher started names its version by its folder too (load_version).
+        current = self._served if self._served is not None else self._slot.version
         for version_dir in reversed(self._list(self._dir)):
             name = Path(version_dir).name
             if name == current:
@@ -91,15 +99,18 @@ class ModelWatcher:
             if current is not None and name < current:
                 # Only reached when the served version vanished from the folder; keep the newest valid.
                 log.warning("model version %s is gone from %s; falling back to %s", current, self._dir, name)
+            self._loaded = (ranker, name)
             return ranker
         return None
 
     def swap(self, ranker: Any) -> None:
-        previous = self._slot.version
+        previous = self._served
+        loaded, self._loaded = self._loaded, None
+        self._served = loaded[1] if loaded is not None and loaded[0] is ranker else str(ranker.version)
         self._slot.current = ranker
         self._metrics.model_reloads.labels("success").inc()
-        self._metrics.model.info({"version": str(ranker.version)})
-        log.info("serving model version %s (was %s)", ranker.version, previous or "none")
+        self._metrics.model.info({"version": self._served})
+        log.info("serving model version %s (was %s)", self._served, previous or "none")
         if self.on_swap is not None:
             self.on_swap(ranker)
 

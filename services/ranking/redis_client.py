@@ -20,11 +20,13 @@ import ssl
 import threading
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
 
 import hiredis
 import redis
 from redis.crc import key_slot
+
+from recstack import redis_url as redis_urls
+from recstack.redis_url import RedisURL
 
 _KEY_CACHE_MAX = 500_000
 
@@ -57,24 +59,21 @@ class _Connection:
 
 
 class PipelinedRedis:
-    """``redis://[user:password@]host:port/db``, ``rediss://…`` or ``unix:///path?db=N``; ``timeout_s`` bounds
+    """One Redis server, its URL in any form :func:`recstack.redis_url.parse` accepts (credentials in
+    the user info or ``?password=``, ``rediss://``, ``unix:///path?db=N``); ``timeout_s`` bounds
     connecting and every read of a reply."""
 
-    def __init__(self, url: str, timeout_s: float) -> None:
-        parts = urlsplit(url)
-        self._scheme = parts.scheme
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {url!r}")
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 6379
-        self._path = parts.path
-        db = parts.path.strip("/") if parts.scheme != "unix" else ""
-        for query in parts.query.split("&"):
-            if query.startswith("db="):
-                db = query[3:]
-        self._db = int(db or 0)
-        self._username = unquote(parts.username) if parts.username else None
-        self._password = unquote(parts.password) if parts.password else None
+    def __init__(self, url: str | RedisURL, timeout_s: float) -> None:
+        parsed = redis_urls.parse(url) if isinstance(url, str) else url
+        if parsed.cluster:
+            raise ValueError(f"a Redis Cluster URL needs ClusterPipelinedRedis, got {parsed}")
+        self._scheme = parsed.scheme
+        self._host, self._port = parsed.nodes[0] if parsed.nodes else ("", 0)
+        self._path = parsed.socket_path or ""
+        self._db = parsed.db
+        self._username = parsed.username
+        self._password = parsed.password
+        self._cafile = parsed.ssl_ca_certs
         self._timeout = timeout_s
         self._local = threading.local()
         self._connections: list[_Connection] = []
@@ -94,7 +93,8 @@ class PipelinedRedis:
                 sock = socket.create_connection((self._host, self._port), timeout=self._timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if self._scheme == "rediss":
-                    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self._host)
+                    context = ssl.create_default_context(cafile=self._cafile)
+                    sock = context.wrap_socket(sock, server_hostname=self._host)
         except OSError as exc:
             raise redis.ConnectionError(f"cannot connect to Redis: {exc}") from exc
         conn = _Connection(sock)
@@ -247,15 +247,9 @@ class ClusterPipelinedRedis:
     """
 
     def __init__(self, url: str, timeout_s: float) -> None:
-        from recstack.redis_url import parse_cluster
-
-        parsed = parse_cluster(url)
+        parsed = redis_urls.parse_cluster(url)
         self._seeds = list(parsed.nodes)
-        scheme = "rediss" if parsed.ssl else "redis"
-        auth = ""
-        if parsed.password is not None:
-            auth = f"{quote(parsed.username or '', safe='')}:{quote(parsed.password, safe='')}@"
-        self._url_of = lambda host, port: f"{scheme}://{auth}{host}:{port}/0"
+        self._url_of = parsed.node  # every node with the cluster's credentials and TLS
         self._timeout = timeout_s
         self._nodes: dict[tuple[str, int], PipelinedRedis] = {}
         self._slot_nodes: list[tuple[str, int]] | None = None

@@ -188,7 +188,9 @@ def redis_db(redis_server: str) -> Iterator[Callable[[int], str]]:
     """
     import redis
 
-    locks = redis.Redis.from_url(f"{redis_server}/{LOCK_DB}")
+    from recstack.redis_url import connect  # the project's one URL parser, as every client uses
+
+    locks = connect(f"{redis_server}/{LOCK_DB}")
     held: dict[int, int] = {}  # n -> database index
 
     def try_reserve(db: int) -> bool:
@@ -214,7 +216,7 @@ def redis_db(redis_server: str) -> Iterator[Callable[[int], str]]:
             time.sleep(0.2)
 
     def flush(db: int) -> None:
-        client = redis.Redis.from_url(f"{redis_server}/{db}")
+        client = connect(f"{redis_server}/{db}")
         try:
             client.flushdb()
         finally:
@@ -249,9 +251,9 @@ def redis_url(redis_db: Callable[[int], str]) -> str:
 @pytest.fixture
 def redis_client(redis_url: str):
     """A ``redis.Redis`` (bytes responses) on this test's database ``redis_url``."""
-    import redis
+    from recstack.redis_url import connect
 
-    client = redis.Redis.from_url(redis_url)
+    client = connect(redis_url)
     yield client
     client.close()
 

@@ -162,7 +162,8 @@ def test_stream_feast_and_ranking_work_with_the_password(
     ).to_dict()
     assert users["views"] == [30]
 
-    # The ranking fast path (its own Redis client) reads the features, not degraded.
+    # The ranking fast path (its own Redis client) reads the features, not degraded, with the
+    # password in the query this time (it used to ignore ?password= and answer degraded).
     models = tmp_path / "models"
     models.mkdir()
     publish_model(models, "v20240101-000000", seed=1)
@@ -172,7 +173,7 @@ def test_stream_feast_and_ranking_work_with_the_password(
             port=0,
             metrics_port=0,
             models_dir=models,
-            redis_url=password_redis.url(),
+            redis_url=f"{password_redis.bare_url}?password={quote(password_redis.password, safe='')}",
             model_poll_interval_s=0.1,
             max_queue_wait_ms=0.0,
             redis_timeout_ms=2000.0,

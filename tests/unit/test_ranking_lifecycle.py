@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -86,3 +88,67 @@ def test_missing_models_folder_is_waited_for(tmp_path):
     (tmp_path / "not-yet" / "v1").mkdir(parents=True)
     asyncio.run(watcher.check_now())
     assert slot.version == "v1"
+
+
+def _published_under_another_name(tmp_path: Path) -> Path:
+    """A real version whose folder name differs from the version its config.json records."""
+    import numpy as np
+    import torch
+
+    from models.artifacts import publish_version
+    from models.model import FullPathConfig, ItemEmbeddingConfig, RankerConfig, TwoPathRanker
+    from models.vocab import ItemVocab
+
+    torch.manual_seed(0)
+    vocab = ItemVocab([f"item-{i}" for i in range(20)])
+    model = TwoPathRanker(
+        RankerConfig(
+            ItemEmbeddingConfig(len(vocab), 8), full=FullPathConfig(attention_dim=4, mlp_hidden=(8,))
+        )
+    )
+    stats = np.zeros((len(vocab), 4), np.float32)
+    published = publish_version(tmp_path, model.eval(), vocab, stats, {}, version="v20260101-000000")
+    promoted = published.rename(tmp_path / "v20260102-000000")  # e.g. promoted from staging by mv
+    assert json.loads((promoted / "config.json").read_text())["version"] == "v20260101-000000"
+    return promoted
+
+
+def test_a_version_published_under_another_folder_name_is_swapped_in_once(tmp_path):
+    from models.artifacts import list_versions, load_version
+
+    promoted = _published_under_another_name(tmp_path)
+    loads: list[str] = []
+    swapped: list[str] = []
+
+    def load(version_dir: Path):
+        loads.append(version_dir.name)
+        return load_version(version_dir, quantized=False)
+
+    slot, metrics = ModelSlot(), RankingMetrics()
+    watcher = ModelWatcher(
+        tmp_path,
+        slot,
+        list_versions=list_versions,
+        load=load,
+        executor=ThreadPoolExecutor(1),
+        interval_s=0.02,
+        metrics=metrics,
+        on_swap=lambda r: swapped.append(r.version),
+    )
+
+    async def main():
+        watcher.start()
+        await asyncio.sleep(0.5)  # ~25 polls
+        # A copy under a newer name is a new version: swapped in once, then left alone.
+        shutil.copytree(promoted, tmp_path / ".tmp-copy")
+        (tmp_path / ".tmp-copy").rename(tmp_path / "v20260103-000000")
+        await asyncio.sleep(0.5)
+        await watcher.stop()
+
+    asyncio.run(main())
+    assert loads == ["v20260102-000000", "v20260103-000000"]
+    # One identity for a version: its folder name, in responses and metrics as well.
+    assert swapped == ["v20260102-000000", "v20260103-000000"]
+    assert slot.version == "v20260103-000000"
+    assert metrics.value("recstack_ranking_model_reloads_total", {"result": "success"}) == 2
+    assert metrics.value("recstack_ranking_model_info", {"version": "v20260103-000000"}) == 1
