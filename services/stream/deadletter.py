@@ -93,8 +93,9 @@ def require_topic(consumer: KafkaConsumer, config: StreamConfig) -> None:
     if config.dlq_topic not in consumer.topics():
         raise UserError(
             f"the dead-letter topic {config.dlq_topic!r} does not exist on Kafka at {config.bootstrap} "
-            "(or this client may not describe it): create it (infra/kafka/admin.py, or your Kafka "
-            "tooling) or point --dlq-topic / RECSTACK_DLQ_TOPIC at an existing topic"
+            "(or this client may not describe it): create it (e.g. `python infra/kafka/admin.py "
+            f"--bootstrap {config.bootstrap} --topic {config.dlq_topic}:6`, or your Kafka tooling) or "
+            "point --dlq-topic / RECSTACK_DLQ_TOPIC at an existing topic"
         )
 
 
