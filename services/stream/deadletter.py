@@ -11,9 +11,9 @@ When the DLQ topic refuses a dead letter:
 * **too large** (the producer's ``max_request_size`` or the topic's ``max.message.bytes``, once
   the headers are added), or another refusal of the record itself: it is sent again *truncated*:
   the value cut (to what fits the producer's limit and at most half, then to a quarter at each
-  refusal, down to nothing), the key cut to 256 bytes, and a
-  ``truncated`` header saying so; ``original-size`` and ``original-sha256`` still account for the
-  whole record. Bounded: ~10 attempts for a 1 MB record.
+  refusal, down to nothing), the key cut to 256 bytes, and a ``truncated`` header saying so;
+  ``original-size`` and ``original-sha256`` still account for the whole record. Bounded: about
+  ten attempts for a 1 MB record.
 * **topic missing, not authorized, not enough replicas, timed out** (or refused even as an empty
   truncated letter): it cannot be sent now. The consumer *holds* the partition: it is seeked
   back to the record and paused (other partitions go on), nothing past the record is applied
@@ -201,7 +201,7 @@ class DeadLetters:
         key = letter.key[:_KEY_KEEP] if letter.key is not None else None
         headers = _headers(letter, self._source)
         room = self._max_request_bytes - 512 - len(key or b"") - sum(len(k) + len(v) for k, v in headers)
-        keep = max(0, min(room, len(value) // 2 if isinstance(refused, _SIZE_ERRORS) else len(value)))
+        keep = max(0, min(room, len(value) // 2))
         while True:
             why = (
                 f"value cut to {keep} of {len(value)} bytes"
