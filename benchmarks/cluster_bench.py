@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         for client in (single, cluster):
             _flush(client)
         _create_topic(args.bootstrap, topic, 6)
+        _create_topic(args.bootstrap, f"{topic}.dlq", 1)  # the consumer refuses to start without it
         frame = synthetic(args.events, seed=5)
         print(f"publishing {len(frame):,} events to {topic} ...", file=sys.stderr)
         publish(
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             stream[name] = drain(args, url, client, topic, len(frame), log_dir)
         read = reads(args, args.redis, args.cluster, single, cluster)
     finally:
-        _delete_topics(args.bootstrap, [topic])
+        _delete_topics(args.bootstrap, [topic, f"{topic}.dlq"])
         for client in (single, cluster):
             _flush(client)
         if release is not None:

@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     client.flushdb()
     topic = f"bench-stream-{uuid.uuid4().hex[:8]}"
     _create_topic(args.bootstrap, topic, 6)
+    _create_topic(args.bootstrap, f"{topic}.dlq", 1)  # the consumer refuses to start without it
     metrics_port = _free_port()
     log_dir = tempfile.mkdtemp(prefix="stream-bench-log-")
     proc = None

@@ -63,6 +63,7 @@ def run_one(args, client, frame, consumers: int) -> dict:
     client.flushdb()
     topic = f"bench-scale-{uuid.uuid4().hex[:8]}"
     sb._create_topic(args.bootstrap, topic, args.partitions)
+    sb._create_topic(args.bootstrap, f"{topic}.dlq", 1)  # the consumer refuses to start without it
     log_dir = Path(tempfile.mkdtemp(prefix=f"stream-scale-{consumers}-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -124,7 +125,7 @@ def run_one(args, client, frame, consumers: int) -> dict:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
-        sb._delete_topics(args.bootstrap, [topic])  # no malformed events: no dead-letter topic
+        sb._delete_topics(args.bootstrap, [topic, f"{topic}.dlq"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -384,5 +384,25 @@ def _parse_or_reason(raw: bytes | None) -> Event | InvalidEvent:
         return _unexpected(exc)
 
 
+def refuse_future_events(parsed: list[Event | InvalidEvent], now_ms: int, max_skew_ms: int) -> int:
+    """Replace, in place, each event stamped more than ``max_skew_ms`` after ``now_ms`` (the
+    reader's clock) by an :class:`InvalidEvent` naming ``ts``; returns how many. Exactly
+    ``max_skew_ms`` ahead is accepted. One far-future event would otherwise hold its item's
+    ``trending`` reference and its user's ``last_event_ts`` there for good (both keep a maximum)."""
+    limit = now_ms + max_skew_ms
+    refused = 0
+    for i, event in enumerate(parsed):
+        if type(event) is Event and event.ts_ms > limit:
+            ahead_s = (event.ts_ms - now_ms) / 1000
+            stamp = ms_to_datetime(event.ts_ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            parsed[i] = InvalidEvent(
+                "ts",
+                f"{stamp} is {ahead_s:,.0f} s ahead of the consumer's clock, more than the "
+                f"{max_skew_ms / 1000:g} s allowed (--max-future-skew)",
+            )
+            refused += 1
+    return refused
+
+
 def ms_to_datetime(ts_ms: int) -> datetime:
     return datetime.fromtimestamp(ts_ms / 1000, tz=UTC)

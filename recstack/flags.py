@@ -125,3 +125,24 @@ def redis_url(text: str) -> str:
         return urls.check(text, flag="URL")
     except UserError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("URL: ")) from exc
+
+
+_DURATION_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))  # "ms" before "s" and "m"
+
+
+def duration_s(text: str) -> float:
+    """A positive duration in seconds: ``300``, ``300s``, ``5m``, ``1h``, ``500ms``."""
+    number, factor = text.strip().lower(), 1.0
+    for unit, seconds in _DURATION_UNITS:
+        if number.endswith(unit):
+            number, factor = number[: -len(unit)], seconds
+            break
+    try:
+        value = float(number) * factor
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 300, 90s, 5m or 1h, got {text!r}"
+        ) from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive duration, got {text!r}")
+    return value

@@ -7,7 +7,15 @@ import dataclasses
 import logging
 
 from recstack.credentials import add_redis_auth_flags, check_redis_auth, resolve_redis_args
-from recstack.flags import add_flag, host_port, non_negative_int, positive_float, positive_int, redis_url
+from recstack.flags import (
+    add_flag,
+    duration_s,
+    host_port,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    redis_url,
+)
 from recstack.kafka import add_kafka_security_flags, kafka_security_from_args
 from services.stream.config import StreamConfig
 
@@ -74,6 +82,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=positive_float,
         metavar="S",
         help="half-life of the items' trending score, in event time",
+    )
+    add_flag(
+        parser,
+        "--max-future-skew",
+        default=d.max_future_skew,
+        type=duration_s,
+        metavar="DURATION",
+        help=(
+            "events whose ts is more than this far ahead of the consumer's clock go to the dead-letter "
+            "topic, in seconds (or with a unit: 90s, 5m, 1h)"
+        ),
     )
     add_flag(
         parser,

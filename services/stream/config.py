@@ -25,6 +25,8 @@ class StreamConfig:
     # A second event with the same event_id within this window has no effect (CONTRACT.md section 3).
     dedup_window_s: int = 86_400
     trending_half_life_s: float = DEFAULT_TRENDING_HALF_LIFE_S
+    # Seconds an event's ts may be ahead of the consumer's clock; later ones are dead letters.
+    max_future_skew: float = 300.0
     metrics_port: int = 9465  # 0: no metrics endpoint
     metrics_host: str = "0.0.0.0"  # all interfaces (the contract's :9465); 127.0.0.1: this machine only
     # Records per poll, hence per atomic Redis write. Bigger batches aggregate more per entity
@@ -55,6 +57,10 @@ class StreamConfig:
             problems.append(f"--dedup-window-s must be at least 1, got {self.dedup_window_s}")
         if not self.trending_half_life_s > 0:
             problems.append(f"--trending-half-life-s must be positive, got {self.trending_half_life_s}")
+        if not 0 < self.max_future_skew < float("inf"):
+            problems.append(
+                f"--max-future-skew must be a positive number of seconds, got {self.max_future_skew}"
+            )
         if not 0 <= self.metrics_port < 65536:
             problems.append(f"--metrics-port must be 0-65535, got {self.metrics_port}")
         if self.max_batch < 1:

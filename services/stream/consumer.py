@@ -24,6 +24,8 @@ How exactly-once works (the full argument is in ``docs/FEATURES.md``):
   (:mod:`feature_store.cluster`); the partition's applied offset moves once every node has written.
 * **Dead letters** are sent and acknowledged before the batch's offsets are stored, so a crash
   can repeat a dead letter (at least once, identified by its source headers) but never lose one.
+  One the DLQ topic refuses is sent truncated; one that cannot be sent (topic missing) holds its
+  partition at that record, paused and retried (:mod:`services.stream.deadletter`).
 
 Threads: the main thread polls, parses, plans and aggregates; one writer thread runs the batch's
 script while the main thread polls and parses the next batch (which is planned only once that
@@ -47,7 +49,7 @@ from typing import Any, cast
 
 import prometheus_client  # noqa: F401  (before Feast, see services/stream/cli.py)
 import redis
-from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError, SaslAuthenticationFailedError
 from kafka.structs import MemberState, OffsetAndMetadata
 from redis.exceptions import RedisClusterException
@@ -57,7 +59,8 @@ from feature_store.online import ApplyResult, BatchGuard, FeatureWriter
 from recstack import redis_url as redis_urls
 from recstack.credentials import check_redis_auth, redact_url
 from recstack.errors import UserError
-from recstack.events import Event, InvalidEvent, parse_events
+from recstack.events import Event, InvalidEvent, parse_events, refuse_future_events
+from services.stream import deadletter
 from services.stream.aggregate import aggregate
 from services.stream.config import StreamConfig
 from services.stream.eventlog import EventLog, Staged, partitions_of, without_partitions
@@ -68,7 +71,6 @@ log = logging.getLogger(__name__)
 SEEN_PREFIX = b"recstack:eid:"
 _BACKOFF_START_S = 0.1
 _BACKOFF_MAX_S = 5.0
-_DLQ_ACK_TIMEOUT_S = 30.0
 _METADATA_RECHECK_S = 5.0
 _JOIN_STUCK_S = 30.0
 _ROLL_RETRY_S = 5.0  # a failed roll is tried again this soon (or after --log-roll-s, if shorter)
@@ -176,11 +178,31 @@ class _Batch:
     outcome: ApplyResult | BaseException | None = None  # the first attempt's, when not in a future
 
     @classmethod
-    def parse(cls, polled: dict[TopicPartition, list[Any]]) -> _Batch:
+    def parse(cls, polled: dict[TopicPartition, list[Any]], max_future_skew_s: float) -> _Batch:
         started = time.perf_counter()
         records = [rec for recs in polled.values() for rec in recs]
         last = {tp.partition: recs[-1].offset for tp, recs in polled.items()}
-        return cls(records, parse_events([rec.value for rec in records]), started, last)
+        parsed = parse_events([rec.value for rec in records])
+        # Events stamped too far ahead of our clock would freeze trending and recency: dead letters.
+        refuse_future_events(parsed, int(time.time() * 1000), int(max_future_skew_s * 1000))
+        return cls(records, parsed, started, last)
+
+    def cut(self, limits: dict[int, int]) -> None:
+        """Leave out the records of these partitions from these offsets on (held partitions: read
+        again later); the batch then stops each partition's position before the first one left out."""
+        keep = [
+            i for i, rec in enumerate(self.records) if rec.offset < limits.get(rec.partition, rec.offset + 1)
+        ]
+        if len(keep) == len(self.records):
+            return
+        index = {old: new for new, old in enumerate(keep)}
+        self.records = [self.records[i] for i in keep]
+        self.parsed = [self.parsed[i] for i in keep]
+        self.dlq_sent = {index[i] for i in self.dlq_sent if i in index}
+        self.known_duplicates = {index[i] for i in self.known_duplicates if i in index}
+        for p, offset in limits.items():
+            if p in self.polled:
+                self.polled[p] = min(self.polled[p], offset - 1)
 
     def first_outcome(self) -> ApplyResult | BaseException | None:
         if self.future is None:
@@ -244,7 +266,8 @@ class StreamConsumer:
         self._position: dict[int, int] = {}  # partition -> next offset after what was processed
         self._unpositioned: set[TopicPartition] = set()  # assigned, paused until positioned
         self._consumer: KafkaConsumer | None = None
-        self._producer: KafkaProducer | None = None
+        self._dead_letters: deadletter.DeadLetters | None = None
+        self._holds = deadletter.Holds(config, self.metrics)  # partitions whose dead letter waits
         # One Redis write in flight at a time, on this thread, while the main thread polls and
         # parses the next batch (redis-py waits for the reply without holding the GIL).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-writer")
@@ -270,6 +293,7 @@ class StreamConsumer:
     def run(self) -> None:
         cfg = self.config
         self._connect()
+        self._require_dlq_topic()
         self._resolve_leftovers()
         self._subscribe()
         log.info(
@@ -290,6 +314,8 @@ class StreamConsumer:
                     self._stop.wait(1.0)
                     continue
                 self._position_assigned()
+                if self._holds:
+                    self._holds.tick(consumer, self._position, can_resume=not self._paused)
                 if consumer.assignment():
                     self._unassigned_since = None
                 elif not batch:
@@ -298,7 +324,7 @@ class StreamConsumer:
                 batch = {tp: recs for tp, recs in batch.items() if tp not in self._unpositioned and recs}
                 # Parse this batch while the previous one's Redis write is still running, then
                 # finish that write before planning this one (its fence expects that write).
-                started = _Batch.parse(batch) if batch else None
+                started = _Batch.parse(batch, cfg.max_future_skew) if batch else None
                 self._finish_inflight()
                 if started is not None:
                     self._inflight = self._begin(started)
@@ -381,15 +407,9 @@ class StreamConsumer:
                     check_crcs=False,
                     **cfg.kafka_security.client_options(),
                 )
-                if self._producer is None:
-                    self._producer = KafkaProducer(
-                        bootstrap_servers=cfg.bootstrap,
-                        client_id=f"{cfg.client_id}-dlq",
-                        acks="all",
-                        retries=10,
-                        linger_ms=5,
-                        **cfg.kafka_security.client_options(),
-                    )
+                if self._dead_letters is None:
+                    producer = deadletter.make_producer(cfg)
+                    self._dead_letters = deadletter.DeadLetters(producer, cfg, self.metrics)
                 return
             except SaslAuthenticationFailedError as exc:
                 if self._consumer is not None:
@@ -416,6 +436,25 @@ class StreamConsumer:
                 log.warning("Kafka at %s not available (%s)%s; retrying", cfg.bootstrap, exc, hint)
                 delay = min(delay * 2, _BACKOFF_MAX_S)
 
+    def _require_dlq_topic(self) -> None:
+        """Stop at start-up, naming it, if the dead-letter topic does not exist."""
+        delay = _BACKOFF_START_S
+        while True:
+            assert self._consumer is not None
+            try:
+                deadletter.require_topic(self._consumer, self.config)
+                return
+            except UserError:
+                self._consumer.close(autocommit=False)
+                if self._dead_letters is not None:
+                    self._dead_letters.producer.close(timeout=5)
+                raise
+            except KafkaError as exc:
+                log.warning("listing Kafka topics failed (%s); retrying", exc)
+                if self._stop.wait(delay):
+                    raise _Stopping from exc
+                delay = min(delay * 2, _BACKOFF_MAX_S)
+
     def _shutdown(self) -> None:
         try:
             if self._event_log is not None:
@@ -427,8 +466,8 @@ class StreamConsumer:
             log.warning("final roll/commit failed (%s); the next owner re-reads from the last one", exc)
         if self._consumer is not None:
             self._consumer.close(autocommit=False)  # leaves the group: partitions move at once
-        if self._producer is not None:
-            self._producer.close(timeout=10)
+        if self._dead_letters is not None:
+            self._dead_letters.producer.close(timeout=10)
         self._executor.shutdown(wait=True)
         self._log_executor.shutdown(wait=True)
         if self._event_log is not None:
@@ -459,6 +498,9 @@ class StreamConsumer:
                     "batch in flight at revocation not applied (%s); the next owner reads it", outcome
                 )
         gone = {tp.partition for tp in revoked}
+        self._holds.forget(gone)
+        if self._dead_letters is not None:
+            self._dead_letters.forget(gone)
         if self._event_log is not None:
             try:
                 if lost:
@@ -674,9 +716,8 @@ class StreamConsumer:
         """Plan an attempt, send dead letters, read what the write depends on, drop event ids
         already applied, aggregate. Returns the arguments of ``FeatureWriter.apply`` (None:
         nothing to apply) and leaves the fenced events to log in ``batch.to_log``."""
+        plan = self._dead_letter(batch)
         records, parsed = batch.records, batch.parsed
-        plan = batch.plan = self._plan(records, parsed, batch.known_duplicates)
-        self._dead_letter(records, parsed, plan.dead, batch.dlq_sent)
         topic = self.config.topic
         events: list[Event] = [parsed[i] for i in plan.apply]  # type: ignore[misc]
         fenced = plan.fenced if self._event_log is not None else []
@@ -756,29 +797,37 @@ class StreamConsumer:
             items = aggregate(item_events, self._half_life_ms)[1]
         return users, items, slot_partitions
 
-    def _dead_letter(self, records: list[Any], parsed: list[Any], dead: list[int], sent: set[int]) -> None:
-        """Send malformed records to the DLQ and wait for the acknowledgements (once per record)."""
-        todo = [i for i in dead if i not in sent]
+    def _dead_letter(self, batch: _Batch) -> _Plan:
+        """Plan the batch and send its malformed records to the DLQ, acknowledged (once per
+        record). A partition whose dead letter cannot be sent is held at that record: the batch
+        goes on without it and what follows (see :mod:`services.stream.deadletter`)."""
+        waiting = self._holds.limits()
+        if waiting:  # polled before its partition was held
+            batch.cut(waiting)
+        plan = batch.plan = self._plan(batch.records, batch.parsed, batch.known_duplicates)
+        todo = [i for i in plan.dead if i not in batch.dlq_sent]
         if not todo:
-            return
-        assert self._producer is not None
-        topic = self.config.topic
-        futures = []
-        for i in todo:
-            rec = records[i]
-            headers = [
-                ("error", str(parsed[i]).encode()),
-                ("source-topic", topic.encode()),
-                ("source-partition", str(rec.partition).encode()),
-                ("source-offset", str(rec.offset).encode()),
-            ]
-            futures.append(
-                (i, self._producer.send(self.config.dlq_topic, key=rec.key, value=rec.value, headers=headers))
+            return plan
+        assert self._dead_letters is not None and self._consumer is not None
+        records, parsed = batch.records, batch.parsed
+        letters = [
+            deadletter.Letter(
+                records[i].partition, records[i].offset, records[i].key, records[i].value, str(parsed[i])
             )
-        self._producer.flush(timeout=_DLQ_ACK_TIMEOUT_S)
-        for i, future in futures:
-            future.get(timeout=_DLQ_ACK_TIMEOUT_S)
-            sent.add(i)
+            for i in todo
+        ]
+        held = self._dead_letters.send(letters)
+        for i in todo:
+            hold = held.get(records[i].partition)
+            if hold is None or records[i].offset < hold[0]:
+                batch.dlq_sent.add(i)
+        if not held:
+            return plan
+        for p, (offset, reason) in held.items():
+            self._holds.hold(self._consumer, p, offset, reason)
+        batch.cut({p: offset for p, (offset, _) in held.items()})
+        plan = batch.plan = self._plan(batch.records, batch.parsed, batch.known_duplicates)
+        return plan
 
     # ------------------------------------------------------------------------------ roll & commit
 
@@ -944,7 +993,7 @@ class StreamConsumer:
         elif self._paused:
             self._paused = False
             self.metrics.paused.set(0)
-            resume = assigned - self._unpositioned
+            resume = assigned - self._unpositioned - self._holds.waiting()
             if resume:
                 consumer.resume(*resume)
             log.warning(

@@ -42,6 +42,21 @@ class StreamMetrics:
             "Malformed records sent to the dead-letter topic",
             registry=r,
         )
+        self.dlq_send_failures = Counter(
+            "recstack_stream_dlq_send_failures",
+            "Dead-letter sends that failed (topic missing or refusing, too large, timed out), each attempt",
+            registry=r,
+        )
+        self.dlq_truncated = Counter(
+            "recstack_stream_dlq_truncated",
+            "Dead letters sent truncated because the DLQ topic refused the whole record",
+            registry=r,
+        )
+        self.dlq_held = Gauge(
+            "recstack_stream_dlq_held_partitions",
+            "Partitions paused at a record whose dead letter cannot be sent (retried; nothing skipped)",
+            registry=r,
+        )
         self.replayed = Counter(
             "recstack_stream_events_replayed",
             "Records read again after a restart or rebalance and skipped by the offset fence",

@@ -364,6 +364,7 @@ def test_alert_rules_are_complete(alerts: dict) -> None:
         ("degraded rate", r"recstack_ranking_degraded_total"),
         ("consumer lag", r"recstack_stream_consumer_lag"),
         ("DLQ rate", r"rate\(recstack_stream_events_dead_lettered_total"),
+        ("a partition held at a dead letter", r"recstack_stream_dlq_held_partitions"),
     ],
 )
 def test_alerts_cover(alerts: dict, what: str, pattern: str) -> None:

@@ -268,10 +268,11 @@ class _FakeClient:
 
 def test_stream_consumer_and_dlq_producer_get_the_security_options(monkeypatch, caplog):
     import services.stream.consumer as consumer_module
+    import services.stream.deadletter as deadletter_module
     from services.stream.config import StreamConfig
 
     monkeypatch.setattr(consumer_module, "KafkaConsumer", _FakeClient)
-    monkeypatch.setattr(consumer_module, "KafkaProducer", _FakeClient)
+    monkeypatch.setattr(deadletter_module, "KafkaProducer", _FakeClient)
     _FakeClient.made, _FakeClient.failures = [], 1
     security = KafkaSecurity("SASL_PLAINTEXT", "SCRAM-SHA-512", "recstack-stream", SECRET)
     config = StreamConfig(bootstrap="127.0.0.1:1", event_log="", metrics_port=0, kafka_security=security)
