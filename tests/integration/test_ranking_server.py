@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import shutil
 import subprocess
@@ -38,7 +39,7 @@ WAIT_S = 60.0
 
 
 # ------------------------------------------------------------------------------------ helpers
-def publish_model(models_dir: Path, version: str, seed: int) -> Path:
+def publish_model(models_dir: Path, version: str, seed: int, items: list[str] = ITEMS) -> Path:
     """A small random model of the served architecture, published as ``version``."""
     import torch
 
@@ -46,7 +47,7 @@ def publish_model(models_dir: Path, version: str, seed: int) -> Path:
     from models.model import ItemEmbeddingConfig, RankerConfig, TwoPathRanker
     from models.vocab import ItemVocab
 
-    vocab = ItemVocab(ITEMS)
+    vocab = ItemVocab(items)
     torch.manual_seed(seed)
     model = TwoPathRanker(RankerConfig(embedding=ItemEmbeddingConfig(num_rows=len(vocab), dim=16)))
     stats = np.random.default_rng(seed).gamma(1.0, 10.0, size=(len(vocab), 4)).astype(np.float32)
@@ -265,6 +266,33 @@ def test_recommend_generates_candidates_and_excludes_purchases(start_server, red
         assert scores == sorted(scores, reverse=True)
         assert len({x.item_id for x in response.items}) == len(response.items)
         assert response.model_version == V1
+
+
+def test_recommend_never_returns_a_service_line_and_rank_still_scores_one(
+    start_server, redis_url, models_dir
+):
+    service = ["POST", "DOT", "M", "gift_0001_20"]
+    publish_model(models_dir, V1, seed=1, items=ITEMS[:60] + service)
+    seed_features(redis_url, {}, n_items=60)
+    # Postage on every order: the most bought line of the shop, all over this customer's history.
+    client = redis.Redis.from_url(redis_url)
+    write_features(
+        client,
+        users={"17850": warm_user(service + ITEMS[:3], purchased=service + ITEMS[:3])},
+        items={"POST": ItemFeatures(views=0, add_to_carts=0, purchases=5_000, trending=900.0)},
+    )
+    client.close()
+    server = start_server(recommend_pool=100)
+
+    for include_purchased in (True, False):
+        request = ranking_pb2.RecommendRequest(user_id="17850", k=64, include_purchased=include_purchased)
+        got = [x.item_id for x in server.stub.Recommend(request, timeout=30).items]
+        assert not set(got) & set(service), got[:10]
+        assert set(got) <= set(ITEMS[:60]) and len(got) == (60 if include_purchased else 57)
+
+    ranked = server.stub.Rank(rank("17850", ["POST", ITEMS[5], "gift_0001_20"]), timeout=30)
+    assert sorted(x.item_id for x in ranked.items) == sorted(["POST", ITEMS[5], "gift_0001_20"])
+    assert all(math.isfinite(x.score) for x in ranked.items)
 
 
 def test_new_model_version_is_picked_up_without_a_failed_request(start_server, redis_url, models_dir):
