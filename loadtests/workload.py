@@ -2,9 +2,10 @@
 
 Requests use real user and item ids (Online Retail by default), so the ranking server's feature
 reads hit keys the stream consumer wrote. Warm users are customers with at least two purchases;
-candidates are drawn from sellable items (stock codes that start with a digit: postage, fees and
-manual adjustments are left out). Online Retail has no categories, so a category is the first two
-digits of the stock code (a product family), with small families pooled into ``other``.
+candidates are drawn from the items that may be recommended (:mod:`recstack.catalogue`: postage,
+fees, manual adjustments and vouchers are left out). Online Retail has no categories, so a category
+is the first two characters of the stock code (a product family), with small families pooled into
+``other``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from recstack.catalogue import is_recommendable
 from recstack.v1 import ranking_pb2
 
 MIN_USER_EVENTS = 2
@@ -46,15 +48,13 @@ class Workload:
 def from_events(frame: Any, *, stock_codes: bool = True) -> Workload:
     """A workload from an event frame with ``user_id`` and ``item_id`` columns (pandas).
 
-    ``stock_codes``: item ids are Online Retail stock codes (only those starting with a digit are
-    products; categories are their two-digit families). Otherwise every item counts, and the
-    ``category`` column gives the categories where it is filled.
+    Items are those that may be recommended (:func:`recstack.catalogue.is_recommendable`).
+    ``stock_codes``: item ids are Online Retail stock codes, whose categories are their two-character
+    families. Otherwise the ``category`` column gives the categories where it is filled.
     """
     user_counts = frame.loc[~frame["user_id"].str.startswith("guest-"), "user_id"].value_counts()
     users = sorted(user_counts[user_counts >= MIN_USER_EVENTS].index.tolist())
-    items = sorted(
-        str(x) for x in frame["item_id"].unique().tolist() if not stock_codes or str(x)[:1].isdigit()
-    )
+    items = sorted(str(x) for x in frame["item_id"].unique().tolist() if is_recommendable(str(x)))
     if not users or not items:
         raise ValueError("the events hold no warm users or no sellable items")
     if stock_codes or "category" not in frame or frame["category"].isna().all():
@@ -69,7 +69,7 @@ def from_events(frame: Any, *, stock_codes: bool = True) -> Workload:
 
 
 def categorize(items: list[str]) -> dict[str, list[str]]:
-    """Category name -> items: stock-code families of two digits, small families pooled."""
+    """Category name -> items: stock-code families (first two characters), small families pooled."""
     families: dict[str, list[str]] = {}
     for item in items:
         families.setdefault(item[:2], []).append(item)

@@ -7,7 +7,9 @@ records:
 * ``weights.fp32.pt`` / ``weights.int8.pt``: plain state dicts of tensors (``torch.save``), loaded
   with ``torch.load(weights_only=True)``: nothing is unpickled but tensors;
 * ``vocab.json``: the item ids, in embedding-row order; ``catalogue.npz``: every item's counters
-  at the end of training (candidate generation), read with ``allow_pickle=False``;
+  at the end of training (``item_stats``, candidate generation) and whether it may be recommended
+  (``recommendable``, :mod:`recstack.catalogue`), one row per embedding row, read with
+  ``allow_pickle=False``;
 * ``config.json``: everything needed to rebuild the model (model, router and feature settings,
   training run); ``metrics.json``: the evaluation; reports (``report.md``, ``training_curve.png``);
 * ``MANIFEST.sha256``: ``<sha256>  <file>`` for every other file, checked before anything is read.
@@ -36,7 +38,8 @@ from models.inference import Ranker
 from models.model import RankerConfig, TwoPathRanker
 from models.quantize import SERVED_DENSE_RUNTIME, build_int8_model, quantize_state_dict
 from models.router import PathRouter, RouterConfig
-from models.vocab import ItemVocab
+from models.vocab import FIRST_ITEM_ROW, ItemVocab
+from recstack.catalogue import is_recommendable
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.sha256"
@@ -172,7 +175,11 @@ def publish_version(
         qstate = quantize_state_dict(state)
         torch.save(qstate, tmp / WEIGHTS_INT8)
         (tmp / VOCAB).write_text(json.dumps(vocab.item_ids))
-        np.savez(tmp / CATALOGUE, item_stats=np.asarray(catalogue_stats, dtype=np.float32))
+        np.savez(
+            tmp / CATALOGUE,
+            item_stats=np.asarray(catalogue_stats, dtype=np.float32),
+            recommendable=vocab.recommendable_rows(),
+        )
         full_config = dict(config)
         full_config.update(format_version=FORMAT_VERSION, version=version, model=model.config.to_dict())
         full_config.setdefault("router", RouterConfig().to_dict())
@@ -269,10 +276,11 @@ def load_model(
         verify_manifest(folder)
     config = read_config(folder)
     try:
-        item_ids = json.loads((folder / VOCAB).read_text())
-        vocab = ItemVocab([str(i) for i in item_ids])
+        item_ids = [str(i) for i in json.loads((folder / VOCAB).read_text())]
         with np.load(folder / CATALOGUE, allow_pickle=False) as data:
             catalogue = np.asarray(data["item_stats"], dtype=np.float32)
+            stored = np.asarray(data["recommendable"]) if "recommendable" in data.files else None
+        vocab = ItemVocab(item_ids, _recommendable(folder, item_ids, stored))
         model_config = RankerConfig.from_dict(config["model"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ArtifactError(f"{folder}: cannot read vocabulary, catalogue or model config: {exc}") from None
@@ -299,6 +307,21 @@ def load_model(
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ArtifactError(f"{folder}: weights do not fit the model config: {exc}") from None
     return model.to(device).eval(), vocab, config, catalogue
+
+
+def _recommendable(folder: Path, item_ids: list[str], stored: np.ndarray | None) -> np.ndarray:
+    """Each item's flag: what the version stored, and never an item the definition in force names
+    a service line (a code added to the list later applies to older versions too). Versions
+    published before the flag existed get the definition alone."""
+    definition = np.fromiter((is_recommendable(i) for i in item_ids), dtype=bool, count=len(item_ids))
+    if stored is None:
+        return definition
+    if stored.dtype != np.bool_ or stored.shape != (len(item_ids) + FIRST_ITEM_ROW,):
+        raise ArtifactError(
+            f"{folder}: {CATALOGUE}: recommendable must be {len(item_ids) + FIRST_ITEM_ROW} booleans "
+            f"(one per row), got {stored.dtype} {stored.shape}"
+        )
+    return stored[FIRST_ITEM_ROW:] & definition
 
 
 def _onnxruntime_available() -> bool:

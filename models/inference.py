@@ -22,7 +22,7 @@ from models.compiled import CompiledPaths
 from models.features import ITEM_DENSE_DIM, USER_DENSE_DIM, item_dense, user_dense
 from models.model import RankBatch, TwoPathRanker
 from models.router import PathRouter
-from models.vocab import FIRST_ITEM_ROW, PAD, ItemVocab
+from models.vocab import PAD, ItemVocab
 
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 # Compiled graphs are traced at warm-up for the cascade heads of requests up to this size (the
@@ -118,10 +118,12 @@ class Ranker:
         self.compiled = (
             CompiledPaths(model) if served is None and compiled and CompiledPaths.supported(model) else None
         )
-        # For candidate generation: every known item with its counters as of the end of training.
+        # For candidate generation: every known item that may be recommended (service lines such
+        # as postage may not: vocab.recommendable), with its counters as of the end of training.
         stats = catalogue_stats if catalogue_stats is not None else np.zeros((len(vocab), ITEM_DENSE_DIM))
-        self._all_rows = torch.arange(FIRST_ITEM_ROW, len(vocab), device=self.device)
-        self._all_item_dense = torch.from_numpy(item_dense(stats[FIRST_ITEM_ROW:])).to(self.device)
+        rows = np.flatnonzero(vocab.recommendable_rows())
+        self._all_rows = torch.from_numpy(rows).to(self.device)
+        self._all_item_dense = torch.from_numpy(item_dense(stats[rows])).to(self.device)
 
     # -- public API -----------------------------------------------------------------------------
     def rank_batch(
@@ -216,7 +218,8 @@ class Ranker:
     def candidates(self, recent_items: Sequence[str], k: int, exclude: set[str] | None = None) -> list[str]:
         """Up to ``k`` item ids for a user: the light path over the whole catalogue, scored from the
         user's recent items (embedding neighbours, repeat items) and each item's counters as of the
-        end of training; a cold user gets the most popular items."""
+        end of training; a cold user gets the most popular items. Never an item flagged not
+        recommendable (``Rank`` still scores whatever candidates it is given)."""
         if k <= 0 or len(self._all_rows) == 0:
             return []
         exclude = exclude or set()
@@ -231,10 +234,10 @@ class Ranker:
             )
             scores = self.model.light(batch)[0]
             want = min(len(self._all_rows), k + len(exclude))
-            top = torch.topk(scores, want).indices.cpu().numpy()
+            top = self._all_rows[torch.topk(scores, want).indices].cpu().tolist()
         out: list[str] = []
         for idx in top:
-            item = self.vocab.item(int(idx) + FIRST_ITEM_ROW)
+            item = self.vocab.item(idx)
             if item is not None and item not in exclude:
                 out.append(item)
                 if len(out) == k:

@@ -8,6 +8,8 @@ event-log columns (``ts`` in epoch milliseconds), sorted by time. Mapping of Onl
   count for item popularity, and a guest never returns, so no user history is built from them);
 * item = StockCode, event_type = ``purchase``, ts = InvoiceDate, price = UnitPrice, quantity = Quantity;
 * cancellations (InvoiceNo ``C…``, negative quantity) are left out: the contract has no return event;
+* service lines (postage, carriage, fees, discounts, manual adjustments, samples, gift vouchers:
+  :mod:`recstack.catalogue`) are left out: they are not goods a shopper chose;
 * event_id = ``or-<InvoiceNo>-<row>`` (row of the file), so replaying the file twice has no effect.
 
 The data set has no views or carts; the synthetic source and the OTTO sample cover those.
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from recstack.catalogue import is_service_line
 from recstack.errors import UserError
 from recstack.events import COLUMNS
 
@@ -96,14 +99,16 @@ def load_onlineretail(path: str | Path | None = None) -> pd.DataFrame:
         na_values={"CustomerID": [""]},
     )
     raw["row"] = np.arange(len(raw))
+    raw["StockCode"] = raw["StockCode"].str.strip()
     keep = ~raw["InvoiceNo"].str.startswith("C") & (raw["Quantity"] > 0) & (raw["UnitPrice"] >= 0)
+    keep &= ~raw["StockCode"].map(is_service_line).astype(bool)
     raw = raw[keep]
     customer = raw["CustomerID"].str.removesuffix(".0")
     frame = pd.DataFrame(
         {
             "event_id": "or-" + raw["InvoiceNo"] + "-" + raw["row"].astype(str),
             "user_id": customer.where(customer.notna(), "guest-" + raw["InvoiceNo"]),
-            "item_id": raw["StockCode"].str.strip(),
+            "item_id": raw["StockCode"],
             "event_type": "purchase",
             "ts": pd.to_datetime(raw["InvoiceDate"], utc=True).astype("int64") // 1_000_000,
             "price": raw["UnitPrice"].astype(float),

@@ -3,7 +3,10 @@
 Each test runs a server (port 0) on its own event loop in a background thread and calls it
 with the synchronous gRPC client, as a storefront would. Models are small randomly initialised
 versions of the real architecture, published with the models package's own artifact writer;
-features are written with ``feature_store.online``'s helpers. Waits poll for a condition with
+features are written with ``feature_store.online``'s helpers. Expected scores come from the raw
+values a test wrote, through the transforms docs/MODEL.md documents, written out here, into the
+model itself: not through the server's feature reader or input helpers, nor the inference API, so
+a wrong transform or a swapped feature on the serving side shows. Waits poll for a condition with
 a generous limit; nothing asserts on timing.
 """
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -25,7 +30,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from feature_store.online import ItemFeatures, UserFeatures, read_features, write_features
+from feature_store.online import ItemFeatures, UserFeatures, write_features
 from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 from services.ranking.config import RankingConfig
 from services.ranking.server import SERVICE_NAME, RankingServer, create_server
@@ -38,7 +43,7 @@ WAIT_S = 60.0
 
 
 # ------------------------------------------------------------------------------------ helpers
-def publish_model(models_dir: Path, version: str, seed: int) -> Path:
+def publish_model(models_dir: Path, version: str, seed: int, items: list[str] = ITEMS) -> Path:
     """A small random model of the served architecture, published as ``version``."""
     import torch
 
@@ -46,7 +51,7 @@ def publish_model(models_dir: Path, version: str, seed: int) -> Path:
     from models.model import ItemEmbeddingConfig, RankerConfig, TwoPathRanker
     from models.vocab import ItemVocab
 
-    vocab = ItemVocab(ITEMS)
+    vocab = ItemVocab(items)
     torch.manual_seed(seed)
     model = TwoPathRanker(RankerConfig(embedding=ItemEmbeddingConfig(num_rows=len(vocab), dim=16)))
     stats = np.random.default_rng(seed).gamma(1.0, 10.0, size=(len(vocab), 4)).astype(np.float32)
@@ -125,7 +130,10 @@ def start_server(redis_url: str, models_dir: Path) -> Iterator[Callable[..., Ser
         server.close()
 
 
-def seed_features(redis_url: str, users: dict[str, UserFeatures], n_items: int = 150) -> None:
+def seed_features(
+    redis_url: str, users: dict[str, UserFeatures], n_items: int = 150
+) -> dict[str, ItemFeatures]:
+    """Writes the users and the first ``n_items`` items' features; returns the items written."""
     client = redis.Redis.from_url(redis_url)
     items = {
         item: ItemFeatures(
@@ -135,6 +143,7 @@ def seed_features(redis_url: str, users: dict[str, UserFeatures], n_items: int =
     }
     write_features(client, users=users, items=items)
     client.close()
+    return items
 
 
 def warm_user(recent: list[str], purchased: list[str] | None = None) -> UserFeatures:
@@ -150,22 +159,52 @@ def warm_user(recent: list[str], purchased: list[str] | None = None) -> UserFeat
 
 
 def expected_scores(
-    redis_url: str, version_dir: Path, user_id: str, candidates: list[str], **kw
+    version_dir: Path,
+    user: UserFeatures,
+    items: dict[str, ItemFeatures],
+    candidates: list[str],
+    now_ms: int,
+    path: str = "cascade",
+    quantized: bool = True,
 ) -> np.ndarray:
-    """What the model itself says for these features (same reader, same loader, no server)."""
-    from models.artifacts import load_version
-    from services.ranking.config import RankingConfig
-    from services.ranking.engine import item_stats_of, rank_input
+    """What the model says for the features this test wrote, with the model's inputs built here.
 
-    quantized = kw.pop("quantized", True)
-    runtime = RankingConfig().dense_runtime if quantized else None  # what the server runs
-    ranker = load_version(version_dir, quantized=quantized, dense_runtime=runtime)
-    client = redis.Redis.from_url(redis_url)
-    (user,), items = read_features(client, [user_id], candidates)
-    client.close()
-    stats = {c: item_stats_of(f) for c, f in zip(candidates, items, strict=True)}
-    (out,) = ranker.rank_batch([rank_input(user, candidates, stats, int(time.time() * 1000))], **kw)
-    return out.scores
+    The documented inputs (docs/MODEL.md, "Features"; models/vocab.py): rows in ``vocab.json``
+    order from row 2 (0 is padding, 1 an unknown item); the user's ``log1p`` of views, carts and
+    purchases, ``log1p`` of hours since the last event and a "no event yet" flag; each candidate's
+    ``log1p`` of views, carts, purchases and trending (zeros for an item without features). The
+    cascade re-scores a head of 20 (a warm user, at most 1,000 candidates, no load: "Routing").
+    """
+    import torch
+
+    from models.artifacts import load_model
+    from models.model import RankBatch
+    from services.ranking.config import RankingConfig
+
+    row = {item: 2 + k for k, item in enumerate(json.loads((version_dir / "vocab.json").read_text()))}
+    hist = [row.get(item, 1) for item in user.recent_items[:50]] or [0]
+    hours = max(0.0, now_ms - user.last_event_ts) / 3_600_000
+    user_in = [math.log1p(user.views), math.log1p(user.add_to_carts), math.log1p(user.purchases)]
+    user_in += [math.log1p(hours), 0.0]
+    item_in = []
+    for c in candidates:
+        f = items.get(c)
+        raw = (f.views, f.add_to_carts, f.purchases, f.trending) if f is not None else (0, 0, 0, 0)
+        item_in.append([math.log1p(x) for x in raw])
+    batch = RankBatch(
+        hist=torch.tensor([hist]),
+        user_dense=torch.tensor([user_in], dtype=torch.float32),
+        cand=torch.tensor([[row.get(c, 1) for c in candidates]]),
+        item_dense=torch.tensor([item_in], dtype=torch.float32),
+    )
+    runtime = RankingConfig().dense_runtime if quantized else None  # the weights the server runs
+    model, _, _, _ = load_model(version_dir, quantized=quantized, dense_runtime=runtime)
+    with torch.inference_mode():
+        if path == "cascade":
+            scores = model.cascade(batch, torch.tensor([20]))
+        else:
+            scores = getattr(model, path)(batch)
+    return scores[0].float().numpy()
 
 
 class HeldRanker:
@@ -195,18 +234,21 @@ def rank(user: str, items: list[str], top_k: int = 0) -> ranking_pb2.RankRequest
 # -------------------------------------------------------------------------------------- tests
 def test_ranking_order_follows_the_model_scores(start_server, redis_url, models_dir):
     version_dir = publish_model(models_dir, V1, seed=1)
-    seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})
+    user = warm_user(ITEMS[:30])
+    items = seed_features(redis_url, {"u1": user})
     server = start_server()
     candidates = ITEMS[100:160] + ["never-seen-item"]  # an unknown item is cold start, not an error
 
+    before = time.time_ns() // 1_000_000
     got = server.stub.Rank(rank("u1", candidates), timeout=30)
+    now_ms = (before + time.time_ns() // 1_000_000) // 2
 
     assert got.model_version == V1 and not got.degraded
     assert got.path == "cascade"  # a warm user with more candidates than the cascade head
     ids, scores = [x.item_id for x in got.items], np.array([x.score for x in got.items])
     assert sorted(ids) == sorted(candidates)
     assert np.all(np.diff(scores) <= 0), "best first"
-    want = expected_scores(redis_url, version_dir, "u1", candidates)
+    want = expected_scores(version_dir, user, items, candidates, now_ms)
     by_id = dict(zip(ids, scores, strict=True))
     np.testing.assert_allclose([by_id[c] for c in candidates], want, rtol=1e-3, atol=1e-3)
 
@@ -265,6 +307,33 @@ def test_recommend_generates_candidates_and_excludes_purchases(start_server, red
         assert scores == sorted(scores, reverse=True)
         assert len({x.item_id for x in response.items}) == len(response.items)
         assert response.model_version == V1
+
+
+def test_recommend_never_returns_a_service_line_and_rank_still_scores_one(
+    start_server, redis_url, models_dir
+):
+    service = ["POST", "DOT", "M", "gift_0001_20"]
+    publish_model(models_dir, V1, seed=1, items=ITEMS[:60] + service)
+    seed_features(redis_url, {}, n_items=60)
+    # Postage on every order: the most bought line of the shop, all over this customer's history.
+    client = redis.Redis.from_url(redis_url)
+    write_features(
+        client,
+        users={"17850": warm_user(service + ITEMS[:3], purchased=service + ITEMS[:3])},
+        items={"POST": ItemFeatures(views=0, add_to_carts=0, purchases=5_000, trending=900.0)},
+    )
+    client.close()
+    server = start_server(recommend_pool=100)
+
+    for include_purchased in (True, False):
+        request = ranking_pb2.RecommendRequest(user_id="17850", k=64, include_purchased=include_purchased)
+        got = [x.item_id for x in server.stub.Recommend(request, timeout=30).items]
+        assert not set(got) & set(service), got[:10]
+        assert set(got) <= set(ITEMS[:60]) and len(got) == (60 if include_purchased else 57)
+
+    ranked = server.stub.Rank(rank("17850", ["POST", ITEMS[5], "gift_0001_20"]), timeout=30)
+    assert sorted(x.item_id for x in ranked.items) == sorted(["POST", ITEMS[5], "gift_0001_20"])
+    assert all(math.isfinite(x.score) for x in ranked.items)
 
 
 def test_new_model_version_is_picked_up_without_a_failed_request(start_server, redis_url, models_dir):
@@ -540,14 +609,17 @@ def test_naive_baseline_serves_the_same_api_through_feast(
 ):
     monkeypatch.setenv("RECSTACK_FEAST_DIR", str(tmp_path / "feast"))
     version_dir = publish_model(models_dir, V1, seed=1)
-    seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})
+    user = warm_user(ITEMS[:30])
+    items = seed_features(redis_url, {"u1": user})
     server = start_server(naive=True)
     candidates = ITEMS[100:140]
 
+    before = time.time_ns() // 1_000_000
     got = server.stub.Rank(rank("u1", candidates), timeout=60)
+    now_ms = (before + time.time_ns() // 1_000_000) // 2
 
     assert got.path == "full" and got.model_version == V1 and not got.degraded
-    want = expected_scores(redis_url, version_dir, "u1", candidates, quantized=False, force_path="full")
+    want = expected_scores(version_dir, user, items, candidates, now_ms, path="full", quantized=False)
     by_id = {x.item_id: x.score for x in got.items}
     np.testing.assert_allclose([by_id[c] for c in candidates], want, rtol=1e-3, atol=1e-3)
     rec = server.stub.Recommend(ranking_pb2.RecommendRequest(user_id="u1", k=4), timeout=60)

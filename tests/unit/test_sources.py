@@ -20,8 +20,13 @@ def _valid_rows(frame, n=200):
         validate({k: v for k, v in row.items() if v is not None and v == v})
 
 
-def test_onlineretail_mapping_follows_the_data_readme():
-    frame = sources.load_onlineretail()
+@pytest.fixture(scope="module")
+def onlineretail():
+    return sources.load_onlineretail()
+
+
+def test_onlineretail_mapping_follows_the_data_readme(onlineretail):
+    frame = onlineretail
     assert list(frame.columns) == list(COLUMNS)
     # 541,909 rows less cancellations and non-positive quantities
     assert 500_000 < len(frame) < 541_909
@@ -34,6 +39,20 @@ def test_onlineretail_mapping_follows_the_data_readme():
     guests = frame[frame["user_id"].str.startswith("guest-")]
     assert len(guests) > 100_000  # rows without CustomerID still count for item popularity
     _valid_rows(frame)
+
+
+def test_onlineretail_mapping_drops_service_lines(onlineretail):
+    """Postage, carriage, fees, discounts, manual adjustments, samples and gift vouchers are not
+    goods: neither a shopper's purchase to learn from nor an item to recommend."""
+    items = set(onlineretail["item_id"])
+    service = {"POST", "DOT", "M", "m", "C2", "D", "S", "B", "BANK CHARGES", "AMAZONFEE", "CRUK"}
+    assert not items & service
+    assert not [i for i in items if i.startswith("gift_0001_")]
+    # Codes that do not start with a digit but whose descriptions are goods stay.
+    assert {"PADS", "DCGSSBOY", "DCGSSGIRL", "DCGS0004"} <= items
+    # Only the service line goes: invoice 536370 (customer 12583) had 19 goods and postage.
+    invoice = onlineretail[onlineretail["session_id"] == "536370"]
+    assert len(invoice) == 19 and set(invoice["user_id"]) == {"12583"}
 
 
 def test_otto_sample_maps_event_types():
