@@ -225,7 +225,19 @@ def test_makefile_has_the_documented_targets() -> None:
     assert re.search(r"^\.DEFAULT_GOAL := help$", text, re.MULTILINE)
 
 
-@pytest.mark.parametrize("script", ["up.sh", "down.sh", "kafka.sh", "redis.sh", "with-services.sh"])
+def test_make_test_installs_the_tools_its_tests_need() -> None:
+    # openssl (TLS test), promtool (alert rules), kustomize (manifests): those tests fail, never skip.
+    text = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test: .*\btools\b", text, re.MULTILINE), "make test does not depend on tools"
+    assert re.search(r"^tools:.*\n\t@infra/tools\.sh$", text, re.MULTILINE)
+    script = (ROOT / "infra" / "tools.sh").read_text()
+    for needed in ("openssl", "prometheus", 'render.sh" --kustomize'):
+        assert needed in script
+
+
+@pytest.mark.parametrize(
+    "script", ["up.sh", "down.sh", "kafka.sh", "redis.sh", "with-services.sh", "tools.sh"]
+)
 def test_infra_scripts_are_valid_bash(script: str) -> None:
     path = ROOT / "infra" / script
     assert os.access(path, os.X_OK), f"{path} is not executable"
