@@ -151,7 +151,7 @@ def test_ranking_deployment_follows_the_contract(overlay: tuple[str, list[dict]]
     _, resources = overlay
     deployment = _find(resources, "Deployment", "recstack-ranking")
     container = _container(deployment)
-    assert container["command"] == ["recstack", "serve"]
+    assert container["command"][:2] == ["recstack", "serve"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": 50051, "metrics": 9464}
     readiness, liveness = container["readinessProbe"], container["livenessProbe"]
@@ -169,6 +169,23 @@ def test_ranking_deployment_follows_the_contract(overlay: tuple[str, list[dict]]
     assert annotations["prometheus.io/port"] == "9464"
     # The HorizontalPodAutoscaler owns the replica count.
     assert "replicas" not in deployment["spec"]
+
+
+def test_pods_listen_on_their_ip_and_ranking_requires_its_token(overlay: tuple[str, list[dict]]) -> None:
+    """Probes and Prometheus reach a pod at its IP, so the servers bind every interface there
+    (explicitly: their default is loopback); beyond loopback the ranking server needs its token,
+    so the Secret holding it is required, not optional (a pod without it does not start)."""
+    _, resources = overlay
+    ranking = _container(_find(resources, "Deployment", "recstack-ranking"))
+    command = ranking["command"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    for name in ("recstack-ranking", "recstack-stream"):
+        variables = _all_variables(resources, _container(_find(resources, "Deployment", name)))
+        assert variables.get("RECSTACK_METRICS_HOST") == "0.0.0.0", name
+    token = _env(ranking)["RECSTACK_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token["name"] == "recstack-auth" and token["key"] == "token"
+    assert not token.get("optional", False), "the ranking token Secret is optional: auth would be off"
+    assert "RECSTACK_INSECURE" not in _all_variables(resources, ranking)
 
 
 def test_ranking_pods_mount_the_models_read_only(overlay: tuple[str, list[dict]]) -> None:
@@ -381,9 +398,9 @@ def test_env_references_resolve(overlay: tuple[str, list[dict]]) -> None:
         *(r["metadata"]["name"] for r in resources if r["kind"] == "KafkaUser"),
     }
     if name == "base":
-        secrets_made_elsewhere.add(
-            "recstack-redis-cluster"
-        )  # created before the Redis chart (its values.yaml)
+        # Created by the operator before applying (docs/OPERATIONS.md): the Redis chart's password
+        # (its values.yaml) and the ranking API's bearer token.
+        secrets_made_elsewhere |= {"recstack-redis-cluster", "recstack-auth"}
     for workload in _workloads(resources):
         for container in _pod_spec(workload)["containers"]:
             defined: set[str] = set()

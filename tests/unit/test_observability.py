@@ -292,7 +292,7 @@ def test_compose_mounts_the_prometheus_and_grafana_files(prometheus: dict, compo
     assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
     source = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert source["datasources"][0]["url"] == "http://prometheus:9090"
-    assert "9090:9090" in prom["ports"]
+    assert "127.0.0.1:9090:9090" in prom["ports"]
 
 
 def test_kubernetes_scrape_config_matches_the_manifests() -> None:
