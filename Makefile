@@ -20,7 +20,7 @@ FUZZ_SECONDS ?= 300
 # uv installs everything; `make install` bootstraps the pinned version into $(PYTHON) if it is missing.
 UV = $(PYTHON) -m uv
 
-.PHONY: help install lock proto up down status test demo chaos lint clean fuzz
+.PHONY: help install tools lock proto up down status test demo chaos lint clean fuzz
 
 help: ## list the targets
 	@echo "recstack make targets:"
@@ -47,6 +47,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@echo "==> install: byte-compiling the environment"
 	@$(VENV_PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	@touch $@
+
+tools: ## install the tools the tests use: openssl, promtool, kustomize (once; then a no-op)
+	@infra/tools.sh
 
 lock: ## re-pin constraints.txt (the lock file) after changing pyproject.toml
 	@echo "==> lock: resolve pyproject.toml, keeping what $(VENV)/ already has where it fits"
@@ -80,7 +83,7 @@ status: ## show whether the local Kafka broker and Redis server are running
 	@infra/redis.sh status || true
 	@infra/redis-cluster.sh status || true
 
-test: install ## install, start the services, run the whole test suite (TESTS=path PYTEST_ARGS=...)
+test: install tools ## install, start the services, run the whole test suite (TESTS=path PYTEST_ARGS=...)
 	@infra/with-services.sh $(VENV_PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
 
 fuzz: install ## fuzz the event validator and the ranking requests (FUZZ_SECONDS=300, with atheris)

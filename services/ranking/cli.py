@@ -45,16 +45,21 @@ def _on_off(text: str) -> bool:
 _Flag = tuple[str, str, Callable[[str], Any] | None, str]
 _GROUPS: dict[str, list[_Flag]] = {
     "network": [
-        ("--host", "host", str, "address to listen on; 127.0.0.1 keeps the server off the network"),
+        ("--host", "host", str,
+         "address to listen on; beyond loopback (0.0.0.0) it needs a token or TLS, or --insecure"),
         ("--port", "port", _port, "gRPC port (0 = any free port)"),
         ("--reuse-port", "reuse_port", None,
          "share the port with other server processes (SO_REUSEPORT); --workers sets it"),
         ("--metrics-port", "metrics_port", _port, "Prometheus /metrics HTTP port (0 disables)"),
-        ("--metrics-host", "metrics_host", str, "address of /metrics; 127.0.0.1 keeps it on this machine"),
+        ("--metrics-host", "metrics_host", str, "address of /metrics (0.0.0.0: every interface)"),
         ("--tls-cert", "tls_cert", str, "TLS certificate chain, PEM (with --tls-key)"),
         ("--tls-key", "tls_key", str, "TLS private key, PEM (with --tls-cert)"),
         ("--auth-token-file", "", str,
          f"require 'authorization: Bearer <token>', the token read from this file (or ${AUTH_TOKEN_ENV})"),
+        ("--insecure", "insecure", None,
+         "serve beyond loopback with neither a bearer token nor TLS (an explicit choice)"),
+        ("--max-concurrent-rpcs", "max_concurrent_rpcs", positive_int,
+         "calls held at once; beyond it new calls get RESOURCE_EXHAUSTED at once"),
         ("--max-message-bytes", "max_message_bytes", positive_int, "largest request or response accepted"),
         ("--grace-period-s", "grace_period_s", non_negative_float,
          "on SIGTERM, the time in-flight calls get to finish"),

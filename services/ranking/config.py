@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ AUTH_TOKEN_ENV = "RECSTACK_AUTH_TOKEN"
 @dataclass(frozen=True)
 class RankingConfig:
     # --- network -------------------------------------------------------------------------------
-    host: str = "0.0.0.0"  # contract default; use 127.0.0.1 to keep the server off the network
+    # Loopback unless told otherwise: a server started as shipped is not on the network. Beyond
+    # loopback (0.0.0.0 in a container) it needs auth_token or TLS, or an explicit `insecure`.
+    host: str = "127.0.0.1"
     port: int = 50051  # 0 = pick a free port (tests)
     # Share the port with other server processes (SO_REUSEPORT; the kernel spreads connections).
     # Off by default so that a second server started by mistake fails instead of sharing.
@@ -29,13 +32,22 @@ class RankingConfig:
     # Bearer token clients must send as ``authorization: Bearer <token>``; None = auth off.
     # Kept out of repr so it never reaches a log line.
     auth_token: str | None = field(default=None, repr=False)
+    # Serve beyond loopback with neither a token nor TLS: only when the operator says so, e.g.
+    # behind a mesh that authenticates and encrypts, or on a private network of one's own.
+    insecure: bool = False
+    # Calls the server holds at once, health checks included; beyond it gRPC answers
+    # RESOURCE_EXHAUSTED at once ("Concurrent RPC limit exceeded!") instead of taking the call,
+    # so a flood costs the server no memory per extra call (gRPC's core itself cancels calls
+    # past its own queue of calls not yet taken, 1,000-3,000 by default). The micro-batcher's
+    # max_queue and the shedding below act on the calls taken; this bounds how many are taken.
+    max_concurrent_rpcs: int = 1_000
     # 1,000 ids of 128 chars is ~135 KB on the wire; 1 MiB leaves room and bounds memory per call.
     max_message_bytes: int = 1 << 20
     grace_period_s: float = 5.0  # SIGTERM: in-flight calls get this long to finish
     metrics_port: int = 9464  # Prometheus HTTP; 0 disables
-    # All interfaces (the contract's ``:9464``) so a Prometheus elsewhere can scrape it;
-    # 127.0.0.1 keeps the metrics on this machine.
-    metrics_host: str = "0.0.0.0"
+    # Loopback unless told otherwise, like the gRPC port: containers and pods set 0.0.0.0 so a
+    # Prometheus elsewhere can scrape it (docker-compose.yml, infra/k8s).
+    metrics_host: str = "127.0.0.1"
 
     # --- request limits ------------------------------------------------------------------------
     max_candidates: int = DEFAULT_MAX_CANDIDATES  # per Rank request, and the largest Recommend k
@@ -130,6 +142,7 @@ class RankingConfig:
             "item_cache_max_items",
             "torch_threads",
             "shed_min_queue",
+            "max_concurrent_rpcs",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -164,6 +177,18 @@ class RankingConfig:
             problems.append(f"metrics_port {self.metrics_port} is not 0-65535")
         if problems:
             raise ValueError("invalid ranking configuration: " + "; ".join(problems))
+        if (
+            not is_loopback(self.host)
+            and self.auth_token is None
+            and self.tls_cert is None
+            and not self.insecure
+        ):
+            raise ValueError(
+                f"refusing to serve on {self.host}, beyond loopback, with neither a bearer token "
+                f"(--auth-token-file or {AUTH_TOKEN_ENV}) nor TLS (--tls-cert and --tls-key): give "
+                "one of them, or --insecure (RECSTACK_INSECURE=true) to serve without, or "
+                "--host 127.0.0.1 to stay on this machine"
+            )
 
     @property
     def address(self) -> str:
@@ -172,6 +197,17 @@ class RankingConfig:
 
     def replace(self, **changes: object) -> RankingConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1, ``localhost``): nothing but this
+    machine can connect. Any other name may resolve to an interface others reach."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def read_auth_token(token_file: str | Path | None) -> str | None:

@@ -206,7 +206,7 @@ class RankingMetrics:
         for why in ("changed", "resync", "preload"):
             self.catalogue_reads.labels(why)
 
-    def serve_http(self, port: int, addr: str = "0.0.0.0") -> None:
+    def serve_http(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose the metrics at ``http://addr:port/metrics`` from a daemon thread."""
         start_http_server(port, addr=addr, registry=self.registry)
 

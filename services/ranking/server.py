@@ -182,6 +182,7 @@ class RankingServer:
         self.grpc = grpc.aio.server(
             interceptors=[_Auth(config.auth_token)] if config.auth_token is not None else None,
             options=options,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         handlers = service_handlers(RankingServicer(self.backend, config), self.metrics)
         self.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

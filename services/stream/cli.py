@@ -107,7 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--metrics-host",
         default=d.metrics_host,
         metavar="ADDRESS",
-        help="address of the metrics endpoint; 127.0.0.1 keeps it on this machine",
+        help="address of the metrics endpoint (0.0.0.0: every interface, as in a container)",
     )
     add_flag(
         parser,

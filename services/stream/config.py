@@ -28,7 +28,8 @@ class StreamConfig:
     # Seconds an event's ts may be ahead of the consumer's clock; later ones are dead letters.
     max_future_skew: float = 300.0
     metrics_port: int = 9465  # 0: no metrics endpoint
-    metrics_host: str = "0.0.0.0"  # all interfaces (the contract's :9465); 127.0.0.1: this machine only
+    # Loopback unless told otherwise; containers and pods set 0.0.0.0 so Prometheus can scrape it.
+    metrics_host: str = "127.0.0.1"
     # Records per poll, hence per atomic Redis write. Bigger batches aggregate more per entity
     # (fewer hash merges per event) but hold Redis longer in one script.
     max_batch: int = 2_000

@@ -118,8 +118,8 @@ class StreamMetrics:
             registry=r,
         )
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Serve ``/metrics`` on ``addr:port`` (default: all interfaces) from a daemon thread."""
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Serve ``/metrics`` on ``addr:port`` (default: loopback only) from a daemon thread."""
         start_http_server(port, addr=addr, registry=self.registry)
 
 

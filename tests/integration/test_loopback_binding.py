@@ -1,6 +1,6 @@
 """The local setup listens on loopback only: the Kafka broker and Redis server of `make up`, and
-the metrics endpoints when asked to (``--metrics-host 127.0.0.1``). Checked in the kernel's own
-table of listening sockets (/proc/net/tcp, tcp6), not in configuration files."""
+the metrics endpoints, by default and when asked to (``--metrics-host 127.0.0.1``). Checked in
+the kernel's own table of listening sockets (/proc/net/tcp, tcp6), not in configuration files."""
 
 from __future__ import annotations
 
@@ -67,5 +67,16 @@ def test_metrics_endpoints_bind_where_they_are_told():
     ranking, stream = _free_port(), _free_port()
     RankingMetrics().serve_http(ranking, "127.0.0.1")
     StreamMetrics().serve(stream, "127.0.0.1")
+    assert _listening(ranking) == {"127.0.0.1"}
+    assert _listening(stream) == {"127.0.0.1"}
+
+
+def test_metrics_endpoints_bind_loopback_by_default():
+    from services.ranking.metrics import RankingMetrics
+    from services.stream.metrics import StreamMetrics
+
+    ranking, stream = _free_port(), _free_port()
+    RankingMetrics().serve_http(ranking)
+    StreamMetrics().serve(stream)
     assert _listening(ranking) == {"127.0.0.1"}
     assert _listening(stream) == {"127.0.0.1"}

@@ -74,15 +74,76 @@ def test_compose_defaults_match_the_local_path(compose: dict) -> None:
     assert kafka["KAFKA_NUM_PARTITIONS"] == "6"
     assert kafka["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
     ranking = _service(compose, "ranking")
-    assert "50051:50051" in ranking["ports"]
-    assert "9464:9464" in ranking["ports"]
+    assert "127.0.0.1:50051:50051" in ranking["ports"]
+    assert "127.0.0.1:9464:9464" in ranking["ports"]
 
 
 def test_stream_consumer_scales(compose: dict) -> None:
     stream = _service(compose, "stream")
     assert "container_name" not in stream
     for entry in stream.get("ports", []):
-        assert ":" not in str(entry), f"a fixed host port ({entry}) stops `--scale stream=N`"
+        host_port = str(entry).split(":")[-2] if ":" in str(entry) else ""
+        assert not host_port, f"a fixed host port ({entry}) stops `--scale stream=N`"
+
+
+# ------------------------------------------------------------------ safe as shipped (issue 14)
+
+REQUIRED = re.compile(r"^\$\{(\w+):\?[^}]+\}$")  # ${VAR:?message}: compose stops when VAR is unset
+
+
+def test_compose_publishes_every_port_on_loopback_only(compose: dict) -> None:
+    published = 0
+    for name, service in compose["services"].items():
+        for entry in service.get("ports", []):
+            published += 1
+            if isinstance(entry, dict):
+                assert entry.get("host_ip") == "127.0.0.1", f"{name}: {entry}"
+            else:
+                assert str(entry).startswith("127.0.0.1:"), f"{name} publishes {entry} beyond loopback"
+    assert published >= 7
+
+
+def test_compose_redis_requires_a_password_every_client_has(compose: dict) -> None:
+    redis_service = _service(compose, "redis")
+    auth = _environment(redis_service)["REDISCLI_AUTH"]
+    assert REQUIRED.match(auth) and REQUIRED.match(auth).group(1) == "REDIS_PASSWORD", auth
+    command = " ".join(_command(redis_service))
+    assert '--requirepass "$$REDISCLI_AUTH"' in command
+    assert "PONG" in " ".join(redis_service["healthcheck"]["test"])  # an error reply is not healthy
+    clients = [name for name, s in compose["services"].items() if "RECSTACK_REDIS" in _environment(s)]
+    assert set(clients) >= {"stream", "ranking"}
+    for name in clients:
+        env = _environment(_service(compose, name))
+        assert env.get("RECSTACK_REDIS_PASSWORD") == auth, f"{name} does not send the Redis password"
+
+
+def test_compose_grafana_and_prometheus_are_locked(compose: dict) -> None:
+    grafana = _environment(_service(compose, "grafana"))
+    match = REQUIRED.match(grafana["GF_SECURITY_ADMIN_PASSWORD"])
+    assert match and match.group(1) == "GRAFANA_ADMIN_PASSWORD", "Grafana's admin password has a default"
+    assert not any("enable-lifecycle" in part for part in _command(_service(compose, "prometheus")))
+
+
+def test_compose_sets_the_hosts_and_the_ranking_server_starts_with_them(
+    compose: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = _service(compose, "ranking")
+    command, ranking = _command(service), _environment(service)
+    # Inside the container every interface; the host publishes the ports on loopback only.
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert ranking["RECSTACK_METRICS_HOST"] == "0.0.0.0"
+    assert _environment(_service(compose, "stream"))["RECSTACK_METRICS_HOST"] == "0.0.0.0"
+    # `recstack serve` with the container's command and environment passes its start-up checks.
+    for key, value in ranking.items():
+        if key.startswith("RECSTACK_"):
+            monkeypatch.setenv(key, "" if value.startswith("${") else value)
+    monkeypatch.setenv("RECSTACK_REDIS_PASSWORD", "from-the-environment")
+    from recstack.cli import build_parser
+    from services.ranking.cli import config_from_args
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    config = config_from_args(action.choices["serve"].parse_args(command[2:]))
+    assert config.host == "0.0.0.0" and (config.insecure or config.auth_token or config.tls_cert)
 
 
 def test_topics_are_created_by_a_one_shot_service(compose: dict) -> None:
@@ -164,7 +225,10 @@ def test_compose_variables_are_real_flags(compose: dict, name: str) -> None:
     flags = _subcommand_flags()
     if subcommand not in flags:
         pytest.skip(f"`recstack {subcommand}` is not in this checkout yet")
-    unknown = {var for var in _environment(service) if var.startswith("RECSTACK_")} - flags[subcommand]
+    from services.ranking.config import AUTH_TOKEN_ENV  # read by the code, not a flag (never on argv)
+
+    known = flags[subcommand] | ({AUTH_TOKEN_ENV} if subcommand == "serve" else set())
+    unknown = {var for var in _environment(service) if var.startswith("RECSTACK_")} - known
     assert not unknown, f"{name}: {sorted(unknown)} are not flags of `recstack {subcommand}`"
 
 
@@ -225,7 +289,19 @@ def test_makefile_has_the_documented_targets() -> None:
     assert re.search(r"^\.DEFAULT_GOAL := help$", text, re.MULTILINE)
 
 
-@pytest.mark.parametrize("script", ["up.sh", "down.sh", "kafka.sh", "redis.sh", "with-services.sh"])
+def test_make_test_installs_the_tools_its_tests_need() -> None:
+    # openssl (TLS test), promtool (alert rules), kustomize (manifests): those tests fail, never skip.
+    text = (ROOT / "Makefile").read_text()
+    assert re.search(r"^test: .*\btools\b", text, re.MULTILINE), "make test does not depend on tools"
+    assert re.search(r"^tools:.*\n\t@infra/tools\.sh$", text, re.MULTILINE)
+    script = (ROOT / "infra" / "tools.sh").read_text()
+    for needed in ("openssl", "prometheus", 'render.sh" --kustomize'):
+        assert needed in script
+
+
+@pytest.mark.parametrize(
+    "script", ["up.sh", "down.sh", "kafka.sh", "redis.sh", "with-services.sh", "tools.sh"]
+)
 def test_infra_scripts_are_valid_bash(script: str) -> None:
     path = ROOT / "infra" / script
     assert os.access(path, os.X_OK), f"{path} is not executable"

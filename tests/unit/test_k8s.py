@@ -1,21 +1,21 @@
 """The Kubernetes manifests of infra/k8s render, and agree with the contract and with each other.
 
-Both the base and the local overlay are rendered with kustomize (``infra/k8s/render.sh
---kustomize`` finds it or installs it into ~/.cache/recstack/bin with Go); where that is not
-possible, with infra/k8s/render.py, whose output must equal kustomize's wherever both run. Then the
-objects are checked: names, ports 50051/9464/9465, gRPC probes on recstack.v1.RankingService,
-RECSTACK_* variables that are real flags, references to ConfigMaps, Secrets and volumes that
-resolve, and no more stream consumers than user-events has partitions.
+Both the base and the local overlay are rendered with the real kustomize, the version pinned in
+``infra/k8s/render.sh`` (``make test`` installs it first, ``infra/tools.sh``); without it these
+tests fail rather than skip. Then the objects are checked: names, ports 50051/9464/9465, gRPC
+probes on recstack.v1.RankingService, RECSTACK_* variables that are real flags, references to
+ConfigMaps, Secrets and volumes that resolve, no more stream consumers than user-events has
+partitions, and every Redis setting of an overlay naming the same Redis the same way.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -38,28 +38,23 @@ PENDING_STREAM_FLAGS = {
 }
 
 
-def _renderer():
-    spec = importlib.util.spec_from_file_location("recstack_k8s_render", K8S / "render.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-render_py = _renderer()
+def _pinned_kustomize_version() -> str:
+    match = re.search(r"^KUSTOMIZE_VERSION=(v[0-9.]+)$", RENDER_SH.read_text(), re.MULTILINE)
+    assert match, "infra/k8s/render.sh pins no KUSTOMIZE_VERSION"
+    return match.group(1)
 
 
 @pytest.fixture(scope="module")
-def kustomize() -> str | None:
-    """A kustomize binary (installed on first use), or None where it cannot be had."""
-    try:
-        result = subprocess.run(
-            [str(RENDER_SH), "--kustomize"], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
-        )
-    except subprocess.TimeoutExpired:
-        return None
+def kustomize() -> str:
+    """The pinned kustomize binary (``render.sh --kustomize`` finds it, or installs it with Go)."""
+    result = subprocess.run(
+        [str(RENDER_SH), "--kustomize"], capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S
+    )
     path = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    return path if result.returncode == 0 and os.access(path, os.X_OK) else None
+    assert result.returncode == 0 and os.access(path, os.X_OK), (
+        f"no kustomize (make test installs it with infra/tools.sh):\n{result.stderr}"
+    )
+    return path
 
 
 def _key(resource: dict) -> tuple[str, str, str, str]:
@@ -68,17 +63,14 @@ def _key(resource: dict) -> tuple[str, str, str, str]:
 
 
 @pytest.fixture(scope="module")
-def rendered(kustomize: str | None) -> dict[str, list[dict]]:
+def rendered(kustomize: str) -> dict[str, list[dict]]:
     out = {}
     for overlay in OVERLAYS:
-        if kustomize:
-            result = subprocess.run(
-                [kustomize, "build", str(K8S / overlay)], capture_output=True, text=True, timeout=120
-            )
-            assert result.returncode == 0, f"kustomize build {overlay}:\n{result.stderr}"
-            out[overlay] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-        else:
-            out[overlay] = render_py.render(K8S / overlay)
+        result = subprocess.run(
+            [kustomize, "build", str(K8S / overlay)], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, f"kustomize build {overlay}:\n{result.stderr}"
+        out[overlay] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     return out
 
 
@@ -128,48 +120,17 @@ def overlay(request: pytest.FixtureRequest, rendered: dict[str, list[dict]]) -> 
 # ------------------------------------------------------------------------------ rendering
 
 
-@pytest.mark.parametrize("name", OVERLAYS)
-def test_python_renderer_matches_kustomize(kustomize: str | None, rendered: dict, name: str) -> None:
-    if kustomize is None:
-        pytest.skip("kustomize could not be found or installed; render.py alone rendered the manifests")
-    ours = {_key(r): r for r in render_py.render(K8S / name)}
-    theirs = {_key(r): r for r in rendered[name]}
-    assert set(ours) == set(theirs)
-    for key, resource in theirs.items():
-        assert ours[key] == resource, f"render.py and kustomize differ on {key}"
-
-
 def test_render_script_is_valid_bash() -> None:
     assert os.access(RENDER_SH, os.X_OK)
     subprocess.run(["bash", "-n", str(RENDER_SH)], check=True)
 
 
-def test_render_script_falls_back_to_python(tmp_path: Path) -> None:
-    env = dict(
-        os.environ,
-        RECSTACK_KUSTOMIZE_INSTALL="0",
-        RECSTACK_KUSTOMIZE="",
-        RECSTACK_BIN_DIR=str(tmp_path),
-        PATH="/usr/bin:/bin",
-    )
-    result = subprocess.run(
-        [str(RENDER_SH), str(K8S / "overlays" / "local")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    if "render.py" not in result.stderr:
-        pytest.skip("a kustomize on /usr/bin or /bin was used")
+def test_the_pinned_kustomize_renders(kustomize: str) -> None:
+    version = subprocess.run([kustomize, "version"], capture_output=True, text=True, check=True).stdout
+    assert version.strip() == _pinned_kustomize_version()
+    result = subprocess.run([str(RENDER_SH), str(K8S / "base")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-    assert {_key(d) for d in docs} == {_key(d) for d in render_py.render(K8S / "overlays" / "local")}
-
-
-def test_python_renderer_refuses_what_it_cannot_render(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nconfigMapGenerator: []\n")
-    with pytest.raises(render_py.KustomizationError, match="configMapGenerator"):
-        render_py.render(tmp_path)
+    assert any(d and d["kind"] == "Deployment" for d in yaml.safe_load_all(result.stdout))
 
 
 def test_every_object_is_namespaced_and_labelled(overlay: tuple[str, list[dict]]) -> None:
@@ -190,7 +151,7 @@ def test_ranking_deployment_follows_the_contract(overlay: tuple[str, list[dict]]
     _, resources = overlay
     deployment = _find(resources, "Deployment", "recstack-ranking")
     container = _container(deployment)
-    assert container["command"] == ["recstack", "serve"]
+    assert container["command"][:2] == ["recstack", "serve"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": 50051, "metrics": 9464}
     readiness, liveness = container["readinessProbe"], container["livenessProbe"]
@@ -208,6 +169,23 @@ def test_ranking_deployment_follows_the_contract(overlay: tuple[str, list[dict]]
     assert annotations["prometheus.io/port"] == "9464"
     # The HorizontalPodAutoscaler owns the replica count.
     assert "replicas" not in deployment["spec"]
+
+
+def test_pods_listen_on_their_ip_and_ranking_requires_its_token(overlay: tuple[str, list[dict]]) -> None:
+    """Probes and Prometheus reach a pod at its IP, so the servers bind every interface there
+    (explicitly: their default is loopback); beyond loopback the ranking server needs its token,
+    so the Secret holding it is required, not optional (a pod without it does not start)."""
+    _, resources = overlay
+    ranking = _container(_find(resources, "Deployment", "recstack-ranking"))
+    command = ranking["command"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    for name in ("recstack-ranking", "recstack-stream"):
+        variables = _all_variables(resources, _container(_find(resources, "Deployment", name)))
+        assert variables.get("RECSTACK_METRICS_HOST") == "0.0.0.0", name
+    token = _env(ranking)["RECSTACK_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert token["name"] == "recstack-auth" and token["key"] == "token"
+    assert not token.get("optional", False), "the ranking token Secret is optional: auth would be off"
+    assert "RECSTACK_INSECURE" not in _all_variables(resources, ranking)
 
 
 def test_ranking_pods_mount_the_models_read_only(overlay: tuple[str, list[dict]]) -> None:
@@ -420,9 +398,9 @@ def test_env_references_resolve(overlay: tuple[str, list[dict]]) -> None:
         *(r["metadata"]["name"] for r in resources if r["kind"] == "KafkaUser"),
     }
     if name == "base":
-        secrets_made_elsewhere.add(
-            "recstack-redis-cluster"
-        )  # created before the Redis chart (its values.yaml)
+        # Created by the operator before applying (docs/OPERATIONS.md): the Redis chart's password
+        # (its values.yaml) and the ranking API's bearer token.
+        secrets_made_elsewhere |= {"recstack-redis-cluster", "recstack-auth"}
     for workload in _workloads(resources):
         for container in _pod_spec(workload)["containers"]:
             defined: set[str] = set()
@@ -512,11 +490,9 @@ def test_base_image_and_local_overlay(rendered: dict[str, list[dict]]) -> None:
         assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     for claim in (r for r in base if r["kind"] == "PersistentVolumeClaim"):
         assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # shared across nodes
-    # The local overlay swaps the Redis Cluster for one server, reached through the same ConfigMap.
-    address = _find(local, "ConfigMap", "recstack-endpoints")["data"]["redis-address"]
-    host, _, port = address.partition(":")
-    service = _find(local, "Service", host)
-    assert int(port) in {p["port"] for p in service["spec"]["ports"]}
+    # The local overlay swaps the Redis Cluster for one server (test_every_redis_setting_...).
+    assert _find(local, "ConfigMap", "recstack-endpoints")["data"]["redis-url"].startswith("redis://")
+    assert _find(base, "ConfigMap", "recstack-endpoints")["data"]["redis-url"].startswith("redis+cluster://")
 
 
 def _millicores(value: str) -> int:
@@ -528,38 +504,142 @@ def _millicores(value: str) -> int:
 
 def test_redis_cluster_values_and_feast_config_agree(rendered: dict[str, list[dict]]) -> None:
     base = rendered["base"]
-    values = yaml.safe_load((K8S / "redis" / "values.yaml").read_text())
+    _, values = _helm_redis()
     assert values["cluster"]["nodes"] >= 3 * (1 + values["cluster"]["replicas"])  # >= 3 primaries
     assert values["usePassword"] is True
-    ranking_env = _env(_container(_find(base, "Deployment", "recstack-ranking")))
-    password_ref = ranking_env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
-    assert values["existingSecret"] == password_ref["name"]
-    assert values["existingSecretPasswordKey"] == password_ref["key"]
     assert "maxmemory-policy noeviction" in values["redis"]["configmap"]
-    address = _find(base, "ConfigMap", "recstack-endpoints")["data"]["redis-address"]
     feast = yaml.safe_load(_find(base, "ConfigMap", "recstack-feast")["data"]["feature_store.yaml"])
     assert feast["project"] == "recstack"
-    assert feast["online_store"]["type"] == "redis"
-    assert feast["online_store"]["redis_type"] == "redis_cluster"
-    assert feast["online_store"]["connection_string"].split(",")[0] == address
     assert (
         feast["entity_key_serialization_version"]
         == yaml.safe_load((ROOT / "feature_store" / "feature_store.yaml").read_text())[
             "entity_key_serialization_version"
         ]
     )
-    assert ranking_env["RECSTACK_REDIS"]["value"].endswith("/0")  # a Redis Cluster has database 0 only
+    # A Redis Cluster has database 0 only: the URL names none other.
+    url = _find(base, "ConfigMap", "recstack-endpoints")["data"]["redis-url"]
+    assert urlsplit(url).path in ("", "/", "/0")
 
 
-def test_python_renderer_patch_semantics() -> None:
-    doc = {"spec": {"items": [{"a": 1}], "map": {"k.with.dots": 1}}}
-    render_py._json_patch(doc, {"op": "replace", "path": "/spec/map/k.with.dots", "value": 2})
-    render_py._json_patch(doc, {"op": "add", "path": "/spec/items/-", "value": {"b": 2}})
-    render_py._json_patch(doc, {"op": "remove", "path": "/spec/items/0"})
-    assert doc == {"spec": {"items": [{"b": 2}], "map": {"k.with.dots": 2}}}
-    with pytest.raises(render_py.KustomizationError):
-        render_py._json_patch(doc, {"op": "replace", "path": "/spec/missing", "value": 1})
-    assert render_py._new_image(
-        "registry:5000/recstack:1", {"name": "registry:5000/recstack", "newTag": "2"}
-    ) == ("registry:5000/recstack:2")
-    assert render_py._new_image("other:1", {"name": "recstack", "newTag": "2"}) == "other:1"
+# ------------------------------------------------------------- one Redis, named the same way
+
+
+_VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+def _pod_env(resources: list[dict], container: dict, secrets: dict[str, tuple[str, str]]) -> dict[str, str]:
+    """The container's environment as the pod sees it: ConfigMap keys read, ``$(VAR)`` expanded.
+    A Secret key reads as a placeholder word recorded in ``secrets`` (placeholder -> (name, key))."""
+    values: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            data = _find(resources, "ConfigMap", source["configMapRef"]["name"]).get("data", {})
+            values.update({key: str(value) for key, value in data.items()})
+    for item in container.get("env", []):
+        if "value" in item:
+            value = _VAR.sub(lambda m: values.get(m.group(1), m.group(0)), str(item["value"]))
+        elif "configMapKeyRef" in item["valueFrom"]:
+            ref = item["valueFrom"]["configMapKeyRef"]
+            value = str(_find(resources, "ConfigMap", ref["name"])["data"][ref["key"]])
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            value = f"secretref{len(secrets)}"
+            secrets[value] = (ref["name"], ref["key"])
+        values[item["name"]] = value
+    return values
+
+
+def _helm_redis() -> tuple[str, dict]:
+    """The Helm release of infra/k8s/redis/values.yaml (named in its install command) and its values."""
+    text = (K8S / "redis" / "values.yaml").read_text()
+    match = re.search(r"helm install (\S+) \S*redis-cluster\b", text)
+    assert match, "infra/k8s/redis/values.yaml names no `helm install RELEASE ...redis-cluster` command"
+    return match.group(1), yaml.safe_load(text)
+
+
+def _redis_servers(resources: list[dict]) -> dict[str, dict]:
+    """``{"host:port": {"cluster": bool, "secret": (name, key)}}`` of every Redis an overlay offers:
+    the Helm chart's Redis Cluster (base) and Redis Deployments behind a Service (local)."""
+    release, values = _helm_redis()
+    servers = {
+        f"{release}:6379": {
+            "cluster": True,  # the redis-cluster chart; its client Service listens on 6379
+            "secret": (values["existingSecret"], values["existingSecretPasswordKey"]),
+        }
+    }
+    for service in (r for r in resources if r["kind"] == "Service"):
+        selector = service["spec"].get("selector", {})
+        for workload in (w for w in _workloads(resources) if w["kind"] != "CronJob"):
+            labels = workload["spec"]["template"]["metadata"]["labels"]
+            container = _container(workload)
+            if not selector or not selector.items() <= labels.items() or "redis" not in container["image"]:
+                continue
+            args = [str(a) for a in container.get("args", []) + container.get("command", [])]
+            secrets: dict[str, tuple[str, str]] = {}
+            env = _pod_env(resources, container, secrets)
+            password = None
+            if "--requirepass" in args:  # $(VAR) of the pod's environment, as Kubernetes expands it
+                given = args[args.index("--requirepass") + 1]
+                match = _VAR.fullmatch(given)
+                password = env[match.group(1)] if match else given
+            cluster = "--cluster-enabled" in args and args[args.index("--cluster-enabled") + 1] == "yes"
+            for port in service["spec"]["ports"]:
+                servers[f"{service['metadata']['name']}:{port['port']}"] = {
+                    "cluster": cluster,
+                    "secret": secrets.get(password) if password else None,
+                }
+    return servers
+
+
+def test_every_redis_setting_names_one_redis_the_same_way(overlay: tuple[str, list[dict]]) -> None:
+    """RECSTACK_REDIS of each workload, its password and the Feast ConfigMap agree with the Redis
+    the overlay runs: a Redis Cluster takes redis+cluster:// and redis_type redis_cluster, one
+    server redis:// and redis; the same address; the password from the Secret the server reads."""
+    from feature_store.store import connection_string
+    from recstack.credentials import resolve_redis_url
+    from recstack.redis_url import is_cluster, parse_cluster
+
+    name, resources = overlay
+    servers = _redis_servers(resources)
+    clients = 0
+    urls = set()
+    for workload in _workloads(resources):
+        container = _container(workload)
+        secrets: dict[str, tuple[str, str]] = {}
+        env = _pod_env(resources, container, secrets)
+        if "RECSTACK_REDIS" not in env:
+            continue
+        clients += 1
+        where = f"{name}: {workload['metadata']['name']}"
+        url = resolve_redis_url(env["RECSTACK_REDIS"], env.get("RECSTACK_REDIS_PASSWORD"), None)
+        if is_cluster(url):
+            parsed = parse_cluster(url)
+            addresses, password = [f"{h}:{p}" for h, p in parsed.nodes], parsed.password
+        else:
+            parts = urlsplit(url)
+            assert parts.scheme in ("redis", "rediss"), f"{where}: {url}"
+            addresses, password = [f"{parts.hostname}:{parts.port or 6379}"], parts.password
+        for address in addresses:
+            assert address in servers, f"{where}: RECSTACK_REDIS names {address}, no Redis of this overlay"
+            server = servers[address]
+            assert is_cluster(url) == server["cluster"], (
+                f"{where}: RECSTACK_REDIS is {url.split('://')[0]}:// but {address} is "
+                f"{'a Redis Cluster' if server['cluster'] else 'one Redis server'}"
+            )
+            assert password in secrets, f"{where}: the Redis password does not come from a Secret"
+            assert secrets[password] == server["secret"], (
+                f"{where}: password from Secret {secrets[password]}, {address} reads {server['secret']}"
+            )
+        urls.add(url.replace(password, "${REDIS_PASSWORD}") if password else url)
+    assert clients >= 2, f"{name}: expected the ranking and stream workloads to use Redis"
+    # Every process names the same Redis the same way; Feast's configuration is the one open_store
+    # builds from that URL (the password expanded by Feast from REDIS_PASSWORD).
+    assert len(urls) == 1, f"{name}: the workloads name Redis differently: {sorted(urls)}"
+    (url,) = urls
+    feast = yaml.safe_load(_find(resources, "ConfigMap", "recstack-feast")["data"]["feature_store.yaml"])
+    online = feast["online_store"]
+    assert online["type"] == "redis"
+    assert online["redis_type"] == ("redis_cluster" if is_cluster(url) else "redis"), (
+        f"{name}: Feast redis_type {online['redis_type']} for {url.split('://')[0]}://"
+    )
+    assert online["connection_string"] == connection_string(url), name

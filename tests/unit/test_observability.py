@@ -292,7 +292,7 @@ def test_compose_mounts_the_prometheus_and_grafana_files(prometheus: dict, compo
     assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
     source = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text())
     assert source["datasources"][0]["url"] == "http://prometheus:9090"
-    assert "9090:9090" in prom["ports"]
+    assert "127.0.0.1:9090:9090" in prom["ports"]
 
 
 def test_kubernetes_scrape_config_matches_the_manifests() -> None:
@@ -372,15 +372,10 @@ def test_alerts_cover(alerts: dict, what: str, pattern: str) -> None:
     assert any(re.search(pattern, e) for e in exprs), f"no alert rule for {what}"
 
 
-def _promtool() -> str | None:
-    cached = Path.home() / ".cache" / "recstack" / "bin" / "promtool"
-    return shutil.which("promtool") or (str(cached) if cached.is_file() else None)
-
-
-@pytest.mark.skipif(_promtool() is None, reason="promtool is not installed (optional deeper check)")
 def test_promtool_accepts_the_configuration_and_rules(tmp_path: Path) -> None:
-    promtool = _promtool()
-    assert promtool
+    # `make test` installs promtool (infra/tools.sh, Debian's prometheus package): no skip.
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed: run `make tools` (infra/tools.sh)"
 
     def check(*args: str) -> None:
         result = subprocess.run([promtool, *args], capture_output=True, text=True, cwd=PROMETHEUS_DIR)
@@ -391,6 +386,12 @@ def test_promtool_accepts_the_configuration_and_rules(tmp_path: Path) -> None:
     for name in ("prometheus.yml", "kubernetes.yml"):
         config = yaml.safe_load((PROMETHEUS_DIR / name).read_text())
         config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]  # the container path, made local
+        for job in config["scrape_configs"]:
+            # Debian's promtool is built without Kubernetes discovery: a static target stands in for
+            # it, so the rest of the job (relabelling, timeouts) is still checked by promtool; the
+            # discovery block itself by test_kubernetes_scrape_config_matches_the_manifests.
+            if job.pop("kubernetes_sd_configs", None) is not None:
+                job["static_configs"] = [{"targets": ["127.0.0.1:9464"]}]
         local = tmp_path / name
         local.write_text(yaml.safe_dump(config))
         check("check", "config", str(local))

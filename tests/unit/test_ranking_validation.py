@@ -59,8 +59,9 @@ def test_recommend_defaults_and_limits():
 
 def test_config_defaults_follow_the_contract():
     c = RankingConfig()
+    # The contract's ports; the address is loopback unless a host is given (issue 14, safe defaults).
     assert (c.host, c.port, c.metrics_port, c.redis_url) == (
-        "0.0.0.0",
+        "127.0.0.1",
         50051,
         9464,
         "redis://127.0.0.1:6379/0",
