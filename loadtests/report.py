@@ -18,8 +18,8 @@ SEARCH_PHASES = ("fixed", "fixed-recheck", "fine", "fine-recheck", "coarse", "co
 PERCENTILE_KEYS = ("p50", "p95", "p99", "p99.9")
 PLOT_FILES = ("latency_vs_rate.png", "latency_histogram.png", "path_mix.png", "cpu_per_call.png")
 QUICK_NOTE = (
-    "**Quick run: these figures are indicative only** (short steps of about {calls} calls, so a "
-    "p99 is one of the few slowest calls). The targets are judged by the full run: "
+    "**Quick run: these figures are indicative only** (short steps of at least {calls} calls, so a "
+    "low-rate step's p99 is one of its two slowest calls). The targets are judged by the full run: "
     "`recstack bench` without `--quick`."
 )
 

@@ -7,6 +7,7 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,7 +116,7 @@ def test_locust_journeys_run_against_the_echo_server(tmp_path: Path) -> None:
     assert "| grpc | Rank category |" in render_summary(run, rows, counts, 0)
 
 
-def _bench_config(argv: list[str], monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def _bench_config(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
     for name in ("RECSTACK_QUICK", "RECSTACK_RATES", "RECSTACK_MIN_CALLS", "RECSTACK_STEP_FACTOR"):
         monkeypatch.delenv(name, raising=False)
     return bench_config(build_parser().parse_args(argv))
