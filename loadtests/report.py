@@ -200,9 +200,10 @@ def _targets(results: dict[str, Any], slo: float) -> list[str]:
         f"| real / naive, peak throughput | {_num(r_naive)} | >= 5 | {_met_word(r_naive, 5.0, above=True)} |"
     )
     cpu = comparison.get("cpu_ms_per_call", {})
-    for key in sorted((k for k in comparison if k.startswith("real_over_echo_cpu_at_") and k.count("_") == 5),
-                      key=lambda k: float(k.rsplit("_", 1)[1])):  # fmt: skip
-        at = key.rsplit("_", 1)[1]
+    for at in sorted({rate for per_rate in cpu.values() for rate in per_rate}, key=float):
+        key = f"real_over_echo_cpu_at_{at}"
+        if f"{key}_target" not in comparison:
+            continue
         value, target = comparison.get(key), comparison.get(f"{key}_target")
         real_ms = (cpu.get("real") or {}).get(at)
         echo_ms = (cpu.get("echo") or {}).get(at)

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def bench_args(models_dir: Path, redis_url: str, bench_out: Path) -> list[str]:
     """The demo's benchmark: ``recstack bench --quick`` on the model and features it just built.
-    Quick means indicative figures; the issue's targets are judged by a full ``recstack bench``."""
+    Quick means indicative figures; the targets are judged by a full ``recstack bench`` run."""
     return ["bench", "--quick", "--models", str(models_dir), "--redis", redis_url, "--out", str(bench_out)]
 
 
