@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from recstack.errors import UserError
-from recstack.flags import add_flag, host_port, non_negative_float, positive_float, positive_int, redis_url
+from recstack.flags import (
+    add_flag,
+    host_port,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    redis_url,
+)
 from recstack.kafka import add_kafka_security_flags, kafka_security_from_args
 
 log = logging.getLogger(__name__)
@@ -30,6 +38,19 @@ def duration(text: str) -> float:
     if not match or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"expected a duration such as 60s, 2m or 500ms, got {text!r}")
     return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def rate_list(text: str) -> tuple[float, ...]:
+    """``25,50,100,200`` -> rising positive rates in calls/s."""
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates such as 25,50,100,200, got {text!r}") from None
+    if not rates or any(r <= 0 for r in rates) or any(b <= a for a, b in zip(rates, rates[1:], strict=False)):
+        raise argparse.ArgumentTypeError(
+            f"expected positive rising rates such as 25,50,100,200, got {text!r}"
+        )
+    return rates
 
 
 def fraction(text: str) -> float:
@@ -154,11 +175,14 @@ def _register_bench(subparsers: Any) -> None:
         help="saturation benchmark: echo vs naive vs real server, open loop, in one run",
         description=(
             "Start each server in its own process on a free port (the bare gRPC echo server, "
-            "'recstack serve --naive' and 'recstack serve'), step the offered Rank rate up until the p99 SLO "
-            "is missed and throughput saturates, bisect for the highest rate within the SLO, then overload "
-            "the real server at --overload-factor times that rate. The ranking servers need a model in "
-            "--models and features in --redis (see docs/LOADTESTS.md). Writes results.json, summary.md and "
-            "PNG plots to --out. Search flags left unset take the full or the --quick defaults."
+            "'recstack serve --naive' and 'recstack serve'), offer Rank calls at fixed rates (--rates, then "
+            "x--step-factor) until throughput saturates, each step long enough for --min-calls calls, bisect "
+            "above the highest rate within the SLO, then overload the real server at --overload-factor times "
+            "that rate. Every step also reads the server's and the generator's CPU time per call from /proc. "
+            "Requests name returning shoppers (--min-recent-items in --redis). The ranking servers need a "
+            "model in --models and features in --redis (see docs/LOADTESTS.md). Writes results.json, "
+            "summary.md and PNG plots to --out. Schedule flags left unset take the full or the --quick "
+            "defaults; --quick figures are indicative only, the targets are judged by a full run."
         ),
     )
     add_flag(parser, "--out", default="artifacts/bench", help="folder for results.json, summary.md and plots")
@@ -191,7 +215,11 @@ def _register_bench(subparsers: Any) -> None:
             "replaced by the port to bind",
         )
     add_flag(
-        parser, "--quick", type=None, default=False, help="a few short steps (under a minute), for make demo"
+        parser,
+        "--quick",
+        type=None,
+        default=False,
+        help="short steps with few calls, for make demo: indicative figures only",
     )
     add_flag(parser, "--p99-ms", default=10.0, type=positive_float, help="latency SLO: p99 bound in ms")
     add_flag(
@@ -199,31 +227,63 @@ def _register_bench(subparsers: Any) -> None:
     )
     add_flag(
         parser,
-        "--start-rate",
+        "--rates",
         default=None,
-        type=positive_float,
-        help="first offered rate, calls/s (full: 100, quick: 200)",
+        type=rate_list,
+        help="the first fixed steps' offered rates, calls/s, rising (default 25,50,100,200); a miss at "
+        "any of them up to a rate means that rate is not within the SLO",
     )
     add_flag(
         parser,
         "--step-factor",
         default=None,
         type=positive_float,
-        help="multiplier between coarse steps (full: 1.5, quick: 2)",
+        help="past the last of --rates, each fixed step is this multiple of the one before (full: 1.5, "
+        "quick: 2)",
+    )
+    add_flag(
+        parser,
+        "--min-calls",
+        default=None,
+        type=positive_int,
+        help="calls per step at least: a step lasts max(--step-duration, MIN_CALLS / rate) (full: 500, "
+        "quick: 100)",
     )
     add_flag(
         parser,
         "--step-duration",
         default=None,
         type=duration,
-        help="length of one step (full: 5s, quick: 1.5s)",
+        help="shortest length of one step (full: 5s, quick: 1.5s)",
+    )
+    add_flag(
+        parser,
+        "--max-steps",
+        default=None,
+        type=positive_int,
+        help="most fixed steps per server (full: 16, quick: 9)",
     )
     add_flag(
         parser,
         "--fine-steps",
         default=None,
-        type=int,
-        help="bisection steps after the coarse search (full: 3, quick: 1)",
+        type=non_negative_int,
+        help="bisection steps above the highest rate within the SLO (full: 3, quick: 1)",
+    )
+    add_flag(
+        parser,
+        "--min-recent-items",
+        default=20,
+        type=non_negative_int,
+        help="Rank requests name only users with at least this many recent items in --redis (returning "
+        "shoppers); 0: any warm user of --source, unchecked",
+    )
+    add_flag(
+        parser,
+        "--min-users",
+        default=50,
+        type=positive_int,
+        help="fewest returning shoppers the run needs; with fewer it stops before any server starts",
     )
     add_flag(
         parser,
@@ -253,28 +313,32 @@ def _register_bench(subparsers: Any) -> None:
     parser.set_defaults(handler=_bench)
 
 
-def _bench(args: argparse.Namespace) -> int:
+def bench_config(args: argparse.Namespace) -> Any:
+    """The :class:`loadtests.saturation.BenchConfig` that ``recstack bench ARGS`` runs."""
     from dataclasses import replace
 
-    from loadtests.saturation import QUICK_SEARCH, BenchConfig, SearchConfig, run_bench, server_specs
+    from loadtests.saturation import QUICK_SEARCH, BenchConfig, SearchConfig
 
     base = QUICK_SEARCH if args.quick else SearchConfig()
     overrides = {
-        "start_rate": args.start_rate,
+        "rates": args.rates,
         "step_factor": args.step_factor,
+        "min_calls": args.min_calls,
         "step_s": args.step_duration,
+        "max_fixed_steps": args.max_steps,
         "fine_steps": args.fine_steps,
     }
-    search = replace(
-        base,
-        **{k: v for k, v in overrides.items() if v is not None},
-        max_rate=args.max_rate,
-        slo_p99_ms=args.p99_ms,
-        max_error_rate=args.max_error_rate,
-        schedule=args.schedule,
-    )
-    if search.step_factor <= 1:
-        raise UserError("--step-factor must be greater than 1")
+    try:
+        search = replace(
+            base,
+            **{k: v for k, v in overrides.items() if v is not None},
+            max_rate=args.max_rate,
+            slo_p99_ms=args.p99_ms,
+            max_error_rate=args.max_error_rate,
+            schedule=args.schedule,
+        )
+    except ValueError as exc:
+        raise UserError(f"recstack bench: {exc}") from None
     cfg = BenchConfig(
         out=Path(args.out),
         servers=tuple(args.servers),
@@ -284,6 +348,8 @@ def _bench(args: argparse.Namespace) -> int:
         candidates=args.candidates,
         source=args.source,
         request_pool=args.request_pool,
+        min_recent_items=args.min_recent_items,
+        min_users=args.min_users,
         overload_factor=args.overload_factor,
         start_timeout_s=args.start_timeout,
         seed=args.seed,
@@ -291,6 +357,15 @@ def _bench(args: argparse.Namespace) -> int:
         search=search,
         generator=_generator_config(args),
     )
+    return cfg
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from loadtests.saturation import run_bench, server_specs
+
+    cfg = bench_config(args)
     commands = {name: getattr(args, f"{name.replace('-', '_')}_cmd") for name in cfg.servers}
     if (
         any(name != "echo" and not commands.get(name) for name in cfg.servers)

@@ -124,6 +124,11 @@ class OpenLoopGenerator:
         for _, conn in self._workers:
             self._expect(conn, "ready", cfg.connect_timeout_s + 30.0)
 
+    @property
+    def pids(self) -> list[int]:
+        """The generator processes' ids (their CPU time is the client's cost of the load)."""
+        return [process.pid for process, _ in self._workers if process.pid is not None]
+
     def run_step(
         self, rate: float, duration_s: float, schedule: str = "poisson", seed: int = 0
     ) -> StepRecord:

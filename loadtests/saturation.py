@@ -1,13 +1,18 @@
-"""Saturation benchmark: the highest rate each server sustains with p99 within the SLO.
+"""Saturation benchmark: the highest rate each server sustains with p99 within the SLO, and the
+CPU time each call costs it.
 
 Three servers are measured in the same run, one after the other, each in its own process on a
 free port: the bare echo server (the ceiling of a Python gRPC process on this machine),
-``recstack serve --naive`` (the baseline) and ``recstack serve``. For each, the offered rate
-steps up multiplicatively until the SLO is missed and the throughput stops following the
-offered rate, then a bisection narrows the highest rate that meets the SLO. The real server then
+``recstack serve --naive`` (the baseline) and ``recstack serve``. For each, the offered rate goes
+through fixed steps (25, 50, 100 and 200/s, then x1.5 upward) until the throughput stops following
+it; a bisection then narrows the highest rate within the SLO. A server's SLO rate counts only
+if every fixed step up to it met the SLO: a miss at 25/s means it has none. The real server then
 gets a confirmation step at that rate, a step at the naive server's peak throughput and an
-overload step at 1.5x its SLO rate. Every Rank request carries 100 candidates drawn from real
-item ids for a real warm user, so feature reads hit keys the stream consumer wrote.
+overload step at 1.5x its SLO rate. At every step the server's and the load generator's CPU time
+are read from /proc (:mod:`loadtests.cpu`) and divided by the calls the step completed.
+
+Every Rank request carries 100 candidates drawn from real item ids for a returning shopper, a
+user with at least 20 recent items in the feature store (:mod:`loadtests.shoppers`).
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from loadtests.cpu import CpuMeter, available
 from loadtests.openloop import GeneratorConfig, GeneratorError, OpenLoopGenerator
 from loadtests.servers import ServerFailed, ServerProcess, ServerSpec, echo_spec, ranking_spec
 from loadtests.stats import StepRecord, summarize_step
@@ -34,6 +40,8 @@ SERVER_NAMES = ("echo", "naive", "real", "real-w2")
 # port) is the scale-out comparison of docs/SCALING.md.
 DEFAULT_SERVERS = ("echo", "naive", "real")
 GENERATOR_LAG_LIMIT_MS = 2.0
+# Offered rates at which real/echo CPU per call is compared, with the highest ratio allowed.
+CPU_TARGETS: dict[float, float] = {25.0: 2.0, 200.0: 1.6}
 
 
 class StepRunner(Protocol):
@@ -46,30 +54,60 @@ class StepRunner(Protocol):
 class SearchConfig:
     """How the offered rate is stepped for one server."""
 
-    start_rate: float = 100.0
+    # The fixed steps: these rates in order, then each step_factor times the one before. The low
+    # rates are where a lone call finds everything cold, so they count towards the SLO rate.
+    rates: tuple[float, ...] = (25.0, 50.0, 100.0, 200.0)
     step_factor: float = 1.5
-    step_s: float = 5.0
+    step_s: float = 5.0  # a step lasts this long, or longer when min_calls needs it
+    min_calls: int = 500  # calls per step at least (25/s: 20 s), so that a p99 means something
     warmup_s: float = 2.0
-    fine_steps: int = 3  # bisection steps between the last rate that met the SLO and the first that missed
+    idle_s: float = 3.0  # the server's CPU while idle is read over this long, after the search
+    fine_steps: int = 3  # bisection steps between the SLO rate and the first fixed step that missed
     max_rate: float = 20_000.0
-    max_coarse_steps: int = 14
-    min_rate: float = 10.0  # when the start rate misses the SLO, step down no lower than this
+    max_fixed_steps: int = 16
     recheck_misses: bool = True  # measure an SLO miss (below saturation) once more before believing it
     saturation_fraction: float = 0.9  # saturated: successful calls fall below this share of the offered rate
     cooldown_s: float = 0.5  # pause between steps so one step's backlog does not leak into the next
     slo_p99_ms: float = 10.0
+    # Also reported: whether p99 stayed within tight_p99_ms at every fixed step up to tight_up_to.
+    tight_p99_ms: float = 5.0
+    tight_up_to: float = 200.0
     max_error_rate: float = 0.01
     schedule: str = "poisson"
 
+    def __post_init__(self) -> None:
+        if not self.rates or any(r <= 0 for r in self.rates):
+            raise ValueError(f"rates must be positive calls/s, got {self.rates}")
+        if any(b <= a for a, b in zip(self.rates, self.rates[1:], strict=False)):
+            raise ValueError(f"rates must increase, got {self.rates}")
+        if self.step_factor <= 1:
+            raise ValueError(f"step factor must be greater than 1, got {self.step_factor}")
+        if self.min_calls < 1:
+            raise ValueError(f"min calls must be at least 1, got {self.min_calls}")
 
+    def duration(self, rate: float) -> float:
+        """Seconds a step at ``rate`` lasts: ``step_s``, or long enough for ``min_calls`` calls."""
+        return max(self.step_s, self.min_calls / rate)
+
+    def fixed_rates(self) -> Iterator[float]:
+        """The fixed steps' rates, up to ``max_rate`` and ``max_fixed_steps``."""
+        rate = 0.0
+        for i in range(self.max_fixed_steps):
+            rate = self.rates[i] if i < len(self.rates) else rate * self.step_factor
+            if rate > self.max_rate:
+                return
+            yield rate
+
+
+# make demo's quick run: the same fixed low rates, far fewer calls. Its figures are indicative.
 QUICK_SEARCH = SearchConfig(
-    start_rate=200.0,
     step_factor=2.0,
     step_s=1.5,
+    min_calls=100,
     warmup_s=0.5,
+    idle_s=1.0,
     fine_steps=1,
-    max_coarse_steps=5,
-    min_rate=50.0,
+    max_fixed_steps=9,
     cooldown_s=0.3,
 )
 
@@ -84,6 +122,8 @@ class BenchConfig:
     candidates: int = 100
     source: str = "onlineretail"
     request_pool: int = 2_000
+    min_recent_items: int = 20  # Rank requests name users with this many recent items; 0: any user
+    min_users: int = 50  # fewer such users in Redis and the run stops before it starts
     overload_factor: float = 1.5
     start_timeout_s: float = 180.0
     seed: int = 0
@@ -95,13 +135,44 @@ class BenchConfig:
 # --- stepping ------------------------------------------------------------------------------------
 
 
+class MeteredRunner:
+    """A step runner that also reads the CPU time of named process trees around every step
+    (``server`` and ``generator``): each record's ``cpu`` holds the seconds each spent."""
+
+    def __init__(self, runner: StepRunner, meters: Mapping[str, CpuMeter]) -> None:
+        self.runner = runner
+        self.meters = dict(meters)
+
+    def run_step(
+        self, rate: float, duration_s: float, schedule: str = "poisson", seed: int = 0
+    ) -> StepRecord:
+        before = {name: meter.snapshot() for name, meter in self.meters.items()}
+        record = self.runner.run_step(rate, duration_s, schedule, seed)
+        for name, meter in self.meters.items():
+            delta = meter.since(before[name])
+            record.cpu[name] = {"seconds": delta.seconds, "source": delta.source}
+        return record
+
+    def idle(self, seconds: float) -> dict[str, float]:
+        """CPU ms per second each tree spends while no call is offered."""
+        before = {name: meter.snapshot() for name, meter in self.meters.items()}
+        began = time.monotonic()
+        time.sleep(seconds)
+        took = time.monotonic() - began
+        return {
+            f"{name}_ms_per_s": round(1000.0 * meter.since(before[name]).seconds / took, 3)
+            for name, meter in self.meters.items()
+        }
+
+
 def measure(runner: StepRunner, rate: float, phase: str, search: SearchConfig, seed: int) -> dict[str, Any]:
     """One step at ``rate``: the summary of :func:`loadtests.stats.summarize_step` plus its phase."""
-    record = runner.run_step(rate, search.step_s, search.schedule, seed)
+    duration_s = search.duration(rate)
+    record = runner.run_step(rate, duration_s, search.schedule, seed)
     step = summarize_step(
         record,
         offered_rate=rate,
-        duration_s=search.step_s,
+        duration_s=duration_s,
         slo_p99_ms=search.slo_p99_ms,
         max_error_rate=search.max_error_rate,
     )
@@ -110,14 +181,17 @@ def measure(runner: StepRunner, rate: float, phase: str, search: SearchConfig, s
     # The generator shares the machine: when its own sends ran late, a miss may be the machine's.
     step["generator_limited"] = (step["send_lag_ms"].get("p99") or 0.0) > GENERATOR_LAG_LIMIT_MS
     lat = step["latency_ms"]
+    cpu = step.get("cpu", {})
     log.info(
-        "%-9s %8.1f/s offered  %8.1f/s ok  p50 %s  p99 %s ms  errors %.2f%%  %s",
+        "%-9s %8.1f/s offered  %8.1f/s ok  p50 %s  p99 %s ms  errors %.2f%%  cpu/call %s (gen %s) ms  %s",
         phase,
         rate,
         step["achieved_rate"] or 0.0,
         _fmt(lat["p50"]),
         _fmt(lat["p99"]),
         100 * step["error_rate"],
+        _fmt(cpu.get("server", {}).get("ms_per_call")),
+        _fmt(cpu.get("generator", {}).get("ms_per_call")),
         "meets SLO" if step["slo_pass"] else "misses SLO",
     )
     if search.cooldown_s:
@@ -141,77 +215,113 @@ def is_saturated(step: dict[str, Any], search: SearchConfig) -> bool:
     return achieved < search.saturation_fraction * step["offered_rate"]
 
 
-def search_rates(runner: StepRunner, search: SearchConfig, seed: int = 0) -> dict[str, Any]:
-    """Step the rate up to saturation, then bisect for the highest rate that meets the SLO.
+def counted(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The steps that decide: a step measured again is replaced by its recheck."""
+    return [s for s in steps if not s.get("superseded")]
 
-    Returns ``steps`` (every measured step, in order), ``slo_rate`` (the highest offered rate
-    measured to meet the SLO, ``None`` if none did) and ``peak_rate`` (the highest rate of
-    successful calls seen in any step: the saturation throughput).
+
+def fixed_steps(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The deciding measurement of every fixed step, by rate."""
+    return sorted((s for s in counted(steps) if s.get("fixed")), key=lambda s: s["offered_rate"])
+
+
+def slo_rate_of(steps: list[dict[str, Any]]) -> float | None:
+    """The highest offered rate that met the SLO with every fixed step up to it meeting it too.
+
+    The fixed steps are read from the lowest rate up and stop counting at the first miss: a miss
+    at the lowest fixed rate means no SLO rate, whatever the higher steps did. A bisection step
+    below that first miss may raise the figure; one above it never does.
+    """
+    fixed = fixed_steps(steps)
+    if not fixed or not fixed[0]["slo_pass"]:
+        return None
+    first_miss = next((s["offered_rate"] for s in fixed if not s["slo_pass"]), None)
+    met = [
+        s["offered_rate"]
+        for s in counted(steps)
+        if s["slo_pass"]
+        and (s.get("fixed") or s.get("phase", "").startswith("fine"))
+        and (first_miss is None or s["offered_rate"] < first_miss)
+    ]
+    return max(met)
+
+
+def tight_p99(steps: list[dict[str, Any]], search: SearchConfig) -> dict[str, Any]:
+    """Whether p99 stayed within ``tight_p99_ms`` at every fixed step up to ``tight_up_to``.
+
+    ``held`` is ``None`` when none of those steps was measured, and ``False`` when one of the
+    schedule's rates in that range was never reached (the server saturated below it)."""
+    wanted = [r for r in search.fixed_rates() if r <= search.tight_up_to]
+    in_range = [s for s in fixed_steps(steps) if s["offered_rate"] <= search.tight_up_to]
+    out: dict[str, Any] = {"p99_ms": search.tight_p99_ms, "up_to": search.tight_up_to, "held": None}
+    if not in_range:
+        return out
+    worst = max(in_range, key=lambda s: s["latency_ms"].get("p99") or float("inf"))
+    p99s = [s["latency_ms"].get("p99") for s in in_range]
+    measured = {s["offered_rate"] for s in in_range}
+    out["held"] = all(p is not None and p <= search.tight_p99_ms for p in p99s) and all(
+        r in measured for r in wanted
+    )
+    out["worst_p99_ms"] = worst["latency_ms"].get("p99")
+    out["worst_at"] = worst["offered_rate"]
+    return out
+
+
+def search_rates(runner: StepRunner, search: SearchConfig, seed: int = 0) -> dict[str, Any]:
+    """Run the fixed steps up to saturation, then bisect above the SLO rate.
+
+    Returns ``steps`` (every measured step, in order; fixed ones carry ``fixed: True``),
+    ``slo_rate`` (:func:`slo_rate_of`), ``slo_rate_is_lower_bound`` (no fixed step missed),
+    ``peak_rate`` (the highest rate of successful calls in any step: the saturation throughput)
+    and ``tight_p99`` (:func:`tight_p99`).
     """
     steps: list[dict[str, Any]] = []
 
-    def step(rate: float, phase: str) -> dict[str, Any]:
+    def step(rate: float, phase: str, fixed: bool) -> dict[str, Any]:
         result = measure(runner, rate, phase, search, seed + len(steps))
+        result["fixed"] = fixed
         steps.append(result)
         if search.recheck_misses and not result["slo_pass"] and _tail_only_miss(result, search):
             # On a shared machine one stall can spoil a step's tail: such a miss is measured
             # again, and the second measurement decides.
             result["superseded"] = True
             result = measure(runner, rate, phase + "-recheck", search, seed + len(steps) + 50_000)
+            result["fixed"] = fixed
             steps.append(result)
         return result
 
-    def measure_once(rate: float, phase: str) -> dict[str, Any]:
-        result = measure(runner, rate, phase, search, seed + len(steps))
-        steps.append(result)
-        return result
-
     if search.warmup_s > 0:  # connections, caches and JIT-like warm paths; not recorded
-        runner.run_step(min(search.start_rate, 100.0), search.warmup_s, search.schedule, seed + 10_000)
+        runner.run_step(min(search.rates[0], 100.0), search.warmup_s, search.schedule, seed + 10_000)
 
-    last_pass: float | None = None
     first_miss: float | None = None
-    rate = search.start_rate
     # Past the first SLO miss the rate keeps rising until the throughput stops following it:
     # that peak is the saturation throughput the naive comparison is stated in.
-    for _ in range(search.max_coarse_steps):
-        result = step(rate, "coarse")
-        if result["slo_pass"] and first_miss is None:
-            last_pass = rate
-        elif not result["slo_pass"] and first_miss is None:
+    for rate in search.fixed_rates():
+        result = step(rate, "fixed", True)
+        if not result["slo_pass"] and first_miss is None:
             first_miss = rate
         if result["saturated"]:
             break
-        rate *= search.step_factor
-        if rate > search.max_rate:
-            break
 
-    if last_pass is None and first_miss is not None:  # even the start rate missed: step down
-        rate = first_miss / search.step_factor
-        while rate >= search.min_rate:
-            if measure_once(rate, "descend")["slo_pass"]:
-                last_pass = rate
-                break
-            first_miss = rate
-            rate /= search.step_factor
-
-    if last_pass is not None and first_miss is not None:
-        low, high = last_pass, first_miss
+    low = slo_rate_of(steps)
+    if low is not None and first_miss is not None:
+        high = first_miss
         for _ in range(search.fine_steps):
             mid = (low + high) / 2.0
-            if step(mid, "fine")["slo_pass"]:
+            if step(mid, "fine", False)["slo_pass"]:
                 low = mid
             else:
                 high = mid
-        last_pass = low
 
+    slo_rate = slo_rate_of(steps)
     peak = max((s["achieved_rate"] or 0.0 for s in steps), default=0.0)
     return {
         "steps": steps,
-        "slo_rate": None if last_pass is None else round(last_pass, 3),
-        # True when no step missed the SLO: the server may sustain more than was offered.
+        "slo_rate": None if slo_rate is None else round(slo_rate, 3),
+        # True when no fixed step missed the SLO: the server may sustain more than was offered.
         "slo_rate_is_lower_bound": first_miss is None,
         "peak_rate": round(peak, 3),
+        "tight_p99": tight_p99(steps, search),
     }
 
 
@@ -224,7 +334,10 @@ def bench_server(
     requests: list[bytes],
     extra_steps: Callable[[StepRunner, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Start ``spec``, search its rates, run ``extra_steps`` on it, stop it. Failures are recorded."""
+    """Start ``spec``, search its rates, run ``extra_steps`` on it, stop it. Failures are recorded.
+
+    Every step also reads the CPU time of the server's process tree and of the generator's
+    processes (where /proc exists), and the server's CPU while idle is read after the search."""
     result: dict[str, Any] = {"name": spec.name, "status": "ok", "error": None}
     server = ServerProcess(spec, cfg.out / f"server-{spec.name}.log")
     result["argv"] = server.argv
@@ -232,9 +345,16 @@ def bench_server(
     try:
         result["startup_s"] = round(server.start(cfg.start_timeout_s), 2)
         with OpenLoopGenerator(server.address, "Rank", requests, cfg.generator) as generator:
-            result.update(search_rates(generator, cfg.search, cfg.seed))
+            runner: StepRunner = generator
+            metered = None
+            if available() and server.pid is not None:
+                meters = {"server": CpuMeter([server.pid]), "generator": CpuMeter(generator.pids)}
+                runner = metered = MeteredRunner(generator, meters)
+            result.update(search_rates(runner, cfg.search, cfg.seed))
+            if metered is not None and cfg.search.idle_s > 0:
+                result["idle_cpu"] = metered.idle(cfg.search.idle_s)
             if extra_steps is not None:
-                extra_steps(generator, result)
+                extra_steps(runner, result)
                 # Any step may show the highest throughput, the overload step included.
                 extra = [result[k] for k in ("target", "at_naive_peak", "overload") if result.get(k)]
                 result["peak_rate"] = max([result["peak_rate"], *(s["achieved_rate"] or 0.0 for s in extra)])
@@ -288,21 +408,24 @@ def run_bench(
     cfg: BenchConfig, requests: list[bytes] | None = None, specs: dict[str, ServerSpec] | None = None
 ) -> dict[str, Any]:
     """Measure every selected server (``specs``: how to start each; the built-in ones by default),
-    write ``results.json``, ``summary.md`` and the plots."""
-    from loadtests import report, workload
+    write ``results.json``, ``summary.md`` and the plots.
+
+    Without ``requests``, they are made for the returning shoppers in ``cfg.redis``
+    (:func:`loadtests.shoppers.read_returning`): a :class:`recstack.errors.UserError` says how to
+    stream features in when there are too few, before any server starts."""
+    from loadtests import report
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     started = datetime.now(UTC)
+    shoppers = None
     if requests is None:
-        log.info("loading users and items from %s", cfg.source)
-        requests = workload.rank_requests(
-            workload.load(cfg.source), cfg.request_pool, cfg.candidates, cfg.seed
-        )
+        requests, shoppers = prepare_requests(cfg)
     results: dict[str, Any] = {
         "started_at": started.isoformat(timespec="seconds"),
         "config": _config_dict(cfg),
         "machine": machine_info(),
         "slo_p99_ms": cfg.search.slo_p99_ms,
+        "shoppers": shoppers,
         "servers": {},
     }
     for name, spec in (specs or server_specs(cfg)).items():
@@ -320,11 +443,42 @@ def run_bench(
     return results
 
 
+def prepare_requests(cfg: BenchConfig) -> tuple[list[bytes], dict[str, Any]]:
+    """The serialized Rank requests and a summary of the users they name: the source's warm users,
+    kept only when they have ``cfg.min_recent_items`` recent items in Redis (unless that is 0)."""
+    from loadtests import shoppers, workload
+
+    log.info("loading users and items from %s", cfg.source)
+    mix = workload.load(cfg.source)
+    summary: dict[str, Any] = {"users": len(mix.users), "min_recent_items": 0, "checked_in_redis": False}
+    if cfg.min_recent_items > 0:
+        from recstack import redis_url
+
+        client = redis_url.connect(cfg.redis, socket_timeout=10.0)
+        try:
+            chosen = shoppers.read_returning(
+                client, mix.users, cfg.min_recent_items, min_users=cfg.min_users, where=cfg.redis
+            )
+        finally:
+            client.close()
+        log.info(
+            "%d of %d users are returning shoppers (>= %d recent items; median %s)",
+            len(chosen.users),
+            chosen.checked,
+            cfg.min_recent_items,
+            chosen.median_recent_items,
+        )
+        mix = replace(mix, users=chosen.users)
+        summary = {**chosen.summary(), "checked_in_redis": True}
+    requests = workload.rank_requests(mix, cfg.request_pool, cfg.candidates, cfg.seed)
+    return requests, summary
+
+
 def compare(results: dict[str, Any]) -> dict[str, Any]:
     """The ratios the targets are stated in, from servers measured in this run."""
     servers = results["servers"]
 
-    def figure(name: str, key: str) -> float | None:
+    def figure(name: str, key: str) -> Any:
         server = servers.get(name) or {}
         return server.get(key) if server.get("status") == "ok" else None
 
@@ -333,12 +487,34 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
 
     real_slo, echo_slo = figure("real", "slo_rate"), figure("echo", "slo_rate")
     real_peak, naive_peak = figure("real", "peak_rate"), figure("naive", "peak_rate")
-    out = {
+    out: dict[str, Any] = {
         "real_over_echo_slo_rate": ratio(real_slo, echo_slo),
         "real_over_echo_target": 0.6,
         "real_over_naive_peak": ratio(real_peak, naive_peak),
         "real_over_naive_target": 5.0,
+        "slo_rate": {name: figure(name, "slo_rate") for name in servers},
+        "tight_p99_held": {name: (figure(name, "tight_p99") or {}).get("held") for name in servers},
     }
+    # CPU per call at the fixed rates the targets name, every server, and real over echo.
+    cpu: dict[str, dict[str, float | None]] = {}
+    for name in servers:
+        steps = {s["offered_rate"]: s for s in fixed_steps(figure(name, "steps") or [])}
+        cpu[name] = {
+            f"{rate:g}": (steps.get(rate, {}).get("cpu", {}).get("server") or {}).get("ms_per_call")
+            for rate in CPU_TARGETS
+        }
+    out["cpu_ms_per_call"] = cpu
+    for rate, target in CPU_TARGETS.items():
+        key = f"{rate:g}"
+        value = ratio(cpu.get("real", {}).get(key), cpu.get("echo", {}).get(key))
+        out[f"real_over_echo_cpu_at_{key}"] = value
+        out[f"real_over_echo_cpu_at_{key}_target"] = target
+        out[f"real_over_echo_cpu_at_{key}_met"] = None if value is None else value <= target
+    overload = figure("real", "overload")
+    if overload:
+        out["overload_p99_ms"] = overload["latency_ms"].get("p99")
+        out["overload_errors"] = overload.get("errors", {})
+        out["overload_only_resource_exhausted"] = set(overload.get("errors", {})) <= {"RESOURCE_EXHAUSTED"}
     if "real-w2" in servers:
         w2_slo, w2_peak = figure("real-w2", "slo_rate"), figure("real-w2", "peak_rate")
         out["real_w2_over_real_slo_rate"] = ratio(w2_slo, real_slo)

@@ -87,6 +87,11 @@ class ServerProcess:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (the root of its process tree)."""
+        return None if self._process is None else self._process.pid
+
     def start(self, ready_timeout_s: float) -> float:
         """Start the server and wait until it is healthy; returns the seconds that took."""
         env = {k: v for k, v in os.environ.items() if k not in _WITHHELD_ENV}

@@ -38,6 +38,9 @@ STATUS_NAMES: dict[int, str] = {
     15: "DATA_LOSS",
     16: "UNAUTHENTICATED",
 }
+# Failures the client makes up itself (no answer, its own deadline, a lost connection): such a call
+# may never have reached the server, so it is not a call the server completed.
+CLIENT_SIDE_CODES: tuple[int, ...] = (-1, 1, 4, 14)
 
 
 def percentile_key(q: float) -> str:
@@ -108,6 +111,9 @@ class StepRecord:
     degraded: np.ndarray
     path_names: list[str] = field(default_factory=list)
     error_details: dict[int, str] = field(default_factory=dict)  # status value -> first message
+    # CPU seconds spent during the step by named process trees ("server", "generator"), with the
+    # reading that gave each: {"server": {"seconds": 0.6, "source": "schedstat"}}. Empty: not read.
+    cpu: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def merge(cls, parts: Sequence[StepRecord]) -> StepRecord:
@@ -208,9 +214,27 @@ def summarize_step(
         "send_lag_ms": latency_summary_ms(lag),
         "histogram_ms": histogram_ms(lat[ok]),
     }
+    if record.cpu:
+        completed = int((answered & ~np.isin(record.code, CLIENT_SIDE_CODES)).sum())
+        summary["completed"] = completed
+        summary["cpu"] = {
+            name: {
+                "ms": round(1000.0 * reading["seconds"], 3),
+                "ms_per_call": cpu_ms_per_call(reading["seconds"], completed),
+                "source": reading.get("source"),
+            }
+            for name, reading in record.cpu.items()
+        }
     if slo_p99_ms is not None and max_error_rate is not None:
         summary["slo_pass"] = step_passes(summary, slo_p99_ms, max_error_rate)
     return summary
+
+
+def cpu_ms_per_call(cpu_seconds: float, completed_calls: int) -> float | None:
+    """CPU milliseconds per completed call; ``None`` when no call completed."""
+    if completed_calls <= 0:
+        return None
+    return round(1000.0 * cpu_seconds / completed_calls, 4)
 
 
 def step_passes(step: dict[str, Any], slo_p99_ms: float, max_error_rate: float) -> bool:

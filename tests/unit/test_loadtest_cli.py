@@ -7,11 +7,12 @@ import csv
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from loadtests import workload
-from loadtests.cli import duration, register
+from loadtests.cli import bench_config, duration, register
 from loadtests.locust_runner import (
     LocustRun,
     locust_command,
@@ -113,3 +114,72 @@ def test_locust_journeys_run_against_the_echo_server(tmp_path: Path) -> None:
     counts = read_path_counts(tmp_path)
     assert counts["paths"].get("echo", 0) > 0
     assert "| grpc | Rank category |" in render_summary(run, rows, counts, 0)
+
+
+def _bench_config(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name in ("RECSTACK_QUICK", "RECSTACK_RATES", "RECSTACK_MIN_CALLS", "RECSTACK_STEP_FACTOR"):
+        monkeypatch.delenv(name, raising=False)
+    return bench_config(build_parser().parse_args(argv))
+
+
+def test_bench_full_schedule_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _bench_config(["bench"], monkeypatch)
+    assert not cfg.quick
+    assert cfg.search.rates == (25.0, 50.0, 100.0, 200.0)
+    assert cfg.search.step_factor == 1.5 and cfg.search.min_calls == 500 and cfg.search.step_s == 5.0
+    assert cfg.min_recent_items == 20 and cfg.min_users == 50
+
+
+def test_bench_schedule_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["bench", "--rates", "10,20,40", "--step-factor", "2", "--min-calls", "300",
+            "--step-duration", "2s", "--max-steps", "6", "--fine-steps", "0", "--min-recent-items", "30",
+            "--min-users", "10"]  # fmt: skip
+    cfg = _bench_config(argv, monkeypatch)
+    assert list(cfg.search.fixed_rates()) == [10, 20, 40, 80, 160, 320]
+    assert cfg.search.duration(10) == 30.0 and cfg.search.duration(320) == 2.0
+    assert cfg.search.fine_steps == 0 and cfg.min_recent_items == 30 and cfg.min_users == 10
+
+
+@pytest.mark.parametrize("rates", ["", "50,25", "0,10", "ten"])
+def test_bench_rejects_bad_rates(rates: str) -> None:
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["bench", "--rates", rates])
+
+
+def test_demo_runs_the_quick_bench(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from loadtests.saturation import QUICK_SEARCH
+    from recstack.demo import bench_args
+
+    argv = bench_args(tmp_path / "models", "redis://127.0.0.1:6379/0", tmp_path / "bench")
+    cfg = _bench_config(argv, monkeypatch)
+    assert cfg.quick and cfg.search.rates == QUICK_SEARCH.rates == (25.0, 50.0, 100.0, 200.0)
+    assert cfg.search.min_calls == 100 and cfg.search.step_factor == 2.0
+    assert cfg.models == str(tmp_path / "models") and cfg.out == tmp_path / "bench"
+    assert cfg.min_recent_items == 20  # the demo's shoppers are returning ones too
+
+
+def test_quick_bench_measures_latency_and_cpu_of_the_echo_server(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The demo's code path end to end on the echo server, with a tiny schedule: real processes,
+    real /proc readings, the report written."""
+    from loadtests.saturation import run_bench
+
+    argv = ["bench", "--quick", "--servers", "echo", "--out", str(tmp_path), "--rates", "40,80",
+            "--max-steps", "2", "--min-calls", "20", "--step-duration", "0.3s", "--fine-steps", "0",
+            "--workers", "1", "--channels", "1"]  # fmt: skip
+    cfg = _bench_config(argv, monkeypatch)
+    requests = workload.rank_requests(workload.synthetic_workload(), 50, 20)
+    results = run_bench(cfg, requests=requests)
+    echo = results["servers"]["echo"]
+    assert echo["status"] == "ok", echo["error"]
+    fixed = [s for s in echo["steps"] if s["fixed"] and not s.get("superseded")]
+    assert [s["offered_rate"] for s in fixed] == [40.0, 80.0]
+    for step in fixed:
+        assert step["completed"] == step["ok"] > 0
+        assert 0 < step["cpu"]["server"]["ms_per_call"] < 1_000
+        assert 0 < step["cpu"]["generator"]["ms_per_call"] < 1_000
+    assert echo["idle_cpu"]["server_ms_per_s"] >= 0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "indicative only" in summary and "| 40 | " in summary
+    assert (tmp_path / "cpu_per_call.png").stat().st_size > 10_000
