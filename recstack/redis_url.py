@@ -263,7 +263,12 @@ def connect(url: str | RedisURL, **kwargs: Any) -> Any:
 
     parsed = parse(url) if isinstance(url, str) else url
     if not parsed.cluster:
-        return redis.Redis(**parsed.redis_kwargs(), **kwargs)
+        # Built from the canonical URL, as redis-py builds any URL's client: its connections hand
+        # a dropped connection to the caller, where a client built from keywords would retry the
+        # command up to three times by itself. The stream consumer counts and handles those
+        # errors (a restarted Redis must not go unnoticed).
+        extra = {"ssl_ca_certs": parsed.ssl_ca_certs} if parsed.ssl_ca_certs else {}
+        return redis.Redis.from_url(replace(parsed, ssl_ca_certs=None).to_url(), **extra, **kwargs)
     from redis.cluster import ClusterNode, RedisCluster
 
     return RedisCluster(
