@@ -76,6 +76,17 @@ class StreamMetrics:
             "Batch writes refused because another writer had moved a partition's applied offset",
             registry=r,
         )
+        self.fence_rewinds = Counter(
+            "recstack_stream_fence_rewinds",
+            "Partitions read again because Redis held an applied offset behind what this consumer had "
+            "applied: Redis lost acknowledged writes (restart from an old AOF/RDB file, failover)",
+            registry=r,
+        )
+        self.fence_rewound_records = Counter(
+            "recstack_stream_fence_rewound_records",
+            "Records whose acknowledged writes Redis lost, read again and applied again",
+            registry=r,
+        )
         self.stale_users = Counter(
             "recstack_stream_stale_users",
             "Users written by another writer between a batch's read and its write (the batch was redone)",

@@ -1,0 +1,120 @@
+"""Redis that loses acknowledged writes must not make the features lose events (issue 14, defect 2).
+
+A Redis restarted from a stale AOF or an older RDB snapshot, or a failover to a replica that
+missed the last writes, goes back in time: the partitions' applied offsets, the dedup keys and the
+features all return to an earlier, consistent state, while the running consumer believes its
+writes are there. Here that loss is made exact against the real Redis and broker: the test
+database is saved (DUMP) once the consumer has applied and logged the first half of the events,
+the second half is applied and logged, and the saved state is put back (FLUSHDB + RESTORE in one
+MULTI). With no event arriving afterwards, the consumer must notice on its own (it reads its
+fences back now and then); with events following at once, the first batch finds its fence behind.
+Either way it reads the lost range again and applies it, so that the features equal the truth
+computed offline from every event, and the event log still holds each event exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+from test_stream_exactly_once import (
+    Published,
+    _config,
+    _events,
+    applied_records,
+    assert_features_exact,
+    consumer_thread,
+    logged_event_ids,
+    publish,
+    wait_all_applied,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+# The consumer re-checks its partitions' fences every few seconds (consumer._FENCE_CHECK_S): it
+# must have brought the lost range back well within this.
+RECOVERY_TIMEOUT_S = 60.0
+
+
+def _logged_records(client, topic: str) -> int:
+    from services.stream.consumer import logged_key
+
+    return sum(int(v) + 1 for v in client.hvals(logged_key(topic)))
+
+
+def _save(client) -> list[tuple[bytes, int, bytes]]:
+    """Every key of the test's database with its TTL (ms, 0: none) and DUMP payload."""
+    saved = []
+    for key in client.scan_iter(count=1_000):
+        pipe = client.pipeline(transaction=False)
+        pipe.pttl(key)
+        pipe.dump(key)
+        ttl, payload = pipe.execute()
+        if payload is not None:
+            saved.append((key, max(0, ttl), payload))
+    return saved
+
+
+def _restore(client, saved: list[tuple[bytes, int, bytes]]) -> None:
+    """Put the database back as saved, atomically for every other client (one MULTI/EXEC)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.flushdb()
+    for key, ttl, payload in saved:
+        pipe.restore(key, ttl, payload, replace=True)
+    pipe.execute()
+
+
+@pytest.mark.parametrize("then", ["no-event", "events"])
+def test_acknowledged_writes_lost_by_redis_are_applied_again(
+    then, kafka_bootstrap, redis_url, redis_client, fresh_topic, tmp_path, feast_dir
+):
+    from feature_store.store import open_store
+
+    topic = fresh_topic(6)
+    fresh_topic(1, name=f"{topic}.dlq")
+    published = Published()
+    events = _events(7_000, seed=14)
+    event_log = tmp_path / "events"
+    with consumer_thread(_config(kafka_bootstrap, redis_url, topic, event_log)) as consumer:
+        publish(kafka_bootstrap, topic, events[:3_000], published, dup_share=0.05, seed=14)
+        wait_all_applied(redis_client, topic, published)
+        wait_until(
+            lambda: _logged_records(redis_client, topic) >= published.records, 60, "the first half logged"
+        )
+        half = published.records
+        saved = _save(redis_client)
+
+        publish(kafka_bootstrap, topic, events[3_000:6_000], published, dup_share=0.05, seed=15)
+        wait_all_applied(redis_client, topic, published)
+        wait_until(
+            lambda: _logged_records(redis_client, topic) >= published.records, 60, "the second half logged"
+        )
+        assert half < published.records
+
+        lost = published.records - half
+        _restore(redis_client, saved)  # Redis loses every write since the save
+        assert applied_records(redis_client, topic) == half
+        lost_at = time.monotonic()
+        if then == "events":
+            publish(kafka_bootstrap, topic, events[6_000:], published, dup_share=0.05, seed=16)
+        wait_until(
+            lambda: applied_records(redis_client, topic) >= published.records,
+            RECOVERY_TIMEOUT_S,
+            f"the consumer to apply again the {lost} records Redis lost "
+            f"(its fences stay at {half} of {published.records} records)",
+        )
+        recovered_s = time.monotonic() - lost_at
+        metrics = consumer.metrics
+    print(f"lost {lost} records; applied again within {recovered_s:.1f} s")
+    assert_features_exact(open_store(redis_url, feast_dir), published.events)
+    # the event log holds every distinct event exactly once: the re-applied ones are not logged again
+    assert logged_event_ids(event_log) == Counter({ev.event_id for ev in published.events})
+    assert metrics.fence_rewinds._value.get() >= 1, "the rewind was not counted"
+    assert metrics.fence_rewound_records._value.get() == lost
+
+
+@pytest.fixture(scope="module")
+def feast_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("feast"))
