@@ -76,6 +76,10 @@ _ROLL_RETRY_S = 5.0  # a failed roll is tried again this soon (or after --log-ro
 # (a restart from an old AOF or RDB file, a failover to a lagging replica) even when no batch
 # follows to be refused: one HMGET of a few fields, negligible next to the batches' scripts.
 _FENCE_CHECK_S = 5.0
+# On a Redis Cluster a node other than the one holding the partitions' applied offsets may lose
+# writes: its slot fences are read back (one pipelined HMGET per slot written, each node in
+# parallel) after every Redis error and this often, when reading thousands of keys costs little.
+_SLOT_FENCE_CHECK_S = 30.0
 
 
 def seen_key(event_id: str) -> bytes:
@@ -287,9 +291,10 @@ class StreamConsumer:
         # Lost writes (see _check_fences): when the fences were last read back, whether a Redis
         # error since calls for reading them at once, batches given up because their fence had
         # gone back, and partition -> offset up to which re-applied records are already logged.
-        self._fences_checked = time.monotonic()
+        self._fences_checked = self._slot_fences_checked = time.monotonic()
         self._fences_suspect = False
         self._abandoned: list[_Batch] = []
+        self._behind: dict[int, int] = {}  # partition -> a stored fence found behind by a batch
         self._no_relog: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -520,6 +525,7 @@ class StreamConsumer:
             self._logged.pop(tp.partition, None)
             self._position.pop(tp.partition, None)
             self._no_relog.pop(tp.partition, None)
+            self._behind.pop(tp.partition, None)
             self._unpositioned.discard(tp)
             with warnings.catch_warnings():  # Feast's import claims multi-process mode; not ours
                 warnings.simplefilter("ignore")
@@ -594,10 +600,23 @@ class StreamConsumer:
         if not (self._abandoned or self._fences_suspect or now - self._fences_checked >= _FENCE_CHECK_S):
             return started
         owned = sorted(p for p in self._applied if p in self._position)
+        slots = self._cluster and (
+            self._fences_suspect or now - self._slot_fences_checked >= _SLOT_FENCE_CHECK_S
+        )
         stored = self._with_retries(lambda: self._read_offsets(owned))[0] if owned else {}
+        behind = {p: offset for p, offset in stored.items() if offset < self._applied[p]}
+        if slots and owned:
+            writer = cast(ClusterFeatureWriter, self._writer)
+            lost = self._with_retries(lambda: writer.lost_fences(self._applied_key, owned))
+            for p, offset in lost.items():
+                behind[p] = min(behind.get(p, offset), offset)
+            self._slot_fences_checked = time.monotonic()
+        for p, offset in self._behind.items():
+            if p in self._applied and p in self._position:
+                behind[p] = min(behind.get(p, offset), offset)
+        self._behind = {}
         self._fences_checked = time.monotonic()
         self._fences_suspect = False
-        behind = {p: offset for p, offset in stored.items() if offset < self._applied[p]}
         if not behind and not self._abandoned:
             return started
         # Batches given up, and the one polled meanwhile: their records are read again.
@@ -639,6 +658,15 @@ class StreamConsumer:
         else:
             applied, logged = self._with_retries(lambda: self._read_offsets(owned))
         self._writer.forget()  # the users it remembers may hold writes that were lost
+        if self._cluster:
+            # A slot's fence may be behind while the partition's applied offset is not: that
+            # offset no longer means "applied in every slot", so it goes down to the lowest slot
+            # fence (a new owner starts there); reading again from it, the slots holding more skip
+            # the rest.
+            lower = {p: offset for p, offset in behind.items() if offset < applied[p]}
+            writer = cast(ClusterFeatureWriter, self._writer)
+            self._with_retries(lambda: writer.lower_applied(self._applied_key, lower))
+            applied.update(lower)
         for p in sorted(reread):
             self._applied[p] = applied[p]
             start = applied[p] + 1
@@ -758,11 +786,17 @@ class StreamConsumer:
         """Learn from a refused write before the next attempt; True when a partition's stored
         fence is behind what this consumer applied (Redis lost writes): the batch is given up."""
         plan = batch.plan
-        if result.behind or (
-            result.fenced_partition is not None
+        lost = dict(result.behind)  # Redis Cluster: slot fences below what this writer stored there
+        p = result.fenced_partition
+        if (
+            p is not None
             and result.stored_offset is not None
-            and result.stored_offset < self._applied.get(result.fenced_partition, -1)
+            and result.stored_offset < self._applied.get(p, -1)
         ):
+            lost[p] = min(lost.get(p, result.stored_offset), result.stored_offset)
+        if lost:
+            for p, offset in lost.items():
+                self._behind[p] = min(self._behind.get(p, offset), offset)
             return True
         for key, offset in result.floors.items():  # Redis Cluster: slots holding part of the batch
             if offset > batch.floors.get(key, -1):

@@ -84,7 +84,8 @@ class StreamMetrics:
         )
         self.fence_rewound_records = Counter(
             "recstack_stream_fence_rewound_records",
-            "Records whose acknowledged writes Redis lost, read again and applied again",
+            "Records read again and applied again after a rewind (from the stored fence + 1 up to what "
+            "this consumer had applied; on a Redis Cluster from the lowest slot fence that went back)",
             registry=r,
         )
         self.stale_users = Counter(
