@@ -10,10 +10,16 @@ MULTI). With no event arriving afterwards, the consumer must notice on its own (
 fences back now and then); with events following at once, the first batch finds its fence behind.
 Either way it reads the lost range again and applies it, so that the features equal the truth
 computed offline from every event, and the event log still holds each event exactly once.
+
+Also: a Redis of the test's own restarted from a stale append-only file (AOF switched off, then
+SIGKILL: the consumer's connection breaks and comes back to a Redis with less), and one node of
+a Redis Cluster put back alone (its slot fences go back, the partitions' applied offsets do not).
 """
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from collections import Counter
 
@@ -118,6 +124,96 @@ def test_acknowledged_writes_lost_by_redis_are_applied_again(
     assert logged_event_ids(event_log) == Counter({ev.event_id for ev in published.events})
     assert metrics.fence_rewinds._value.get() >= 1, "the rewind was not counted"
     assert metrics.fence_rewound_records._value.get() == lost
+
+
+class _PrivateRedis:
+    """A redis-server of this test's own (AOF on, fsync every second, no RDB snapshots, as
+    ``infra/redis.sh`` runs it), so that it can be killed without touching the shared one."""
+
+    def __init__(self, folder) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.folder = folder
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import redis
+
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
+        args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+        self.proc = subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        wait_until(lambda: _answers(client), 30, f"redis-server on port {self.port}")
+        client.close()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+
+def _answers(client) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = _PrivateRedis(tmp_path / "redis")
+    server.folder.mkdir()
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.kill()
+
+
+def test_a_redis_restarted_from_a_stale_aof_gets_the_lost_writes_applied_again(
+    kafka_bootstrap, private_redis, fresh_topic, tmp_path, feast_dir
+):
+    """The loss as an operator meets it: the append-only file switched off (as with RDB only),
+    events applied, Redis SIGKILLed and started again: it loads the AOF as it stood when it was
+    switched off. The consumer's connection breaks meanwhile; no event follows the restart."""
+    import redis
+
+    from feature_store.store import open_store
+
+    topic = fresh_topic(6)
+    fresh_topic(1, name=f"{topic}.dlq")
+    client = redis.Redis.from_url(private_redis.url)
+    published = Published()
+    events = _events(6_000, seed=19)
+    event_log = tmp_path / "events"
+    with consumer_thread(_config(kafka_bootstrap, private_redis.url, topic, event_log)) as consumer:
+        publish(kafka_bootstrap, topic, events[:3_000], published, dup_share=0.05, seed=19)
+        wait_all_applied(client, topic, published)
+        wait_until(lambda: _logged_records(client, topic) >= published.records, 60, "the first half logged")
+        half = published.records
+        client.config_set("appendonly", "no")  # from now on, writes live in memory only
+        kept = applied_records(client, topic)  # what the restarted Redis will hold
+
+        publish(kafka_bootstrap, topic, events[3_000:], published, dup_share=0.05, seed=20)
+        wait_all_applied(client, topic, published)
+        private_redis.kill()
+        private_redis.start()
+        wait_until(
+            lambda: applied_records(client, topic) >= published.records,
+            RECOVERY_TIMEOUT_S,
+            f"the consumer to apply again the {published.records - kept} records Redis lost",
+        )
+        metrics = consumer.metrics
+    assert kept == half < published.records
+    assert_features_exact(open_store(private_redis.url, feast_dir), published.events)
+    assert logged_event_ids(event_log) == Counter({ev.event_id for ev in published.events})
+    assert metrics.fence_rewound_records._value.get() == published.records - kept
+    client.close()
 
 
 @pytest.fixture(scope="module")
