@@ -301,3 +301,33 @@ def test_a_cluster_node_that_lost_writes_gets_them_applied_again(
     assert_features_exact(store, published.events)
     assert logged_event_ids(event_log) == Counter({ev.event_id for ev in published.events})
     assert metrics.fence_rewinds._value.get() >= 1, "the rewind was not counted"
+
+
+def test_a_slot_fence_below_what_the_writer_stored_refuses_the_node_and_is_reported(cluster):
+    """The writer's side of a node that lost writes: the next batch's script refuses a slot whose
+    fence went back (nothing of that node is written) and reports it, and lost_fences finds it."""
+    from feature_store.cluster import ClusterFeatureWriter, slot_fence_key
+    from feature_store.online import BatchGuard, UserDelta, read_features
+
+    writer = ClusterFeatureWriter(cluster)
+    offsets_key = "recstack:stream:t:applied"
+    user = "user-7"
+    slot = writer.user_slot(user)
+
+    def batch(first: int, last: int):
+        guard = BatchGuard(
+            offsets_key=offsets_key, expected={0: first - 1}, applied={0: last}, slot_partitions={slot: {0}}
+        )
+        delta = {user: UserDelta(views=last - first + 1, last_event_ts=last, recent_items=["i"])}
+        return writer.apply(delta, {}, guard, writer.read([user]))
+
+    assert batch(0, 9).ok and batch(10, 19).ok
+    assert writer.lost_fences(offsets_key, [0]) == {}  # nothing lost yet
+    cluster.hset(slot_fence_key(offsets_key, slot), "0", "9")  # the node went back to after the first
+    refused = batch(20, 29)
+    assert not refused.ok and refused.behind == {0: 9}
+    assert read_features(cluster, [user], [])[0][0].views == 20, "the refused script wrote"
+    assert writer.lost_fences(offsets_key, [0]) == {}  # reported once: it now expects 9 there
+    cluster.delete(slot_fence_key(offsets_key, slot))  # the whole slot lost
+    assert writer.lost_fences(offsets_key, [0, 1]) == {0: -1}
+    assert writer.lost_fences(offsets_key, [1]) == {}
