@@ -19,14 +19,14 @@ How exactly-once works (the full argument is in ``docs/FEATURES.md``):
   roll's files (staged under temporary names) become part of the log only through one script
   that checks every partition in them is still ours, raises their logged offsets and records the
   roll; a refused roll is deleted and its events left to the partitions' new owner.
-* **Redis Cluster** (``--redis redis+cluster://...``): event ids are claimed for their records
-  before any write, and each node gets one script guarded by per-slot fences
-  (:mod:`feature_store.cluster`); the partition's applied offset moves once every node has written.
 * **Lost writes.** A Redis that loses acknowledged writes (restart from an old AOF/RDB file,
   failover to a lagging replica) comes back with fences behind what this consumer applied. The
   fences are read back every few seconds and after every Redis error, and a batch refuses a fence
   behind; those partitions are read again from the stored offset + 1, the event log keeping each
   event once (``_check_fences``).
+* **Redis Cluster** (``--redis redis+cluster://...``): event ids are claimed for their records
+  before any write, and each node gets one script guarded by per-slot fences
+  (:mod:`feature_store.cluster`); the partition's applied offset moves once every node has written.
 * **Dead letters** are sent and acknowledged before the batch's offsets are stored, so a crash
   can repeat a dead letter (at least once, identified by its source headers) but never lose one.
 
