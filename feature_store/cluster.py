@@ -21,6 +21,11 @@ Feast fixes each entity's key (no hash tag), and a batch touches thousands of sl
   (``recstack:stream:<topic>:applied``, as on a single server) is raised to the batch's last
   offset. A consumer taking a partition over starts after it; records between it and a slot's
   fence are filtered per slot, never applied twice.
+* **Lost writes.** A node that comes back with less than it acknowledged (a restart from an old
+  AOF or RDB file, a failover to a lagging replica) holds slot fences below what this writer
+  stored there. The writer remembers, per (slot, partition), the offset it last stored, and a
+  node's script refuses a slot whose fence is below it ("behind"), as :meth:`lost_fences` reports
+  for every slot it wrote: the caller reads the partition again from the lowest such fence + 1.
 
 The argument is written out in ``docs/FEATURES.md`` ("Redis Cluster").
 """
@@ -81,8 +86,8 @@ _MERGE_SCRIPT_TEMPLATE = (
 -- before the first write (a key this node does not serve fails the script before it writes), and
 -- a failed check writes nothing.
 -- ARGV: now_ms, now_ts, half_life_ms, n_slots, n_users, n_items, then per slot: its fence key,
--- n, then n (partition, lowest stored offset expected, new offset); per user: key, 3 counters as
--- read, 9 values; per item: key, 7 values.
+-- n, then n (partition, lowest stored offset expected, new offset, offset this writer last stored
+-- there or -1); per user: key, 3 counters as read, 9 values; per item: key, 7 values.
 """
     + _LUA_CODEC
     + r"""
@@ -94,25 +99,28 @@ local n_users = tonumber(ARGV[5])
 local n_items = tonumber(ARGV[6])
 local a = 7
 
--- 1. per-slot fences: refuse when a slot holds more than the caller knew of
-local fences, refused = {}, {}
+-- 1. per-slot fences: refuse when a slot holds more than the caller knew of, or less than the
+-- caller stored there (the node lost acknowledged writes)
+local fences, refused, behind = {}, {}, {}
 for s = 1, n_slots do
   local key, n = ARGV[a], tonumber(ARGV[a + 1])
   a = a + 2
   local parts = {}
-  for j = 1, n do parts[j] = ARGV[a + 3 * (j - 1)] end
+  for j = 1, n do parts[j] = ARGV[a + 4 * (j - 1)] end
   local stored = redis.call('HMGET', key, unpack(parts))
   local w = {}
   for j = 1, n do
-    local lo, hi = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    local lo, hi, known = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
     local st = tonumber(stored[j] or '-1')
     if st > lo then
       refused[#refused + 1] = (s - 1) .. ':' .. ARGV[a] .. ':' .. tostring(st)
+    elseif st < known then
+      behind[#behind + 1] = (s - 1) .. ':' .. ARGV[a] .. ':' .. tostring(st)
     elseif hi > st then
       w[#w + 1] = ARGV[a]
       w[#w + 1] = ARGV[a + 2]
     end
-    a = a + 3
+    a = a + 4
   end
   fences[s] = {key, w}
 end
@@ -135,6 +143,7 @@ for _ = 1, n_items do
   writes[n_writes] = {key, merge_item(key, a + 1, now_ms, now_ts, half_life_ms)}
   a = a + 8
 end
+if #behind > 0 then return {'behind', concat(behind, ',')} end
 if #refused > 0 then return {'fence', concat(refused, ',')} end
 if #stale > 0 then return {'stale', concat(stale, ',')} end
 
@@ -160,6 +169,15 @@ _RAISE_SCRIPT = """
 for i = 1, #ARGV, 2 do
   local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
   if tonumber(ARGV[i + 1]) > cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return 1
+"""
+
+# After a node lost writes: lower hash fields to the given values, never raise them.
+_LOWER_SCRIPT = """
+for i = 1, #ARGV, 2 do
+  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
+  if tonumber(ARGV[i + 1]) < cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 return 1
 """
@@ -212,8 +230,11 @@ class ClusterFeatureWriter:
         self._known = RememberedUsers(user_cache)
         self._slots: dict[bytes, int] = {}
         self._slot_clients: list[tuple[str, Any]] | None = None
+        # (slot, partition) -> the offset this writer last stored in that slot's fence
+        self._stored: dict[tuple[int, int], int] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cluster-writer")
         self._raise = client.register_script(_RAISE_SCRIPT)
+        self._lower = client.register_script(_LOWER_SCRIPT)
         slot_tag(0)  # build the tag table now, not in the first batch
 
     # --- slots and nodes ---------------------------------------------------------------------
@@ -337,6 +358,47 @@ class ClusterFeatureWriter:
         """Drop remembered users (all of them by default), e.g. when a partition changes owner."""
         self._known.forget(user_ids)
 
+    def lost_fences(self, offsets_key: str | bytes, partitions: Sequence[int]) -> dict[int, int]:
+        """Partition -> the lowest slot fence found below what this writer stored there (the
+        node lost acknowledged writes), for ``partitions``; one pipeline per node, in parallel.
+        The fences found are remembered, so a loss is reported once."""
+        wanted = set(partitions)
+        by_slot: dict[int, list[int]] = {}
+        for slot, p in self._stored:
+            if p in wanted:
+                by_slot.setdefault(slot, []).append(p)
+        per_node: dict[str, tuple[Any, list[int]]] = {}
+        for slot in by_slot:
+            name, client = self._node_client(slot)
+            per_node.setdefault(name, (client, []))[1].append(slot)
+
+        def read(slots: list[int]) -> Any:
+            def call(client: Any) -> list:
+                pipe = client.pipeline(transaction=False)
+                for slot in slots:
+                    pipe.hmget(slot_fence_key(offsets_key, slot), by_slot[slot])
+                return list(zip(slots, pipe.execute(), strict=True))
+
+            return call
+
+        results = self._on_nodes({name: (client, read(slots)) for name, (client, slots) in per_node.items()})
+        behind: dict[int, int] = {}
+        for pairs in results.values():
+            for slot, values in pairs:
+                for p, value in zip(by_slot[slot], values, strict=True):
+                    held = -1 if value is None else int(value)
+                    if held < self._stored[(slot, p)]:
+                        self._stored[(slot, p)] = held
+                        behind[p] = min(behind.get(p, held), held)
+        return behind
+
+    def lower_applied(self, offsets_key: str | bytes, offsets: Mapping[int, int]) -> None:
+        """Lower the partitions' global applied offsets to ``offsets`` (never raise them): a node
+        lost writes, so everything up to the old value is no longer applied in every slot, and a
+        consumer taking the partition over must start below the loss."""
+        if offsets:
+            self._lower(keys=[offsets_key], args=[x for p, o in sorted(offsets.items()) for x in (p, o)])
+
     def apply(
         self,
         users: Mapping[str, UserDelta],
@@ -395,7 +457,7 @@ class ClusterFeatureWriter:
             args: list[Any] = [slot_fence_key(guard.offsets_key, slot), len(parts)]
             for p in parts:
                 lo = max(guard.expected.get(p, -1), guard.floors.get((slot, p), -1))
-                args += (p, lo, guard.applied[p])
+                args += (p, lo, guard.applied[p], self._stored.get((slot, p), -1))
             return args
 
         def run(node: dict[str, Any]) -> Any:
@@ -411,6 +473,7 @@ class ClusterFeatureWriter:
         floors: dict[tuple[int, int], int] = {}
         stale: list[str] = []
         fenced: tuple[int, int] | None = None  # a (partition, stored offset) that refused
+        behind: dict[int, int] = {}
         for name, reply in replies.items():
             node = nodes[name]
             status = reply[0]
@@ -419,6 +482,13 @@ class ClusterFeatureWriter:
                 for slot in node["slots"]:  # this node's part is done: leave it out of a retry
                     for p in guard.slot_partitions[slot]:
                         floors[(slot, p)] = guard.applied[p]
+                        if guard.applied[p] > self._stored.get((slot, p), -1):
+                            self._stored[(slot, p)] = guard.applied[p]
+            elif status == b"behind":
+                for entry in reply[1].split(b","):
+                    index, p, held = (int(x) for x in entry.split(b":"))
+                    self._stored[(node["slots"][index], p)] = held
+                    behind[p] = min(behind.get(p, held), held)
             elif status == b"fence":
                 for entry in reply[1].split(b","):
                     index, p, held = (int(x) for x in entry.split(b":"))
@@ -442,4 +512,5 @@ class ClusterFeatureWriter:
             stored_offset=None if fenced is None else fenced[1],
             stale_users=stale,
             floors=floors,
+            behind=behind,
         )

@@ -383,6 +383,9 @@ class ApplyResult:
     stale_users: list[str] = field(default_factory=list)  # users written by someone else since the read
     # Redis Cluster only: (slot, partition) -> offset whose effects that slot holds (leave them out)
     floors: dict[tuple[int, int], int] = field(default_factory=dict)
+    # Redis Cluster only: partition -> the lowest offset a slot's fence went back to, below what
+    # this writer had stored there (the node lost acknowledged writes)
+    behind: dict[int, int] = field(default_factory=dict)
 
 
 def _lua_bytes(raw: bytes) -> str:

@@ -55,6 +55,8 @@ SERVING_TIMEOUT_S = 120.0
 # server sheds (RESOURCE_EXHAUSTED) or the call's deadline passes; everything else is a failure.
 ALLOWED_CODES = frozenset({"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
 _REPLAYED = "recstack_stream_events_replayed_total"
+_REWINDS = "recstack_stream_fence_rewinds_total"
+_REWOUND = "recstack_stream_fence_rewound_records_total"
 
 
 @dataclass
@@ -398,7 +400,7 @@ class ChaosRun:
             return self.disk.why_not
         if name == "broker-restart" and "kafka" not in self._managed():
             return "the broker was not started by infra/ (no pid file), so it cannot be restarted"
-        if name == "redis-restart" and "redis" not in self._managed():
+        if name in ("redis-restart", "redis-lose-writes") and "redis" not in self._managed():
             return "Redis was not started by infra/ (no pid file), so it cannot be restarted"
         return ""
 
@@ -547,6 +549,82 @@ class ChaosRun:
         started = time.monotonic()
         self.infra.restart("redis")
         w.result.figures["restart_s"] = round(time.monotonic() - started, 1)
+
+    def _fault_redis_lose_writes(self, w: _Window) -> None:
+        """Make Redis lose acknowledged writes for certain: the append-only file switched off (as
+        an operator running without it would), a few seconds of writes, then SIGKILL and a restart
+        that loads the AOF as it stood when it was switched off (``infra/redis.sh`` turns it on
+        again). The loss is counted from the applied offsets just before the kill (writes paused,
+        so none is acknowledged in between) and just after the restart."""
+        import redis
+
+        assert self.state is not None and self.traffic is not None
+        pid = self.infra.pid("redis")
+        if pid is None:
+            raise RuntimeError("Redis has no live pid file: it was not started by infra/")
+        rewinds0, rewound0 = self._scrape_sum(_REWINDS), self._scrape_sum(_REWOUND)
+        twice0 = self._logged_twice()
+        client = redis.Redis.from_url(self.cfg.redis_url, socket_timeout=5)
+        try:
+            client.config_set("appendonly", "no")
+            time.sleep(max(0.5, w.spec.hold_s - 1.5))
+            client.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")  # reads still answer
+            before = _records(self.state.applied())
+        finally:
+            client.close()
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        while Path(f"/proc/{pid}").exists() and time.monotonic() - killed < 10:
+            time.sleep(0.05)
+        self.infra.start("redis")
+        w.result.figures["restart_s"] = round(time.monotonic() - killed, 1)
+        applied = None
+        while applied is None and time.monotonic() - killed < 60:
+            applied = self.state.applied()  # None until the restarted Redis answers
+            if applied is None:
+                time.sleep(0.2)
+        after = _records(applied)
+        lost = before - after
+        w.result.figures["writes_lost_records"] = lost
+        w.result.check(
+            "Redis lost acknowledged writes",
+            lost > 0,
+            f"applied offsets covered {before:,} records before the kill and {after:,} after the "
+            f"restart: the writes of {lost:,} records were lost",
+        )
+
+        def applied_again(_record: StepRecord) -> None:
+            assert self.state is not None and self.traffic is not None
+            rewinds = self._scrape_sum(_REWINDS) - rewinds0
+            rewound = self._scrape_sum(_REWOUND) - rewound0
+            w.result.figures["rewound_records"] = int(rewound)
+            w.result.check(
+                "the consumers noticed the loss and read exactly the lost records again",
+                rewinds > 0 and int(rewound) == lost,
+                f"{rewinds:.0f} partitions rewound, {rewound:.0f} records read again ({lost} lost)",
+            )
+            caught_up = self.state.wait_logged(self.traffic.last_offsets(), 60.0)
+            ids = self.disk.event_ids()
+            distinct = self.traffic.distinct_events()
+            missing = len(distinct - set(ids))
+            twice = sum(1 for e in distinct if ids.get(e, 0) > 1) - twice0
+            w.result.figures["logged_twice"] = twice
+            w.result.check(
+                "the event log holds every event, none logged twice by the rewind",
+                caught_up is not None and missing == 0 and twice == 0,
+                f"{len(distinct):,} distinct events, {missing} missing, {twice} more logged twice"
+                + ("" if caught_up is not None else "; logged offsets did not catch up in 60 s"),
+            )
+
+        w.post_checks.append(applied_again)
+
+    def _scrape_sum(self, metric: str) -> float:
+        return sum(scrape(port, metric) or 0.0 for port in self.consumer_metrics)
+
+    def _logged_twice(self) -> int:
+        assert self.traffic is not None
+        ids = self.disk.event_ids()
+        return sum(1 for e in self.traffic.distinct_events() if ids.get(e, 0) > 1)
 
     def _fault_redis_slow(self, w: _Window) -> None:
         import redis
@@ -783,6 +861,11 @@ def _retry(call: Callable[[], Any], attempts: int = 20, delay_s: float = 0.5) ->
                 raise
             time.sleep(delay_s)
     return None
+
+
+def _records(applied: dict[int, int] | None) -> int:
+    """Records the applied offsets cover (offset + 1 per partition)."""
+    return sum(offset + 1 for offset in (applied or {}).values())
 
 
 def _last_assignment(log_text: str) -> bool:

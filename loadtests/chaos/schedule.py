@@ -55,6 +55,12 @@ FAULTS: tuple[FaultSpec, ...] = (
         hold_s=2.0,
     ),
     FaultSpec(
+        "redis-lose-writes",
+        "Redis loses acknowledged writes: AOF switched off, SIGKILL, restart from the stale AOF",
+        f"writes lost counted; the consumers apply them again; {_STREAM}; event log exactly once",
+        hold_s=5.0,
+    ),
+    FaultSpec(
         "redis-slow",
         "Redis stalls 50 ms of every 100 ms (CLIENT PAUSE)",
         f"ranking answers (degraded allowed), errors only as allowed; {_STREAM}",

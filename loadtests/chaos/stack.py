@@ -67,6 +67,11 @@ class Infra:
         if result.returncode != 0:
             raise RuntimeError(f"infra/up.sh failed:\n{result.stdout}{result.stderr}")
 
+    def start(self, service: str) -> None:
+        result = self._script(f"{service}.sh", "start")
+        if result.returncode != 0:
+            raise RuntimeError(f"infra/{service}.sh start failed:\n{result.stdout}{result.stderr}")
+
     def restart(self, service: str) -> None:
         result = self._script(f"{service}.sh", "restart")
         if result.returncode != 0:

@@ -19,6 +19,11 @@ How exactly-once works (the full argument is in ``docs/FEATURES.md``):
   roll's files (staged under temporary names) become part of the log only through one script
   that checks every partition in them is still ours, raises their logged offsets and records the
   roll; a refused roll is deleted and its events left to the partitions' new owner.
+* **Lost writes.** A Redis that loses acknowledged writes (restart from an old AOF/RDB file,
+  failover to a lagging replica) comes back with fences behind what this consumer applied. The
+  fences are read back every few seconds and after every Redis error, and a batch refuses a fence
+  behind; those partitions are read again from the stored offset + 1, the event log keeping each
+  event once (``_check_fences``).
 * **Redis Cluster** (``--redis redis+cluster://...``): event ids are claimed for their records
   before any write, and each node gets one script guarded by per-slot fences
   (:mod:`feature_store.cluster`); the partition's applied offset moves once every node has written.
@@ -74,6 +79,14 @@ _BACKOFF_MAX_S = 5.0
 _METADATA_RECHECK_S = 5.0
 _JOIN_STUCK_S = 30.0
 _ROLL_RETRY_S = 5.0  # a failed roll is tried again this soon (or after --log-roll-s, if shorter)
+# How often the partitions' applied offsets are read back from Redis to catch writes Redis lost
+# (a restart from an old AOF or RDB file, a failover to a lagging replica) even when no batch
+# follows to be refused: one HMGET of a few fields, negligible next to the batches' scripts.
+_FENCE_CHECK_S = 5.0
+# On a Redis Cluster a node other than the one holding the partitions' applied offsets may lose
+# writes: its slot fences are read back (one pipelined HMGET per slot written, each node in
+# parallel) after every Redis error and this often, when reading thousands of keys costs little.
+_SLOT_FENCE_CHECK_S = 30.0
 
 
 def seen_key(event_id: str) -> bytes:
@@ -135,6 +148,25 @@ for i = 0, n - 1 do
 end
 for j = 2 + 3 * n, #ARGV do redis.call('HSET', KEYS[3], ARGV[j], '1') end
 return refused
+"""
+
+# After Redis lost writes: take partitions again (a fresh owner token) and raise their logged
+# offsets back to what this consumer knows its recorded rolls made durable (their files exist);
+# returns the logged offsets as they then stand. KEYS: logged, owners. ARGV: token, (partition,
+# offset or -1)...
+_RETAKE_LOG = """
+local out = {}
+for i = 2, #ARGV, 2 do
+  local p, floor = ARGV[i], tonumber(ARGV[i + 1])
+  redis.call('HSET', KEYS[2], p, ARGV[1])
+  local logged = tonumber(redis.call('HGET', KEYS[1], p) or '-1')
+  if floor > logged then
+    redis.call('HSET', KEYS[1], p, floor)
+    logged = floor
+  end
+  out[#out + 1] = logged
+end
+return out
 """
 
 
@@ -253,6 +285,7 @@ class StreamConsumer:
         self._writer = writer(self._redis, config.trending_half_life_s)
         self._take_log = self._redis.register_script(_TAKE_LOG)
         self._commit_roll = self._redis.register_script(_COMMIT_ROLL)
+        self._retake_log = self._redis.register_script(_RETAKE_LOG)
         self._half_life_ms = config.trending_half_life_s * 1000.0
         self._applied_key = applied_key(config.topic)
         self._logged_key = logged_key(config.topic)
@@ -283,6 +316,14 @@ class StreamConsumer:
         self._unpublished: list[Staged] = []  # recorded in Redis, rename failed: tried again
         self._paused = False  # partitions paused: too many events wait for the event log
         self._log_failing = False  # the last roll failed to write
+        # Lost writes (see _check_fences): when the fences were last read back, whether a Redis
+        # error since calls for reading them at once, batches given up because their fence had
+        # gone back, and partition -> offset up to which re-applied records are already logged.
+        self._fences_checked = self._slot_fences_checked = time.monotonic()
+        self._fences_suspect = False
+        self._abandoned: list[_Batch] = []
+        self._behind: dict[int, int] = {}  # partition -> a stored fence found behind by a batch
+        self._no_relog: dict[int, int] = {}
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -326,6 +367,7 @@ class StreamConsumer:
                 # finish that write before planning this one (its fence expects that write).
                 started = _Batch.parse(batch, cfg.max_future_skew) if batch else None
                 self._finish_inflight()
+                started = self._check_fences(started)
                 if started is not None:
                     self._inflight = self._begin(started)
                 if self._event_log is not None:
@@ -529,6 +571,8 @@ class StreamConsumer:
             self._applied.pop(tp.partition, None)
             self._logged.pop(tp.partition, None)
             self._position.pop(tp.partition, None)
+            self._no_relog.pop(tp.partition, None)
+            self._behind.pop(tp.partition, None)
             self._unpositioned.discard(tp)
             with warnings.catch_warnings():  # Feast's import claims multi-process mode; not ours
                 warnings.simplefilter("ignore")
@@ -589,6 +633,145 @@ class StreamConsumer:
         logged = {p: int(v) if v is not None else -1 for p, v in zip(partitions, logged_raw, strict=True)}
         return applied, logged
 
+    # ------------------------------------------------------------------------------ lost writes
+
+    def _check_fences(self, started: _Batch | None) -> _Batch | None:
+        """Catch writes Redis acknowledged and then lost (a restart from an old AOF or RDB file, a
+        failover to a lagging replica): its fences, dedup keys and features went back together,
+        and what this consumer applied since is gone. Read the fences back every _FENCE_CHECK_S,
+        at once after a Redis error (the connection came back: maybe to a Redis with less) and
+        after a batch found its fence behind; read every partition whose fence went back again
+        from there. Returns ``started`` (the batch polled meanwhile), or None when it is given up
+        to be read again after the lost range. Runs on the main thread with no batch in flight."""
+        now = time.monotonic()
+        if not (self._abandoned or self._fences_suspect or now - self._fences_checked >= _FENCE_CHECK_S):
+            return started
+        owned = sorted(p for p in self._applied if p in self._position)
+        slots = self._cluster and (
+            self._fences_suspect or now - self._slot_fences_checked >= _SLOT_FENCE_CHECK_S
+        )
+        stored = self._with_retries(lambda: self._read_offsets(owned))[0] if owned else {}
+        behind = {p: offset for p, offset in stored.items() if offset < self._applied[p]}
+        if slots and owned:
+            writer = cast(ClusterFeatureWriter, self._writer)
+            lost = self._with_retries(lambda: writer.lost_fences(self._applied_key, owned))
+            for p, offset in lost.items():
+                behind[p] = min(behind.get(p, offset), offset)
+            self._slot_fences_checked = time.monotonic()
+        for p, offset in self._behind.items():
+            if p in self._applied and p in self._position:
+                behind[p] = min(behind.get(p, offset), offset)
+        self._behind = {}
+        self._fences_checked = time.monotonic()
+        self._fences_suspect = False
+        if not behind and not self._abandoned:
+            return started
+        # Batches given up, and the one polled meanwhile: their records are read again.
+        again: dict[int, int] = {}  # partition -> first offset to read again
+        for batch in [*self._abandoned, *([started] if started is not None else [])]:
+            for rec in batch.records:
+                if rec.offset < again.get(rec.partition, rec.offset + 1):
+                    again[rec.partition] = rec.offset
+        self._abandoned = []
+        reread = self._rewind(behind) if behind else set()
+        consumer = self._consumer
+        assert consumer is not None
+        assigned = consumer.assignment()
+        for p, offset in again.items():
+            tp = TopicPartition(self.config.topic, p)
+            if p not in reread and tp in assigned:
+                consumer.seek(tp, offset)
+        return None
+
+    def _rewind(self, behind: dict[int, int]) -> set[int]:
+        """Partitions whose stored fence is behind what this consumer applied: read them again
+        from the stored fence + 1, so the range Redis lost is applied again. With the event log
+        on, its offsets are fenced separately: the rolls in progress are settled first, the
+        partitions are taken again with the logged offsets this consumer made durable, and
+        records at or below those are applied again but not logged twice."""
+        consumer = self._consumer
+        assert consumer is not None
+        owned = sorted(p for p in self._applied if p in self._position)
+        expected = {p: self._applied[p] for p in behind}
+        reread = set(behind)
+        if self._event_log is not None:
+            self._finish_roll(main_thread=True, wait=True)
+            self._settle_pending()
+            # A roll refused meanwhile (Redis lost our owner tokens too) dropped its events of
+            # those partitions: read them again as well.
+            reread |= {p for p in owned if p not in self._tokens}
+            self._event_log.drop_partitions(reread)
+            applied, logged = self._with_retries(lambda: self._retake(owned))
+        else:
+            applied, logged = self._with_retries(lambda: self._read_offsets(owned))
+        self._writer.forget()  # the users it remembers may hold writes that were lost
+        if self._cluster:
+            # A slot's fence may be behind while the partition's applied offset is not: that
+            # offset no longer means "applied in every slot", so it goes down to the lowest slot
+            # fence (a new owner starts there); reading again from it, the slots holding more skip
+            # the rest.
+            lower = {p: offset for p, offset in behind.items() if offset < applied[p]}
+            writer = cast(ClusterFeatureWriter, self._writer)
+            self._with_retries(lambda: writer.lower_applied(self._applied_key, lower))
+            applied.update(lower)
+        for p in sorted(reread):
+            self._applied[p] = applied[p]
+            start = applied[p] + 1
+            if self._event_log is not None:
+                start = min(applied[p], logged[p]) + 1
+                if logged[p] > applied[p]:
+                    self._no_relog[p] = logged[p]
+            consumer.seek(TopicPartition(self.config.topic, p), start)
+            self._position[p] = start
+            if p in expected:
+                lost = expected[p] - applied[p]
+                self.metrics.fence_rewinds.inc()
+                self.metrics.fence_rewound_records.inc(lost)
+                log.warning(
+                    "partition %d: Redis holds applied offset %d but this consumer applied up to %d: "
+                    "Redis lost %d records' acknowledged writes (restarted from an old AOF or RDB "
+                    "file, or failed over to a lagging replica); reading them again from offset %d",
+                    p,
+                    applied[p],
+                    expected[p],
+                    lost,
+                    start,
+                )
+            else:
+                log.warning(
+                    "partition %d: its event-log owner token was lost by Redis; reading it again "
+                    "from offset %d",
+                    p,
+                    start,
+                )
+        return reread
+
+    def _retake(self, partitions: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+        """Take ``partitions`` again for the event log (a fresh token), raising their logged
+        offsets back to what this consumer recorded, and read their applied offsets."""
+        token = uuid.uuid4().hex
+        args: list[Any] = [token]
+        for p in partitions:
+            args += (p, self._logged.get(p, -1))
+        logged_raw = self._retake_log(keys=self._log_keys, args=args)
+        applied_raw = self._redis.hmget(self._applied_key, partitions)
+        logged = {p: int(v) for p, v in zip(partitions, logged_raw, strict=True)}
+        for p in partitions:
+            self._tokens[p] = token
+            self._logged[p] = logged[p]
+        applied = {p: int(v) if v is not None else -1 for p, v in zip(partitions, applied_raw, strict=True)}
+        return applied, logged
+
+    def _not_yet_logged(self, records: list[Any], indexes: list[int]) -> list[int]:
+        """The applied records not already in the event log: after a rewind, records up to the
+        partition's logged offset are applied again but were logged before Redis lost them."""
+        no_relog = self._no_relog
+        kept = [i for i in indexes if records[i].offset > no_relog.get(records[i].partition, -1)]
+        for p, offset in list(no_relog.items()):
+            if self._position.get(p, -1) > offset:  # past it (positions move in _book, before this)
+                del no_relog[p]
+        return kept
+
     # ------------------------------------------------------------------------------ batches
 
     def _begin(self, batch: _Batch) -> _Batch:
@@ -621,6 +804,7 @@ class StreamConsumer:
         while True:
             if isinstance(outcome, BaseException):
                 batch.attempt += 1
+                self._fences_suspect = True  # Redis may come back with writes lost: check once it answers
                 self.metrics.redis_retries.inc()
                 delay = min(_BACKOFF_START_S * 2 ** min(batch.attempt, 10), _BACKOFF_MAX_S)
                 log.warning(
@@ -635,15 +819,32 @@ class StreamConsumer:
                     raise _Stopping from outcome
             elif outcome is None or outcome.ok:
                 break
-            else:
-                self._resolve(batch, outcome)
+            elif self._resolve(batch, outcome):
+                # Redis lost writes: the batch cannot go on top of what it now holds. Give it up
+                # unbooked; _check_fences reads the lost range again, then this batch's records.
+                self._inflight = None
+                self._abandoned.append(batch)
+                return
             outcome = self._attempt(batch)
         self._inflight = None
         self._book(batch)
 
-    def _resolve(self, batch: _Batch, result: ApplyResult) -> None:
-        """Learn from a refused write before the next attempt."""
+    def _resolve(self, batch: _Batch, result: ApplyResult) -> bool:
+        """Learn from a refused write before the next attempt; True when a partition's stored
+        fence is behind what this consumer applied (Redis lost writes): the batch is given up."""
         plan = batch.plan
+        lost = dict(result.behind)  # Redis Cluster: slot fences below what this writer stored there
+        p = result.fenced_partition
+        if (
+            p is not None
+            and result.stored_offset is not None
+            and result.stored_offset < self._applied.get(p, -1)
+        ):
+            lost[p] = min(lost.get(p, result.stored_offset), result.stored_offset)
+        if lost:
+            for p, offset in lost.items():
+                self._behind[p] = min(self._behind.get(p, offset), offset)
+            return True
         for key, offset in result.floors.items():  # Redis Cluster: slots holding part of the batch
             if offset > batch.floors.get(key, -1):
                 batch.floors[key] = offset
@@ -659,6 +860,7 @@ class StreamConsumer:
             batch.known_duplicates.update(plan.apply[i] for i in result.seen_duplicates)
         else:  # written by someone else since the read: the next attempt reads them again
             self.metrics.stale_users.inc(len(result.stale_users))
+        return False
 
     def _book(self, batch: _Batch) -> None:
         """An applied batch: move the fence and positions, log its events, count it."""
@@ -672,9 +874,15 @@ class StreamConsumer:
             if offset >= position.get(p, -1):
                 position[p] = offset + 1
         if self._event_log is not None:
-            self._event_log.append(applied_events, [records[i].partition for i in plan.apply])
+            to_log = plan.apply
+            if self._no_relog:  # read again after Redis lost writes: some are in the log already
+                to_log = self._not_yet_logged(records, to_log)
+            self._event_log.append(
+                [parsed[i] for i in to_log] if to_log is not plan.apply else applied_events,  # type: ignore[misc]
+                [records[i].partition for i in to_log],
+            )
             self._event_log.append(batch.to_log, batch.to_log_partitions)
-            self.metrics.logged.inc(len(applied_events) + len(batch.to_log))
+            self.metrics.logged.inc(len(to_log) + len(batch.to_log))
         elif plan.last_offsets:
             self._commit(dict(self._position), sync=False)
         m = self.metrics
@@ -1062,6 +1270,7 @@ class StreamConsumer:
                 return call()
             except (redis.RedisError, RedisClusterException, OSError) as exc:
                 self.metrics.redis_retries.inc()
+                self._fences_suspect = True
                 log.warning("Redis call failed (%s); retrying in %.1fs", exc, delay)
                 if self._stop.wait(delay):
                     raise _Stopping from exc

@@ -91,6 +91,18 @@ class StreamMetrics:
             "Batch writes refused because another writer had moved a partition's applied offset",
             registry=r,
         )
+        self.fence_rewinds = Counter(
+            "recstack_stream_fence_rewinds",
+            "Partitions read again because Redis held an applied offset behind what this consumer had "
+            "applied: Redis lost acknowledged writes (restart from an old AOF/RDB file, failover)",
+            registry=r,
+        )
+        self.fence_rewound_records = Counter(
+            "recstack_stream_fence_rewound_records",
+            "Records read again and applied again after a rewind (from the stored fence + 1 up to what "
+            "this consumer had applied; on a Redis Cluster from the lowest slot fence that went back)",
+            registry=r,
+        )
         self.stale_users = Counter(
             "recstack_stream_stale_users",
             "Users written by another writer between a batch's read and its write (the batch was redone)",

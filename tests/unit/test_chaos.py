@@ -102,6 +102,27 @@ def test_quick_plan_is_shorter_and_every_window_holds_its_fault():
     assert sum(f.window_s for f in full) < 8 * 60  # the default run stays within the budget
 
 
+def test_redis_lose_writes_is_a_redis_fault_checked_against_the_truth_and_the_event_log(tmp_path):
+    from loadtests.chaos.runner import ChaosConfig, ChaosRun, _records
+
+    names = list(FAULT_NAMES)
+    assert names.index("redis-restart") < names.index("redis-lose-writes") < names.index("redis-slow")
+    (spec,) = plan(["redis-lose-writes"])
+    assert "AOF switched off" in spec.title and "SIGKILL" in spec.title
+    assert "features = truth" in spec.checks and "event log exactly once" in spec.checks
+    assert spec.hold_s >= 2  # seconds of acknowledged writes that only the memory holds
+    (quick,) = plan(["redis-lose-writes"], quick=True)
+    assert quick.hold_s == spec.hold_s and quick.window_s < spec.window_s
+    # the writes lost are counted from the applied offsets (offset + 1 records per partition)
+    assert _records({0: 9, 1: 0}) == 11 and _records({}) == _records(None) == 0
+    # like redis-restart, it needs a Redis that infra/ started (it kills and starts it)
+    run = ChaosRun(ChaosConfig(out=tmp_path, faults=[spec]))
+    run._managed = lambda: {"kafka"}  # type: ignore[method-assign]
+    assert "Redis was not started by infra/" in run._skip_reason("redis-lose-writes")
+    run._managed = lambda: {"kafka", "redis"}  # type: ignore[method-assign]
+    assert run._skip_reason("redis-lose-writes") == ""
+
+
 def test_parse_fault_list():
     assert parse_fault_list("all") == [] and parse_fault_list("") == []
     assert parse_fault_list(" consumer-kill, redis-slow ,") == ["consumer-kill", "redis-slow"]
