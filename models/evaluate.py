@@ -102,6 +102,50 @@ def evaluate_model(
     return out
 
 
+def served_scorer(graph: Any, eval_set: EvalSet, head: int) -> metrics.ScoreFn:
+    """Like ``model_scorer(..., "routed")``, but through the compiled served graph (models.aoti):
+    every item of the vocabulary as each user's candidates, the head for warm users, 0 for cold."""
+    V = eval_set.item_dense.shape[0]
+    rows = torch.arange(FIRST_ITEM_ROW, V)
+    item_dense = torch.from_numpy(eval_set.item_dense[FIRST_ITEM_ROW:])
+    h = min(head, len(rows))
+    slots = torch.empty(max(h, 1), dtype=torch.int8)
+
+    def score(lo: int, hi: int) -> torch.Tensor:
+        b = hi - lo
+        warm = torch.from_numpy(~eval_set.cold[lo:hi])
+        with torch.inference_mode():
+            return graph(
+                torch.from_numpy(eval_set.hist[lo:hi]).contiguous(),
+                torch.from_numpy(eval_set.user_dense[lo:hi]).contiguous(),
+                rows.expand(b, -1).contiguous(),
+                item_dense.expand(b, -1, -1).contiguous(),
+                torch.where(warm, h, 0).to(torch.int64),
+                slots,
+            )
+
+    return score
+
+
+def served_form_quality(
+    graph: Any, data: TrainingData, router: RouterConfig, reference: dict[str, float]
+) -> dict[str, Any]:
+    """NDCG@10 and HR@10 of the compiled served graph, routed as at no load, against ``reference``
+    (the eager int8 model's routed figures): the served form must not move quality."""
+    eval_set = data.eval
+    if eval_set is None or len(eval_set) == 0:
+        return {"evaluated": False}
+    head = PathRouter(router).head_for(len(data.vocab) - FIRST_ITEM_ROW)
+    started = time.perf_counter()
+    per_user = metrics.evaluate_scores(eval_set, served_scorer(graph, eval_set, head), chunk=32)
+    out: dict[str, Any] = {"evaluated": True, **metrics.summarize(per_user, eval_set.cold)}
+    out["seconds"] = round(time.perf_counter() - started, 2)
+    ref = reference.get("ndcg@10")
+    out["eager_int8_ndcg@10"] = ref
+    out["ndcg@10_relative_diff"] = abs(out["ndcg@10"] - ref) / ref if ref else None
+    return out
+
+
 def evaluate_baselines(data: TrainingData, eval_set: EvalSet, seed: int = 0) -> dict[str, dict[str, float]]:
     from threadpoolctl import threadpool_limits
 

@@ -52,6 +52,9 @@ def training_curve(history: TrainHistory, path: Path) -> None:
     plt.close(fig)
 
 
+SERVED_FORM_TOLERANCE = 0.005  # the compiled graph must rank as the eager int8 model does
+
+
 def check_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     """The targets this run can judge, each with its figure, its bar and whether it was met."""
     checks: list[dict[str, Any]] = []
@@ -108,6 +111,17 @@ def check_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{comp['reduction']:.0%} less",
                 )
             )
+    served_form = metrics.get("served_form", {})
+    if served_form.get("evaluated") and served_form.get("ndcg@10_relative_diff") is not None:
+        diff = served_form["ndcg@10_relative_diff"]
+        checks.append(
+            _check(
+                "served form (AOTInductor) routed NDCG@10 within 0.5% of eager int8",
+                -diff,
+                -SERVED_FORM_TOLERANCE,
+                f"{served_form['ndcg@10']:.4f} vs {served_form['eager_int8_ndcg@10']:.4f} ({diff:.3%})",
+            )
+        )
     sizes = metrics.get("sizes", {})
     if sizes:
         checks.append(

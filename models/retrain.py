@@ -202,6 +202,9 @@ def run_train(job: TrainJob) -> Path | None:
     }
 
     def write_reports(folder: Path) -> None:
+        served = _served_quality(folder, built, router, quality)
+        if served is not None:
+            metrics["served_form"] = served
         metrics["training"]["total_seconds"] = round(time.perf_counter() - started, 1)
         metrics["targets"] = report.check_targets(metrics)
         report.training_curve(history, folder / "training_curve.png")
@@ -213,6 +216,23 @@ def run_train(job: TrainJob) -> Path | None:
     )
     _finish_distributed()
     return folder
+
+
+def _served_quality(
+    folder: Path, built: Any, router: RouterConfig, quality: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The compiled package's own quality (models.aoti), against the eager int8 model's, when the
+    version holds one: the form the servers run is the one the figures describe."""
+    from models import aoti
+
+    package = folder / aoti.PACKAGE
+    if not quality.get("evaluated") or not package.is_file():
+        return None
+    log.info("evaluating the compiled served graph (%s)", aoti.PACKAGE)
+    reference = quality["model"]["int8"]["routed"]
+    result = evaluate.served_form_quality(aoti.load(package), built, router, reference)
+    result["form"] = "aoti"
+    return result
 
 
 def _feature_settings() -> dict[str, Any]:

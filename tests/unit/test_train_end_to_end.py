@@ -4,6 +4,7 @@ known preference, in seconds."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,29 @@ def taste_version(tmp_path_factory):
         bench=False,
         progress=False,
     )
-    folder = run_train(job)
+    # This version is compiled as servers run it (AOTInductor), so its metrics hold the compiled
+    # graph's own quality next to the eager model's.
+    previous = os.environ.get("RECSTACK_SERVED_FORM")
+    os.environ["RECSTACK_SERVED_FORM"] = "aoti"
+    try:
+        folder = run_train(job)
+    finally:
+        if previous is None:
+            del os.environ["RECSTACK_SERVED_FORM"]
+        else:
+            os.environ["RECSTACK_SERVED_FORM"] = previous
     assert folder is not None
     return folder
+
+
+def test_the_compiled_served_graph_ranks_as_the_eager_int8_model(taste_version):
+    metrics = json.loads((taste_version / "metrics.json").read_text())
+    served = metrics["served_form"]
+    assert served["form"] == "aoti" and served["evaluated"]
+    assert served["ndcg@10_relative_diff"] <= 0.005
+    assert served["ndcg@10"] > 0.5  # the taste shop is learnable: a wrong graph would rank at random
+    target = [t for t in metrics["targets"] if t["target"].startswith("served form")]
+    assert len(target) == 1 and target[0]["met"]
 
 
 def test_train_publishes_a_complete_evaluated_version(taste_version):
