@@ -37,6 +37,7 @@ def test_lists_parse_and_bad_values_are_refused_by_name(bench, capsys):
         ["--model", "m", "--forms", "torchscript,aoti,aoti", "--requests", "1,8", "--gaps-ms", "0,2.5"]
     )
     assert args.forms == ("torchscript", "aoti") and args.requests == (1, 8) and args.gaps_ms == (0.0, 2.5)
+    assert bench.parse_args(["--model", "m", "--forms", "onnxruntime-int8"]).forms == ("onnxruntime-int8",)
     for bad, field in (
         (["--forms", "aoti,tensorrt"], "--forms"),
         (["--requests", "0,4"], "--requests"),
@@ -95,6 +96,8 @@ def test_the_served_graph_exported_to_onnx_scores_like_the_eager_model(bench, tm
     model.eval().prepare_inference()
     bench.export_onnx(model, tmp_path / "served.onnx")
     graph = bench.OrtGraph(tmp_path / "served.onnx")
+    int8 = bench.OrtGraph(bench.quantize_onnx(tmp_path / "served.onnx", tmp_path / "served.int8.onnx"))
+    int8_diff = 0.0
     g = torch.Generator().manual_seed(1)
     for B, L, C, heads in ((1, 30, 100, [20]), (4, 12, 40, [0, 40, 10, 15]), (2, 1, 2, [2, 0])):
         hist = torch.randint(2, 120, (B, L), generator=g)
@@ -104,8 +107,13 @@ def test_the_served_graph_exported_to_onnx_scores_like_the_eager_model(bench, tm
         item = torch.rand(B, C, model.config.item_dense_dim, generator=g)
         head = torch.tensor(heads)
         h = max(max(heads), 1)
-        got = graph(hist, user, cand, item, head, torch.empty(h, dtype=torch.int8))
+        inputs = (hist, user, cand, item, head, torch.empty(h, dtype=torch.int8))
+        got = graph(*inputs)
         with torch.inference_mode():
             want = model.cascade_top(RankBatch(hist, user, cand, item), head, h)
         assert got.shape == (B, C)
         np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4, err_msg=f"B={B} L={L} C={C}")
+        int8_diff = max(int8_diff, float((int8(*inputs) - want).abs().max()))
+    # int8 activations move scores a little, never by more than the benchmark's bound for them.
+    assert 0 < int8_diff <= bench.tolerance("onnxruntime-int8")
+    assert bench.tolerance("onnxruntime") == bench.AGREEMENT_TOLERANCE == 1e-4
