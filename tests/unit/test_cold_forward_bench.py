@@ -29,7 +29,7 @@ def test_defaults_are_the_issue_s_grid(bench):
     assert args.requests == (1, 2, 4, 8, 32)
     assert args.gaps_ms == (0.0, 10.0, 40.0)
     assert args.idle_kinds == ("sleep",)
-    assert (args.candidates, args.history, args.repeats) == (100, 30, 40)
+    assert (args.candidates, args.history, args.repeats, args.path) == (100, 30, 40, "routed")
 
 
 def test_lists_parse_and_bad_values_are_refused_by_name(bench, capsys):
@@ -45,6 +45,7 @@ def test_lists_parse_and_bad_values_are_refused_by_name(bench, capsys):
         (["--gaps-ms", "-1"], "--gaps-ms"),
         (["--repeats", "0"], "--repeats"),
         (["--idle-kinds", "nap"], "--idle-kinds"),
+        (["--path", "fast"], "--path"),
     ):
         with pytest.raises(SystemExit):
             bench.parse_args(["--model", "m", *bad])
