@@ -157,7 +157,8 @@ def summarize(seconds: Sequence[float]) -> dict[str, float]:
 def _gap_label(gap_ms: float, kind: str) -> str:
     if gap_ms == 0:
         return "back to back"
-    return f"{gap_ms:g} ms {kind}" if kind != "sleep" else f"after {gap_ms:g} ms idle"
+    what = {"sleep": "idle", "spin": "busy loop", "thrash": "cache thrash"}[kind]
+    return f"after {gap_ms:g} ms {what}"
 
 
 def markdown_table(rows: list[dict[str, Any]], forms: Sequence[str]) -> str:
