@@ -88,7 +88,6 @@ def test_table_bolds_the_lowest_cpu_median_and_marks_a_missing_form(bench):
 
 
 def test_the_served_graph_exported_to_onnx_scores_like_the_eager_model(bench, tmp_path):
-    pytest.importorskip("onnx", reason="the dev extra installs onnx")
     from models.model import ItemEmbeddingConfig, RankBatch, RankerConfig, TwoPathRanker
 
     torch.manual_seed(5)
@@ -120,3 +119,15 @@ def test_the_served_graph_exported_to_onnx_scores_like_the_eager_model(bench, tm
     # int8 activations move scores a little, never by more than the benchmark's bound for them.
     assert 0 < int8_diff <= bench.tolerance("onnxruntime-int8")
     assert bench.tolerance("onnxruntime") == bench.AGREEMENT_TOLERANCE == 1e-4
+
+
+def test_model_bench_refuses_an_unknown_part_and_forms_without_a_model(capsys):
+    spec = importlib.util.spec_from_file_location("model_bench", BENCH.parent / "model_bench.py")
+    model_bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_bench)
+    with pytest.raises(SystemExit):
+        model_bench.main(["--parts", "dense,speed"])
+    assert "--parts: unknown speed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        model_bench.main(["--parts", "forms"])
+    assert "--parts forms needs --model" in capsys.readouterr().err
