@@ -1,29 +1,51 @@
-"""Cold forward pass: what one request's forward pass costs after the process was idle.
+"""Served forms, warm and cold: what a server batch's model call costs in each form the served
+graph can take, back to back and after the process was idle.
 
-A ranking server at a few dozen calls per second is idle between calls; this measures how much
-slower the served model's ``Ranker.rank_batch`` (one request, 100 candidates, served int8
-artifact, one torch thread) runs after an idle gap than back to back, and whether it is the
-sleep itself (the CPU going idle) or the time away from the model's data:
+The forms, all from the same published int8 version, all called through ``Ranker.rank_batch``
+(the whole model call a server batch makes: packing, routing, one forward, unpacking):
 
-* ``sleep``: ``time.sleep(gap)`` between calls;
-* ``spin``: a busy loop for the gap (the CPU stays busy, touching almost no memory);
-* ``thrash``: summing a 64 MB array for the gap (the caches are filled with other data).
+* ``aoti``: the version's AOTInductor package (``model.pt2``, :mod:`models.aoti`), what is served;
+* ``torchscript``: the traced, frozen per-path graphs of :mod:`models.compiled` (served before);
+* ``onnxruntime``: the same one-graph function (:class:`models.aoti.ServedCascade`) exported to
+  ONNX with torch's TorchScript-based exporter (dynamic requests, candidates, history and head)
+  and run by ONNX Runtime on one intra-op thread.
 
-Figures are medians over ``--repeats`` calls per gap, the gaps interleaved round-robin so a busy
-machine slows every variant alike. The baseline is gap 0 (back to back), measured in the same run.
+Requests are warm users (``--history`` recent items, default 30) with ``--candidates`` (100)
+candidates each, routed as at no load (they take the cascade; ``--path full`` etc. forces one
+path); one torch thread. For each form, request count
+(1, 2, 4, 8, 32) and idle gap (0 = back to back, i.e. right after three calls of the same
+shape; 10 and 40 ms of ``time.sleep``), the thread's CPU time and the wall time of the call are
+recorded; the variants run interleaved round-robin (the order rotated each round) so a busy
+machine slows them alike. Figures are the median and p90 over ``--repeats`` rounds. Before
+timing, each form's scores are compared with the first form's on every request count.
 
-    .venv/bin/python benchmarks/cold_forward_bench.py --model artifacts/demo/models
-    .venv/bin/python benchmarks/cold_forward_bench.py --model DIR --json out.json
+``--idle-kinds sleep,spin,thrash`` adds the older question of *why* a call after a gap is slow:
+``spin`` busy-loops for the gap (the CPU stays busy, touching almost no memory), ``thrash`` sums a
+64 MB array for the gap (the caches fill with other data).
+
+    .venv/bin/python benchmarks/cold_forward_bench.py --model artifacts/models \\
+        --json artifacts/bench/forms.json
+    .venv/bin/python benchmarks/cold_forward_bench.py --model DIR --forms aoti,torchscript --repeats 200
+
+``--forms ...,onnxruntime-int8,eager-onnxruntime-int8`` adds the exported graph with ONNX
+Runtime's dynamic int8 quantization of the interaction MLP, and the eager model with the ONNX
+Runtime int8 MLP of ``models/onnx_mlp.py`` (int8 activations: their scores are held to 0.25, not 1e-4).
+
+The default (3 forms x 5 request counts x 3 gaps, 40 rounds) takes about 40 s on a shared 2-core
+machine (the sleeps alone are 0.75 s a round); the process exits 1 when a form's scores disagree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,9 +53,293 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-GAPS_MS = (0.0, 2.0, 10.0, 40.0)
+FORMS = ("aoti", "torchscript", "onnxruntime")
+# Opt-in, int8 activations (quantized per call, so their scores differ from the fp32-arithmetic
+# forms by design): the exported graph with ONNX Runtime's dynamic int8 quantization of the
+# interaction MLP; and the eager model whose MLP runs on ONNX Runtime int8 (models/onnx_mlp.py,
+# what ``--dense-runtime onnxruntime-int8`` serves).
+EXTRA_FORMS = ("onnxruntime-int8", "eager-onnxruntime-int8")
+REQUESTS = (1, 2, 4, 8, 32)
+GAPS_MS = (0.0, 10.0, 40.0)
+IDLE_KINDS = ("sleep", "spin", "thrash")
+PATHS = ("routed", "light", "cascade", "full")
+AGREEMENT_TOLERANCE = 1e-4
+# A sanity bound only (0.17 seen from onnx_mlp.py's int8 MLP): int8 quality is judged by NDCG.
+INT8_ACTIVATION_TOLERANCE = 0.25
 
 
+def tolerance(form: str) -> float:
+    return INT8_ACTIVATION_TOLERANCE if form.endswith("-int8") else AGREEMENT_TOLERANCE
+
+
+# -- arguments ----------------------------------------------------------------------------------
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _gap_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated milliseconds, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected gaps >= 0 ms, got {text!r}")
+    return values
+
+
+def _choices(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        unknown = [v for v in values if v not in allowed]
+        if not values or unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown or text!r}; choose from {', '.join(allowed)}")
+        return tuple(dict.fromkeys(values))  # keep the order given, drop repeats
+
+    return parse
+
+
+def _positive(text: str) -> int:
+    value = _int_list(text)
+    if len(value) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return value[0]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model", type=Path, required=True, help="a version folder, or a models folder (its newest version)"
+    )
+    parser.add_argument(
+        "--forms",
+        type=_choices(FORMS + EXTRA_FORMS),
+        default=FORMS,
+        help=f"comma-separated (default: {','.join(FORMS)}; also: {','.join(EXTRA_FORMS)})",
+    )
+    parser.add_argument(
+        "--requests", type=_int_list, default=REQUESTS, help="request counts per call (default: 1,2,4,8,32)"
+    )
+    parser.add_argument("--gaps-ms", type=_gap_list, default=GAPS_MS, help="idle gaps (default: 0,10,40)")
+    parser.add_argument(
+        "--idle-kinds", type=_choices(IDLE_KINDS), default=("sleep",), help="how to idle (default: sleep)"
+    )
+    parser.add_argument(
+        "--path",
+        choices=PATHS,
+        default="routed",
+        help="routed as at no load (default; warm users take the cascade), or forced onto one path",
+    )
+    parser.add_argument("--candidates", type=_positive, default=100, help="per request (default: 100)")
+    parser.add_argument("--history", type=_positive, default=30, help="recent items per user (default: 30)")
+    parser.add_argument(
+        "--repeats", type=_positive, default=40, help="timed calls per variant (default: 40, ~40 s)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    return parser.parse_args(argv)
+
+
+# -- statistics and the table (pure) -------------------------------------------------------------
+def summarize(seconds: Sequence[float]) -> dict[str, float]:
+    """Median and p90 in microseconds."""
+    arr = np.asarray(seconds, dtype=np.float64) * 1e6
+    return {
+        "median_us": round(float(np.median(arr)), 1),
+        "p90_us": round(float(np.percentile(arr, 90)), 1),
+    }
+
+
+def _gap_label(gap_ms: float, kind: str) -> str:
+    if gap_ms == 0:
+        return "back to back"
+    what = {"sleep": "idle", "spin": "busy loop", "thrash": "cache thrash"}[kind]
+    return f"after {gap_ms:g} ms {what}"
+
+
+def markdown_table(rows: list[dict[str, Any]], forms: Sequence[str]) -> str:
+    """One line per (requests, gap): each form's CPU and wall median / p90 in µs, fastest CPU
+    median in bold. ``rows``: ``{"requests", "gap_ms", "idle", "forms": {form: {"cpu": {...},
+    "wall": {...}}}}`` as :func:`measure` returns them."""
+    head = "| requests | gap | " + " | ".join(f"{f} CPU µs | {f} wall µs" for f in forms) + " |"
+    lines = [
+        "(median / p90 of each call; CPU = the calling thread's CPU time)",
+        "",
+        head,
+        "|---:|---|" + "---:|---:|" * len(forms),
+    ]
+    for row in rows:
+        present = [f for f in forms if f in row["forms"]]
+        best = min(present, key=lambda f: row["forms"][f]["cpu"]["median_us"]) if present else None
+        cells = []
+        for f in forms:
+            fig = row["forms"].get(f)
+            if fig is None:
+                cells += ["n/a", "n/a"]
+                continue
+            cpu = f"{fig['cpu']['median_us']:,.0f} / {fig['cpu']['p90_us']:,.0f}"
+            if f == best and len(present) > 1:
+                cpu = f"**{cpu}**"
+            cells += [cpu, f"{fig['wall']['median_us']:,.0f} / {fig['wall']['p90_us']:,.0f}"]
+        gap = _gap_label(row["gap_ms"], row["idle"])
+        lines.append(f"| {row['requests']} | {gap} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- the forms ----------------------------------------------------------------------------------
+class OrtGraph:
+    """An ONNX Runtime session called like the compiled graph: six tensors -> the score tensor."""
+
+    NAMES = ("hist", "user", "cand", "item", "head", "head_slots")
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self._run = self._session.run
+
+    def __call__(self, *inputs: Any) -> Any:
+        import torch
+
+        feed = {name: t.numpy() for name, t in zip(self.NAMES, inputs, strict=True)}
+        return torch.from_numpy(self._run(None, feed)[0])
+
+
+def export_onnx(model: Any, path: Path) -> dict[str, Any]:
+    """Export the served one-graph function to ONNX with torch's TorchScript-based exporter."""
+    import warnings
+
+    import torch
+
+    from models import aoti
+    from models.model import RankBatch
+
+    class Traceable(aoti.ServedCascade):
+        # The same graph without the export-only size hint (torch._check on a size), which the
+        # tracer sees as a tensor and rejects.
+        def forward(self, hist, user, cand, item, head, head_slots):  # type: ignore[override]
+            return self.model.cascade_top(RankBatch(hist, user, cand, item), head, head_slots.shape[0])
+
+    axes = {
+        "hist": {0: "requests", 1: "history"},
+        "user": {0: "requests"},
+        "cand": {0: "requests", 1: "candidates"},
+        "item": {0: "requests", 1: "candidates"},
+        "head": {0: "requests"},
+        "head_slots": {0: "head"},
+        "scores": {0: "requests", 1: "candidates"},
+    }
+    started = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            Traceable(model).eval(),
+            aoti._example(model),
+            str(path),
+            dynamo=False,
+            input_names=list(OrtGraph.NAMES),
+            output_names=["scores"],
+            dynamic_axes=axes,
+            opset_version=17,
+        )
+    return {"export_seconds": round(time.perf_counter() - started, 2), "bytes": path.stat().st_size}
+
+
+def quantize_onnx(source: Path, target: Path) -> Path:
+    """ONNX Runtime's dynamic int8 quantization of the interaction MLP's MatMuls (weights per
+    output column), as ``models/onnx_mlp.py`` does for the MLP alone. Quantizing every MatMul
+    (the attention's and the user pooling's too) moved scores by up to 1.5."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process is for conv nets
+    mlp = [n.name for n in onnx.load(str(source)).graph.node if n.name.startswith("/mlp/")]
+    quantize_dynamic(
+        str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=mlp
+    )
+    return target
+
+
+def load_forms(version: Path, forms: Sequence[str], workdir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """-> ({form: warmed-up Ranker}, {form: why it is not there})."""
+    from models.artifacts import load_version
+
+    rankers: dict[str, Any] = {}
+    problems: dict[str, str] = {}
+    for form in forms:
+        try:
+            if form.startswith("onnxruntime"):
+                # Same weights as the package: int8 dequantized, per-item tables prepared.
+                ranker = load_version(version, dense_runtime="fp32")
+                onnx_path = workdir / "served.onnx"
+                if not onnx_path.is_file():
+                    info = export_onnx(ranker.model, onnx_path)
+                    print(f"  onnx: exported in {info['export_seconds']} s, {info['bytes'] / 1e6:.1f} MB")
+                if form == "onnxruntime-int8":
+                    onnx_path = quantize_onnx(onnx_path, workdir / "served.int8.onnx")
+                ranker.served = OrtGraph(onnx_path)
+            elif form == "eager-onnxruntime-int8":
+                ranker = load_version(version, dense_runtime="onnxruntime-int8")
+                if type(ranker.model.mlp).__name__ != "OnnxInteractionMLP":
+                    raise RuntimeError("the ONNX Runtime int8 MLP did not load (see the log)")
+            else:
+                ranker = load_version(version, dense_runtime=form)
+                if ranker.form != form:
+                    raise RuntimeError(f"the version loads as {ranker.form}, not {form} (see the log)")
+            ranker.warmup()
+            rankers[form] = ranker
+        except Exception as exc:  # one form failing must not hide the others' figures
+            problems[form] = f"{type(exc).__name__}: {exc}"
+            print(f"  {form}: not measured: {problems[form]}", file=sys.stderr)
+    return rankers, problems
+
+
+def warm_requests(ranker: Any, n: int, candidates: int, history: int, seed: int) -> list[Any]:
+    """``n`` returning shoppers: ``history`` distinct known recent items, nonzero counters."""
+    from models.features import ITEM_DENSE_DIM
+    from models.inference import RankInput
+
+    rng = np.random.default_rng(seed)
+    items = ranker.vocab.item_ids
+    out = []
+    for _ in range(n):
+        hist = [items[i] for i in rng.choice(len(items), size=min(history, len(items)), replace=False)]
+        cands = [items[i] for i in rng.integers(0, len(items), size=candidates)]
+        stats = rng.gamma(1.0, 20.0, size=(candidates, ITEM_DENSE_DIM)).astype(np.float32)
+        out.append(RankInput(hist, (20.0, 3.0, 2.0), 3600.0, cands, stats))
+    return out
+
+
+def agreement(rankers: dict[str, Any], inputs: dict[int, list[Any]]) -> dict[str, Any]:
+    """Max |score difference| of each form against the first, over every request count, routed
+    (as timed) and forced onto each path (the one graph's head of 0, of C, and between)."""
+    names = list(rankers)
+    ref = names[0]
+    out: dict[str, Any] = {"reference": ref, "max_abs_diff": {n: 0.0 for n in names[1:]}, "paths": {}}
+    for b, batch in inputs.items():
+        for force in (None, "light", "cascade", "full"):
+            want = rankers[ref].rank_batch(batch, force_path=force)
+            if force is None:
+                out["paths"][str(b)] = sorted({o.path for o in want})
+            for name in names[1:]:
+                got = rankers[name].rank_batch(batch, force_path=force)
+                diff = max(float(np.abs(g.scores - w.scores).max()) for g, w in zip(got, want, strict=True))
+                out["max_abs_diff"][name] = max(out["max_abs_diff"][name], diff)
+    return out
+
+
+# -- measurement --------------------------------------------------------------------------------
 def _idle(kind: str, gap_s: float, scratch: np.ndarray) -> None:
     if gap_s <= 0:
         return
@@ -46,70 +352,152 @@ def _idle(kind: str, gap_s: float, scratch: np.ndarray) -> None:
             scratch.sum()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model", type=Path, required=True, help="models folder (its newest version is used)"
-    )
-    parser.add_argument("--repeats", type=int, default=60, help="calls per gap and idle kind (default: 60)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
-    args = parser.parse_args(argv)
+def measure(
+    rankers: dict[str, Any],
+    inputs: dict[int, list[Any]],
+    gaps_ms: Sequence[float],
+    kinds: Sequence[str],
+    repeats: int,
+    loads: list[float] | None = None,
+    force_path: str | None = None,
+) -> list[dict[str, Any]]:
+    """Each (form, requests, idle kind, gap) timed ``repeats`` times, round-robin. The 1-minute
+    load average is appended to ``loads`` after every round."""
+    scratch = np.ones(8_000_000) if "thrash" in kinds else np.ones(1)  # 64 MB: more than any cache
+    # Gap 0 is "back to back" whatever the idle kind: measure it once.
+    settings = [(k, g) for k in kinds for g in gaps_ms if g > 0]
+    if 0 in gaps_ms:
+        settings.insert(0, ("sleep", 0.0))
+    variants = [(f, b, k, g) for b in inputs for (k, g) in settings for f in rankers]
+    cpu: dict[tuple, list[float]] = {v: [] for v in variants}
+    wall: dict[tuple, list[float]] = {v: [] for v in variants}
+    started = time.perf_counter()
+    for r in range(repeats):
+        shift = r % len(variants)  # rotate who goes first: no variant always follows the same one
+        for v in variants[shift:] + variants[:shift]:
+            form, b, kind, gap_ms = v
+            ranker, batch = rankers[form], inputs[b]
+            if gap_ms == 0:  # back to back: right after calls of the same form and shape
+                for _ in range(3):
+                    ranker.rank_batch(batch, force_path=force_path)
+            _idle(kind, gap_ms / 1000.0, scratch)
+            c0, w0 = time.thread_time(), time.perf_counter()
+            ranker.rank_batch(batch, force_path=force_path)
+            wall[v].append(time.perf_counter() - w0)
+            cpu[v].append(time.thread_time() - c0)
+        if loads is not None:
+            loads.append(os.getloadavg()[0])
+        if (r + 1) % 10 == 0 or r + 1 == repeats:
+            print(
+                f"  {r + 1}/{repeats} rounds ({time.perf_counter() - started:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    rows = []
+    for b in inputs:
+        for kind, gap_ms in settings:
+            rows.append(
+                {
+                    "requests": b,
+                    "gap_ms": gap_ms,
+                    "idle": kind,
+                    "forms": {
+                        f: {
+                            "cpu": summarize(cpu[(f, b, kind, gap_ms)]),
+                            "wall": summarize(wall[(f, b, kind, gap_ms)]),
+                        }
+                        for f in rankers
+                    },
+                }
+            )
+    return rows
 
+
+def resolve_version(path: Path) -> Path | None:
+    from models.artifacts import MANIFEST, list_versions
+
+    if (path / MANIFEST).is_file():
+        return path
+    versions = list_versions(path)
+    return versions[-1] if versions else None
+
+
+def compare_forms(version: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Load, check and time the forms -> the results (also what ``--json`` writes)."""
     import torch
 
-    from models.artifacts import list_versions, load_version
-    from models.inference import RankInput
-
     torch.set_num_threads(1)
-    versions = list_versions(args.model)
-    if not versions:
+    with tempfile.TemporaryDirectory(prefix="forms-") as tmp:
+        rankers, problems = load_forms(version, args.forms, Path(tmp))
+        if not rankers:
+            raise RuntimeError(f"no form could be loaded: {problems}")
+        first = next(iter(rankers.values()))
+        inputs = {b: warm_requests(first, b, args.candidates, args.history, seed=b) for b in args.requests}
+        agree = agreement(rankers, inputs)
+        loads = [os.getloadavg()[0]]
+        started = time.perf_counter()
+        force = None if args.path == "routed" else args.path
+        rows = measure(rankers, inputs, args.gaps_ms, args.idle_kinds, args.repeats, loads, force)
+        seconds = time.perf_counter() - started
+    return {
+        "version": version.name,
+        "model_path": str(version),
+        "torch": torch.__version__,
+        "threads": 1,
+        "candidates_per_request": args.candidates,
+        "history": args.history,
+        "path": args.path,
+        "repeats": args.repeats,
+        "forms": list(rankers),
+        "not_measured": problems,
+        "agreement": agree,
+        "load_average_1m": {
+            "min": round(min(loads), 2),
+            "median": round(float(np.median(loads)), 2),
+            "max": round(max(loads), 2),
+        },
+        "seconds": round(seconds, 1),
+        "rows": rows,
+    }
+
+
+def report(results: dict[str, Any]) -> str:
+    agree = results["agreement"]
+    load = results["load_average_1m"]
+    lines = [
+        f"model {results['version']}; warm users ({results['history']} recent items), "
+        f"{results['candidates_per_request']} candidates a request, one torch thread, "
+        f"{results['repeats']} rounds in {results['seconds']} s; 1-minute load average during the run "
+        f"{load['min']}-{load['max']} (median {load['median']}) on {os.cpu_count()} CPUs",
+        f"timed: {results['path']}; routed at no load (requests: paths): "
+        + ", ".join(f"{b}: {'/'.join(p)}" for b, p in agree["paths"].items()),
+    ]
+    for form, diff in agree["max_abs_diff"].items():
+        verdict = "agree" if diff <= tolerance(form) else "DISAGREE"
+        lines.append(
+            f"max |score difference| {form} vs {agree['reference']}: {diff:.2e} "
+            f"({verdict} within {tolerance(form):g})"
+        )
+    for form, why in results["not_measured"].items():
+        lines.append(f"{form}: not measured: {why}")
+    lines += ["", markdown_table(results["rows"], results["forms"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    version = resolve_version(args.model)
+    if version is None:
         print(f"--model {args.model}: no model version in it", file=sys.stderr)
         return 2
-    ranker = load_version(versions[-1], device="cpu", quantized=True, dense_runtime="torchscript")
-    ranker.warmup()
-    rng = np.random.default_rng(0)
-    items = ranker.vocab.item_ids
-    request = [
-        RankInput(
-            list(rng.choice(items, 20)),
-            (3.0, 1.0, 1.0),
-            60.0,
-            list(rng.choice(items, 100)),
-            np.ones((100, 4), np.float32),
-        )
-    ]
-    scratch = np.ones(8_000_000)  # 64 MB: more than any cache
-    kinds = ("sleep", "spin", "thrash")
-    times: dict[tuple[str, float], list[float]] = {(k, g): [] for k in kinds for g in GAPS_MS}
-    for i in range(args.repeats):
-        for kind in kinds:
-            for gap_ms in GAPS_MS:
-                if gap_ms == 0:  # back to back: right after other calls
-                    for _ in range(3):
-                        ranker.rank_batch(request)
-                _idle(kind, gap_ms / 1000.0, scratch)
-                start = time.perf_counter()
-                ranker.rank_batch(request)
-                times[(kind, gap_ms)].append(time.perf_counter() - start)
-        if (i + 1) % 10 == 0:
-            print(f"  {i + 1}/{args.repeats} rounds", file=sys.stderr, flush=True)
-
-    base = statistics.median(times[("sleep", 0.0)] + times[("spin", 0.0)] + times[("thrash", 0.0)])
-    print(f"one request, 100 candidates, served int8 model: back to back {base * 1000:.3f} ms (median)")
-    print("| idle gap | after sleep | after busy loop | after cache thrash |")
-    print("|---:|---:|---:|---:|")
-    figures: dict[str, dict[str, float]] = {}
-    for gap_ms in GAPS_MS[1:]:
-        row = {k: statistics.median(times[(k, gap_ms)]) for k in kinds}
-        figures[f"{gap_ms:g}ms"] = {k: round(v * 1000, 3) for k, v in row.items()}
-        cells = " | ".join(f"{row[k] * 1000:.2f} ms ({row[k] / base:.1f}×)" for k in kinds)
-        print(f"| {gap_ms:g} ms | {cells} |")
+    results = compare_forms(version, args)
+    print(report(results))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"back_to_back_ms": round(base * 1000, 3), "after_gap": figures}
-        args.json.write_text(json.dumps(out, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
         print(f"written: {args.json}")
-    return 0
+    disagree = [f for f, d in results["agreement"]["max_abs_diff"].items() if d > tolerance(f)]
+    return 1 if disagree else 0
 
 
 if __name__ == "__main__":

@@ -12,9 +12,15 @@ busy machine slows every variant alike; figures are the median of many repetitio
    per-row scales, for the trained catalogue and for a 1M-item one (where memory traffic matters).
 3. **Per path** (light, full, cascade) ``Ranker.rank_batch`` latency at 1, 8, 32, 128 requests of
    100 candidates: fp32 artifact vs served int8 artifact.
+4. **Routing**: the served int8 model routed at no load vs always-full.
+5. **Served forms** (needs a published version, ``--model``): the AOTInductor package vs the
+   TorchScript graphs vs ONNX Runtime running the whole exported graph, at 1, 2, 4, 8, 32 warm
+   requests, back to back and after 10 / 40 ms idle (``benchmarks/cold_forward_bench.py``, which
+   runs this part alone with more options).
 
     .venv/bin/python benchmarks/model_bench.py --model artifacts/models          # newest version
     .venv/bin/python benchmarks/model_bench.py --model DIR --json out.json
+    .venv/bin/python benchmarks/model_bench.py --model DIR --parts forms --forms-repeats 200
 
 Without ``--model``, a randomly initialised model of the default architecture over 4,000 items
 is used (speed does not depend on the weights).
@@ -40,6 +46,7 @@ from torch import nn  # noqa: E402
 from models.onnx_mlp import mlp_graph  # noqa: E402
 
 BATCHES = (1, 8, 32, 128)
+PARTS = ("dense", "embeddings", "paths", "routing", "forms")
 CANDIDATES = 100
 
 
@@ -233,8 +240,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reps", type=int, default=400, help="repetitions at batch size 1 (fewer for larger)"
     )
+    parser.add_argument(
+        "--parts",
+        type=lambda text: [p for p in text.split(",") if p],
+        default=list(PARTS),
+        help=f"comma-separated parts to run (default: {','.join(PARTS)})",
+    )
+    parser.add_argument(
+        "--forms-repeats", type=int, default=40, help="rounds of the served-forms part (default: 40)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    if "forms" in args.parts and not args.model:
+        parser.error("--parts forms needs --model (a published version with its compiled package)")
     torch.set_num_threads(1)
     folder, version = load_or_make(args.model)
     from models.artifacts import load_version
@@ -242,8 +263,29 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = load_version(folder, quantized=False)
     results = {"version": version, "threads": 1, "candidates_per_request": CANDIDATES}
     print(f"model {version}; one torch thread; medians of interleaved repetitions\n")
+    if "dense" in args.parts:
+        _dense(results, fp32, args.reps)
+    if "embeddings" in args.parts:
+        _embeddings(results, fp32, args.reps)
+    if "paths" in args.parts:
+        _paths(results, folder, args.reps)
+    if "routing" in args.parts:
+        _routing(results, folder, args.reps)
+    if "forms" in args.parts:
+        from benchmarks import cold_forward_bench as cold
 
-    results["dense"] = bench_dense(fp32.model, args.reps)
+        forms_args = cold.parse_args(["--model", str(folder), "--repeats", str(args.forms_repeats)])
+        results["forms"] = cold.compare_forms(Path(folder), forms_args)
+        print("\n5. served forms: Ranker.rank_batch, warm users, back to back and after idle gaps")
+        print(cold.report(results["forms"]))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _dense(results: dict, fp32, reps: int) -> None:
+    results["dense"] = bench_dense(fp32.model, reps)
     print("1. interaction MLP (the full path's GEMMs), ms per call")
     print(
         "| requests x 100 | rows | torch fp32 | torch int8 (dynamic) | ORT fp32 | ORT int8 "
@@ -257,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{ms['ort_fp32']:.3f} | {ms['ort_int8']:.3f} | {r['max_abs_error_vs_fp32']['ort_int8']:.4f} |"
         )
 
-    results["embeddings"] = bench_embeddings(fp32, args.reps)
+
+def _embeddings(results: dict, fp32, reps: int) -> None:
+    results["embeddings"] = bench_embeddings(fp32, reps)
     print("\n2. embedding gathers (requests x 100 candidates), ms per call")
     print("| table | rows | requests | fp32 gather | int8 gather + rescale | fp32 MB | int8 MB |")
     print("|---|---|---|---|---|---|---|")
@@ -267,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['ms']['int8_gather_rescale']:.3f} | {r['fp32_mb']:.1f} | {r['int8_mb']:.1f} |"
         )
 
-    results["paths"] = bench_paths(folder, args.reps)
+
+def _paths(results: dict, folder: Path, reps: int) -> None:
+    results["paths"] = bench_paths(folder, reps)
     print("\n3. Ranker.rank_batch per path, ms per call (100 candidates per request)")
     print("| path | requests | fp32 | int8, torch fp32 dense | int8, ORT int8 dense | best int8 / fp32 |")
     print("|---|---|---|---|---|---|")
@@ -278,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['path']} | {r['requests']} | {ms['fp32']:.3f} | {ms['int8_torch_dense']:.3f} | "
             f"{ms['int8_ort_dense']:.3f} | {best / ms['fp32']:.2f} |"
         )
-    results["routing"] = bench_routing(folder, args.reps)
+
+
+def _routing(results: dict, folder: Path, reps: int) -> None:
+    results["routing"] = bench_routing(folder, reps)
     print("\n4. served int8 model, routed (no load) vs always-full, 16% cold users, ms per rank_batch call")
     print("| requests | cold | always-full | routed | reduction |")
     print("|---|---|---|---|---|")
@@ -288,9 +337,6 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['requests']} | {r['cold']} | {ms['always_full']:.3f} | {ms['routed']:.3f} "
             f"| {r['reduction']:.0%} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
