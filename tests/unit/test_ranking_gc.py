@@ -20,7 +20,9 @@ def test_freeze_moves_live_objects_out_of_collections(unfrozen) -> None:
     keep = [[i] for i in range(10_000)]  # container objects the collector tracks
     frozen = freeze_heap(collect_first=True)
     assert frozen >= len(keep)
-    assert gc.get_freeze_count() == frozen
+    # Frozen objects that die later leave the permanent generation (another thread may free some
+    # meanwhile: threads of earlier tests in this process), so the count can only have shrunk.
+    assert len(keep) <= gc.get_freeze_count() <= frozen
     # A full collection now only walks what was allocated after the freeze.
     tracked_after = len(gc.get_objects())
     assert tracked_after < frozen
