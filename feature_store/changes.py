@@ -15,9 +15,14 @@ that fell behind the cap (:func:`read_item_changes` says so) re-reads everything
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
 
 ITEM_CHANGES_KEY = b"recstack:item-changes"
 # ~100k batches: minutes of history at full stream speed, a few MB; readers poll every 250 ms.
@@ -26,11 +31,25 @@ _FIELD = b"items"
 _SEP = b"\n"  # item ids are printable (recstack.events refuses control characters)
 
 
-def announce_items(client: Any, item_ids: Iterable[str]) -> None:
-    """Append one entry naming ``item_ids`` (nothing when empty). ``client``: redis-py, any mode."""
+def announce_items(client: Any, item_ids: Iterable[str]) -> bool:
+    """Append one entry naming ``item_ids`` (nothing when empty). ``client``: redis-py, any mode.
+
+    Best effort: it runs after the batch's write has succeeded, so a failure here (Redis went
+    away in between) must not make the caller think the write failed and apply it again; the
+    readers' periodic re-read covers the lost announcement. Returns whether it was sent."""
     ids = [i.encode() for i in item_ids]
-    if ids:
+    if not ids:
+        return True
+    try:
         client.xadd(ITEM_CHANGES_KEY, {_FIELD: _SEP.join(ids)}, maxlen=MAX_ENTRIES, approximate=True)
+    except (redis.RedisError, OSError) as exc:
+        log.warning(
+            "item change feed: %d changed items not announced (%s); readers re-read them at resync",
+            len(ids),
+            exc,
+        )
+        return False
+    return True
 
 
 @dataclass(slots=True)

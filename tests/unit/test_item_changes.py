@@ -1,0 +1,33 @@
+"""The item change feed's writer side without Redis: an announcement is best effort."""
+
+from __future__ import annotations
+
+import redis
+
+from feature_store.changes import ITEM_CHANGES_KEY, announce_items
+
+
+class Client:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.sent: list[tuple] = []
+
+    def xadd(self, key, fields, maxlen=None, approximate=True):
+        if self.fail:
+            raise redis.ConnectionError("Connection reset by peer")
+        self.sent.append((key, fields, maxlen))
+
+
+def test_an_announcement_names_the_batch_items_once():
+    client = Client()
+    assert announce_items(client, ["a", "b-2"])
+    assert client.sent == [(ITEM_CHANGES_KEY, {b"items": b"a\nb-2"}, 100_000)]
+    assert announce_items(client, [])  # nothing changed: nothing sent
+    assert len(client.sent) == 1
+
+
+def test_an_announcement_that_fails_does_not_fail_the_write_it_follows(caplog):
+    # The batch's script has already succeeded when the announcement is sent: raising here would
+    # make the stream consumer treat an applied batch as failed.
+    assert announce_items(Client(fail=True), ["a"]) is False
+    assert "not announced" in caplog.text
