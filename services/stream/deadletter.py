@@ -88,15 +88,25 @@ def make_producer(config: StreamConfig) -> KafkaProducer:
     return producer
 
 
-def require_topic(consumer: KafkaConsumer, config: StreamConfig) -> None:
+# A topic created a moment ago (by `make up`, a deployment's job, a test) may not be in the
+# metadata a broker hands out yet: ask again for this long before calling it missing.
+TOPIC_VISIBLE_WAIT_S = 10.0
+
+
+def require_topic(
+    consumer: KafkaConsumer, config: StreamConfig, wait_s: float = TOPIC_VISIBLE_WAIT_S
+) -> None:
     """Stop at start-up, naming the topic, when the DLQ topic does not exist (KafkaError: no answer)."""
-    if config.dlq_topic not in consumer.topics():
-        raise UserError(
-            f"the dead-letter topic {config.dlq_topic!r} does not exist on Kafka at {config.bootstrap} "
-            "(or this client may not describe it): create it (e.g. `python infra/kafka/admin.py "
-            f"--bootstrap {config.bootstrap} --topic {config.dlq_topic}:6`, or your Kafka tooling) or "
-            "point --dlq-topic / RECSTACK_DLQ_TOPIC at an existing topic"
-        )
+    deadline = time.monotonic() + wait_s
+    while config.dlq_topic not in consumer.topics():
+        if time.monotonic() >= deadline:
+            raise UserError(
+                f"the dead-letter topic {config.dlq_topic!r} does not exist on Kafka at {config.bootstrap} "
+                "(or this client may not describe it): create it (e.g. `python infra/kafka/admin.py "
+                f"--bootstrap {config.bootstrap} --topic {config.dlq_topic}:6`, or your Kafka tooling) or "
+                "point --dlq-topic / RECSTACK_DLQ_TOPIC at an existing topic"
+            )
+        time.sleep(0.5)
 
 
 @dataclass(frozen=True, slots=True)
