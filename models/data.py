@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
 
 import numpy as np
 import pandas as pd
@@ -393,7 +392,3 @@ def _eval_set(
 def describe_span(data: TrainingData) -> str:
     s = data.summary
     return f"{s['train_events']} events {s['train_first_ts']} .. {s['train_last_ts']} (until {s['until']})"
-
-
-def now_rfc3339() -> str:
-    return datetime.now().astimezone().isoformat(timespec="seconds")

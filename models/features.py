@@ -9,8 +9,6 @@ event log (:mod:`models.data`) and both sides pass them through :func:`user_dens
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 # The stream consumer keeps this many distinct recent items per user (CONTRACT section 4).
@@ -59,15 +57,3 @@ def item_dense(stats: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.log1p(out, out=out)
     stats = np.asarray(stats, dtype=np.float32).reshape(-1, ITEM_DENSE_DIM)
     return np.log1p(np.clip(stats, 0.0, None))
-
-
-def trending_decay(elapsed_s: float | np.ndarray) -> float | np.ndarray:
-    """Factor by which ``trending`` shrinks over ``elapsed_s`` seconds without events."""
-    return np.exp2(-np.asarray(elapsed_s, dtype=np.float64) / TRENDING_HALF_LIFE_S)
-
-
-def seconds_since(now_ms: int, last_event_ms: int | None) -> float:
-    """``last_event_ts`` (epoch ms, or None) as seen at ``now_ms`` -> seconds (NaN when unknown)."""
-    if last_event_ms is None:
-        return math.nan
-    return max(0.0, (now_ms - last_event_ms) / 1000.0)

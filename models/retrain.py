@@ -305,9 +305,5 @@ def run_evaluate(
     }
 
 
-def print_summary(metrics: dict[str, Any]) -> str:
-    return report.quality_markdown(metrics)
-
-
 def dumps(metrics: dict[str, Any]) -> str:
     return json.dumps(metrics, indent=2, sort_keys=True, default=artifacts._json_default)

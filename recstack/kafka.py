@@ -94,10 +94,6 @@ class KafkaSecurity:
         if problems:
             raise UserError("invalid Kafka security settings: " + "; ".join(problems))
 
-    @property
-    def is_default(self) -> bool:
-        return self == KafkaSecurity()
-
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments for kafka-python's consumer, producer and admin clients."""
         options: dict[str, Any] = {"security_protocol": self.protocol}
