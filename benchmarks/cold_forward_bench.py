@@ -305,22 +305,6 @@ def load_forms(version: Path, forms: Sequence[str], workdir: Path) -> tuple[dict
     return rankers, problems
 
 
-def warm_requests(ranker: Any, n: int, candidates: int, history: int, seed: int) -> list[Any]:
-    """``n`` returning shoppers: ``history`` distinct known recent items, nonzero counters."""
-    from models.features import ITEM_DENSE_DIM
-    from models.inference import RankInput
-
-    rng = np.random.default_rng(seed)
-    items = ranker.vocab.item_ids
-    out = []
-    for _ in range(n):
-        hist = [items[i] for i in rng.choice(len(items), size=min(history, len(items)), replace=False)]
-        cands = [items[i] for i in rng.integers(0, len(items), size=candidates)]
-        stats = rng.gamma(1.0, 20.0, size=(candidates, ITEM_DENSE_DIM)).astype(np.float32)
-        out.append(RankInput(hist, (20.0, 3.0, 2.0), 3600.0, cands, stats))
-    return out
-
-
 def agreement(rankers: dict[str, Any], inputs: dict[int, list[Any]]) -> dict[str, Any]:
     """Max |score difference| of each form against the first, over every request count, routed
     (as timed) and forced onto each path (the one graph's head of 0, of C, and between)."""
@@ -426,13 +410,18 @@ def compare_forms(version: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Load, check and time the forms -> the results (also what ``--json`` writes)."""
     import torch
 
+    from models.latency import synthetic_requests
+
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="forms-") as tmp:
         rankers, problems = load_forms(version, args.forms, Path(tmp))
         if not rankers:
             raise RuntimeError(f"no form could be loaded: {problems}")
         first = next(iter(rankers.values()))
-        inputs = {b: warm_requests(first, b, args.candidates, args.history, seed=b) for b in args.requests}
+        inputs = {
+            b: synthetic_requests(first, b, args.candidates, seed=b, history=args.history)
+            for b in args.requests
+        }
         agree = agreement(rankers, inputs)
         loads = [os.getloadavg()[0]]
         started = time.perf_counter()

@@ -17,10 +17,14 @@ from models.inference import Ranker, RankInput
 BATCH_SIZES = (1, 8, 32, 128)
 
 
-def synthetic_requests(ranker: Ranker, n: int, n_candidates: int = 100, seed: int = 0) -> list[RankInput]:
+def synthetic_requests(
+    ranker: Ranker, n: int, n_candidates: int = 100, seed: int = 0, history: int | None = None
+) -> list[RankInput]:
+    """``n`` returning shoppers: ``history`` (default: the model's whole history) distinct known
+    recent items, nonzero counters, ``n_candidates`` candidates each."""
     rng = np.random.default_rng(seed)
     items = ranker.vocab.item_ids or ["unknown"]
-    L = ranker.history_len
+    L = ranker.history_len if history is None else history
     out = []
     for _ in range(n):
         hist = [items[i] for i in rng.choice(len(items), size=min(L, len(items)), replace=False)]
