@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +106,8 @@ def test_quick_plan_is_shorter_and_every_window_holds_its_fault():
 
 
 def test_redis_lose_writes_is_a_redis_fault_checked_against_the_truth_and_the_event_log(tmp_path):
-    from loadtests.chaos.runner import ChaosConfig, ChaosRun, _records
+    from loadtests.chaos.faults.base import records_covered as _records
+    from loadtests.chaos.runner import ChaosConfig, ChaosRun
 
     names = list(FAULT_NAMES)
     assert names.index("redis-restart") < names.index("redis-lose-writes") < names.index("redis-slow")
@@ -121,6 +125,104 @@ def test_redis_lose_writes_is_a_redis_fault_checked_against_the_truth_and_the_ev
     assert "Redis was not started by infra/" in run._skip_reason("redis-lose-writes")
     run._managed = lambda: {"kafka", "redis"}  # type: ignore[method-assign]
     assert run._skip_reason("redis-lose-writes") == ""
+
+
+def test_an_unknown_fault_is_refused_with_every_known_one_listed():
+    with pytest.raises(UserError) as refused:
+        plan(["consumer-kill", "disk-melt"])
+    message = str(refused.value)
+    assert "unknown fault(s) disk-melt; known: " + ", ".join(FAULT_NAMES) in message
+
+
+# --------------------------------------------------------------------------------------- registry
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _faults_the_docs_name() -> list[str]:
+    """The faults of docs/RELIABILITY.md's table, one row each, in the run's order."""
+    text = (REPO_ROOT / "docs" / "RELIABILITY.md").read_text()
+    return re.findall(r"^\| `([a-z0-9-]+)`: ", text, flags=re.MULTILINE)
+
+
+def test_the_registry_holds_exactly_the_faults_the_docs_name_each_with_its_spec_and_code():
+    from loadtests.chaos import faults
+    from loadtests.chaos.faults.base import NEEDS, Fault, FaultSpec
+
+    documented = _faults_the_docs_name()
+    assert len(documented) == 11 and len(set(documented)) == 11
+    registered = faults.registered()
+    assert [f.spec.name for f in registered] == documented == list(FAULT_NAMES)
+    assert len({f.order for f in registered}) == len(registered)
+    for fault in registered:
+        spec = fault.spec
+        assert isinstance(spec, FaultSpec) and spec.title and spec.checks and spec.hold_s > 0, spec
+        assert faults.get(spec.name) is fault
+        # the code lives in the registry's package, in the same module as the spec
+        assert fault.__module__.startswith("loadtests.chaos.faults."), fault
+        assert fault.inject is not Fault.inject, spec.name
+        assert inspect.getsourcefile(fault.inject) == inspect.getsourcefile(fault), spec.name
+        if fault.check is not Fault.check:
+            assert inspect.getsourcefile(fault.check) == inspect.getsourcefile(fault), spec.name
+        assert set(fault.needs) <= set(NEEDS), spec.name
+    with pytest.raises(KeyError, match="unknown fault 'disk-melt'; known: consumer-kill, consumer-hang"):
+        faults.get("disk-melt")
+
+
+def test_register_refuses_a_fault_without_code_or_with_a_taken_name():
+    from loadtests.chaos import faults
+    from loadtests.chaos.faults.base import Fault, FaultSpec
+
+    class NoCode(Fault):
+        spec = FaultSpec("no-code", "nothing", "nothing", hold_s=1.0)
+        order = 1_000
+
+    with pytest.raises(TypeError, match="needs an `inject` method"):
+        faults.register(NoCode)
+
+    class Again(Fault):
+        spec = FaultSpec("consumer-kill", "again", "again", hold_s=1.0)
+        order = 1_001
+
+        def inject(self) -> None:
+            pass
+
+    with pytest.raises(ValueError, match="fault consumer-kill registered twice"):
+        faults.register(Again)
+    assert "no-code" not in faults.names() and faults.get("consumer-kill") is not Again
+
+
+def test_adding_a_fault_is_adding_a_module(tmp_path, monkeypatch):
+    import sys
+
+    from loadtests.chaos import faults
+    from loadtests.chaos.runner import ChaosConfig, ChaosRun
+
+    (tmp_path / "disk_slow.py").write_text(
+        "from loadtests.chaos.faults import register\n"
+        "from loadtests.chaos.faults.base import Fault, FaultSpec\n\n\n"
+        "@register\n"
+        "class DiskSlow(Fault):\n"
+        '    spec = FaultSpec("disk-slow", "event-log disk slowed", "event log complete", hold_s=3.0)\n'
+        "    order = 55  # between redis-lose-writes and redis-slow\n"
+        '    needs = ("disk",)\n\n'
+        "    def inject(self) -> None:\n"
+        "        pass\n"
+    )
+    monkeypatch.setattr(faults, "__path__", [*faults.__path__, str(tmp_path)])
+    monkeypatch.setattr(faults, "_REGISTRY", dict(faults._REGISTRY))  # restored afterwards
+    monkeypatch.setattr(faults, "_loaded", False)
+    try:
+        names = list(faults.names())
+        assert (
+            names.index("redis-lose-writes") + 1 == names.index("disk-slow") == names.index("redis-slow") - 1
+        )
+        (spec,) = plan(parse_fault_list("disk-slow"), quick=True)
+        assert spec.hold_s == 3.0 and spec.window_s == 11.0
+        run = ChaosRun(ChaosConfig(out=tmp_path / "out", faults=[spec]))
+        assert run._skip_reason("disk-slow") == run.disk.why_not  # not mounted: skipped, saying why
+    finally:
+        sys.modules.pop("loadtests.chaos.faults.disk_slow", None)
 
 
 def test_parse_fault_list():
