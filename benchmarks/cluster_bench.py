@@ -109,7 +109,9 @@ def drain(args, url: str, client, topic: str, total: int, log_dir: str) -> dict:
 
 
 def reads(args, single_url: str, cluster_url: str, single, cluster) -> dict:
-    from feature_store.online import ItemFeatures, UserFeatures, read_features, write_features
+    from feature_store.reads import read_features
+    from feature_store.values import ItemFeatures, UserFeatures
+    from feature_store.writes import write_features
     from services.ranking.redis_client import ClusterPipelinedRedis, PipelinedRedis
 
     items = {

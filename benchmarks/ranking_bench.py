@@ -135,7 +135,8 @@ def _prepare_features(redis_url: str, items: list[str], n_users: int, seed: int 
     """Warm users (50 recent items, counters) and every item's counters, written the way the stream does."""
     import redis
 
-    from feature_store.online import ItemFeatures, UserFeatures, write_features
+    from feature_store.values import ItemFeatures, UserFeatures
+    from feature_store.writes import write_features
 
     rng = np.random.default_rng(seed)
     client = redis.Redis.from_url(redis_url)

@@ -173,7 +173,8 @@ def measure_feast_push(args, client, user_ids: list[str]) -> dict:
     import pandas as pd
     from feast.data_source import PushMode
 
-    from feature_store.online import read_features, user_key
+    from feature_store.layout import user_key
+    from feature_store.reads import read_features
     from feature_store.store import open_store
 
     store = open_store(args.redis, tempfile.mkdtemp(prefix="stream-bench-feast-"))
@@ -220,7 +221,7 @@ def measure_feast_push(args, client, user_ids: list[str]) -> dict:
 def measure_freshness(args, client, topic: str, metrics_port: int) -> dict:
     from kafka import KafkaProducer
 
-    from feature_store.online import USER_FIELDS, user_key
+    from feature_store.layout import USER_FIELDS, user_key
     from recstack.sources import synthetic
     from services.replay.publisher import frame_to_events
 

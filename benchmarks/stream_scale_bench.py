@@ -44,7 +44,7 @@ def _start(args, topic: str, index: int, log_dir: Path) -> subprocess.Popen:
 def _views_check(client, frame) -> tuple[int, int, int]:
     """(views published, views applied, users whose count differs): every user's lifetime
     ``views`` as the consumers wrote them, read back through the serving path's reader."""
-    from feature_store.online import read_features
+    from feature_store.reads import read_features
 
     truth = frame[frame["event_type"] == "view"].groupby("user_id").size()
     users = sorted(frame["user_id"].unique().tolist())

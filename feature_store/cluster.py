@@ -1,5 +1,5 @@
 """Stream writes to a Redis Cluster: the same features and update rules as the single-server
-:class:`feature_store.online.FeatureWriter`, with a protocol that keeps every event exactly once when
+:class:`feature_store.writes.FeatureWriter`, with a protocol that keeps every event exactly once when
 one batch's keys live in many hash slots on several nodes.
 
 A Redis script may only touch keys its node serves, so one atomic script per batch is impossible:
@@ -43,144 +43,20 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException
 
 from feature_store.changes import announce_items
-from feature_store.online import (
-    _LUA_CODEC,
-    DEFAULT_TRENDING_HALF_LIFE_S,
-    ITEM_FIELDS,
-    USER_FIELDS,
+from feature_store.layout import USER_FIELDS, decode_user, item_key, timestamp_bytes, user_key
+from feature_store.scripts import CLAIM_SCRIPT, CLUSTER_MERGE_SCRIPT, LOWER_SCRIPT, RAISE_SCRIPT
+from feature_store.values import ItemDelta, UserDelta
+from feature_store.writes import (
     ApplyResult,
     BatchGuard,
-    ItemDelta,
     RememberedUsers,
-    UserDelta,
     WriteState,
-    _lua_bytes,
-    _merge_user_values,
-    _timestamp_bytes,
-    decode_user,
-    item_key,
-    user_key,
+    item_delta_args,
+    merge_user_values,
+    trending_half_life_ms,
 )
 
 SLOTS = 16384
-
-_CLAIM_SCRIPT = r"""#!lua flags=allow-cross-slot-keys
--- ARGV: ttl, n, then n (key, record) claims, then keys only to read. Returns, per claim, the record
--- that owns the id when it is another one (false: this record owns it), then the read values.
-local ttl, n = ARGV[1], tonumber(ARGV[2])
-local out, a = {}, 3
-for i = 1, n do
-  local owner = redis.call('SET', ARGV[a], ARGV[a + 1], 'NX', 'EX', ttl, 'GET')
-  if owner == ARGV[a + 1] then owner = false end
-  out[i] = owner
-  a = a + 2
-end
-for j = a, #ARGV do out[#out + 1] = redis.call('GET', ARGV[j]) end
-return out
-"""
-
-_MERGE_SCRIPT_TEMPLATE = (
-    r"""#!lua flags=allow-cross-slot-keys
--- One node's share of a stream batch on a Redis Cluster: the keys of every slot this node serves
--- that the batch touches, each slot guarded by its own per-partition fence. Every key is read
--- before the first write (a key this node does not serve fails the script before it writes), and
--- a failed check writes nothing.
--- ARGV: now_ms, now_ts, half_life_ms, n_slots, n_users, n_items, then per slot: its fence key,
--- n, then n (partition, lowest stored offset expected, new offset, offset this writer last stored
--- there or -1); per user: key, 3 counters as read, 9 values; per item: key, 7 values.
-"""
-    + _LUA_CODEC
-    + r"""
-local now_ms = tonumber(ARGV[1])
-local now_ts = ARGV[2]
-local half_life_ms = tonumber(ARGV[3])
-local n_slots = tonumber(ARGV[4])
-local n_users = tonumber(ARGV[5])
-local n_items = tonumber(ARGV[6])
-local a = 7
-
--- 1. per-slot fences: refuse when a slot holds more than the caller knew of, or less than the
--- caller stored there (the node lost acknowledged writes)
-local fences, refused, behind = {}, {}, {}
-for s = 1, n_slots do
-  local key, n = ARGV[a], tonumber(ARGV[a + 1])
-  a = a + 2
-  local parts = {}
-  for j = 1, n do parts[j] = ARGV[a + 4 * (j - 1)] end
-  local stored = redis.call('HMGET', key, unpack(parts))
-  local w = {}
-  for j = 1, n do
-    local lo, hi, known = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-    local st = tonumber(stored[j] or '-1')
-    if st > lo then
-      refused[#refused + 1] = (s - 1) .. ':' .. ARGV[a] .. ':' .. tostring(st)
-    elseif st < known then
-      behind[#behind + 1] = (s - 1) .. ':' .. ARGV[a] .. ':' .. tostring(st)
-    elseif hi > st then
-      w[#w + 1] = ARGV[a]
-      w[#w + 1] = ARGV[a + 2]
-    end
-    a = a + 4
-  end
-  fences[s] = {key, w}
-end
-
--- 2. users unchanged since the caller read them
-local writes, n_writes, stale = {}, 0, {}
-for u = 1, n_users do
-  local key = ARGV[a]
-  local changed, w = plan_user(key, a + 1)
-  if changed then stale[#stale + 1] = u - 1 end
-  a = a + 13
-  n_writes = n_writes + 1
-  writes[n_writes] = {key, w}
-end
-
--- 3. items: merge counters and trending into what is stored
-for _ = 1, n_items do
-  local key = ARGV[a]
-  n_writes = n_writes + 1
-  writes[n_writes] = {key, merge_item(key, a + 1, now_ms, now_ts, half_life_ms)}
-  a = a + 8
-end
-if #behind > 0 then return {'behind', concat(behind, ',')} end
-if #refused > 0 then return {'fence', concat(refused, ',')} end
-if #stale > 0 then return {'stale', concat(stale, ',')} end
-
--- 4. write
-for i = 1, n_writes do
-  local w = writes[i][2]
-  if #w > 0 then redis.call('HSET', writes[i][1], unpack(w)) end
-end
-for s = 1, n_slots do
-  if #fences[s][2] > 0 then redis.call('HSET', fences[s][1], unpack(fences[s][2])) end
-end
-return {'ok'}
-"""
-)
-
-MERGE_SCRIPT = _MERGE_SCRIPT_TEMPLATE % {
-    "user_fields": ", ".join(_lua_bytes(f) for f in USER_FIELDS),
-    "item_fields": ", ".join(_lua_bytes(f) for f in ITEM_FIELDS),
-}
-
-# Raise hash fields to the given values, never lower them (several writers, any order).
-_RAISE_SCRIPT = """
-for i = 1, #ARGV, 2 do
-  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
-  if tonumber(ARGV[i + 1]) > cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-end
-return 1
-"""
-
-# After a node lost writes: lower hash fields to the given values, never raise them.
-_LOWER_SCRIPT = """
-for i = 1, #ARGV, 2 do
-  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '-1')
-  if tonumber(ARGV[i + 1]) < cur then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-end
-return 1
-"""
 
 # Errors after which the slot map may have changed (resharding, failover): refresh it, retry.
 _TOPOLOGY_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
@@ -215,26 +91,28 @@ def slot_fence_key(offsets_key: str | bytes, slot: int) -> bytes:
 class ClusterFeatureWriter:
     """Applies stream batches to a Redis Cluster (``redis.cluster.RedisCluster`` client).
 
-    The same surface as :class:`feature_store.online.FeatureWriter` (:meth:`read`, :meth:`apply`,
+    The same surface as :class:`feature_store.writes.FeatureWriter` (:meth:`read`, :meth:`apply`,
     :meth:`forget`); :meth:`read` also claims event ids, and :meth:`apply` needs
     ``guard.slot_partitions`` (slot -> partitions whose records write there) and honours
     ``guard.floors``. A refused apply reports ``floors`` learned from the fences and from the
     nodes that did write, so the caller's next attempt leaves exactly those parts out.
     """
 
-    def __init__(
-        self, client: Any, half_life_s: float = DEFAULT_TRENDING_HALF_LIFE_S, user_cache: int = 50_000
-    ) -> None:
+    def __init__(self, client: Any, half_life_s: float | None = None, user_cache: int = 50_000) -> None:
         self._client = client
-        self._half_life_ms = half_life_s * 1000.0
+        self._half_life_ms = trending_half_life_ms(half_life_s)
         self._known = RememberedUsers(user_cache)
         self._slots: dict[bytes, int] = {}
         self._slot_clients: list[tuple[str, Any]] | None = None
         # (slot, partition) -> the offset this writer last stored in that slot's fence
         self._stored: dict[tuple[int, int], int] = {}
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="cluster-writer")
-        self._raise = client.register_script(_RAISE_SCRIPT)
-        self._lower = client.register_script(_LOWER_SCRIPT)
+        self._raise = client.register_script(RAISE_SCRIPT)
+        self._lower = client.register_script(LOWER_SCRIPT)
+        # Called on each node's own client (``client=``): EVALSHA, loaded on a node when missing.
+        # The claim script runs inside a node's read pipeline, where redis-py would check
+        # SCRIPT EXISTS first (one more round trip per batch): it is sent with EVAL (549 bytes).
+        self._merge = client.register_script(CLUSTER_MERGE_SCRIPT)
         slot_tag(0)  # build the tag table now, not in the first batch
 
     # --- slots and nodes ---------------------------------------------------------------------
@@ -332,7 +210,7 @@ class ClusterFeatureWriter:
                     for _, j, key in cl:
                         args += (key, claims[j])
                     args += [key for _, _, key in gets]
-                    pipe.eval(_CLAIM_SCRIPT, 0, *args)
+                    pipe.eval(CLAIM_SCRIPT, 0, *args)
                 replies = pipe.execute()
                 out = list(zip(users, replies, strict=False))
                 if cl or gets:
@@ -409,7 +287,7 @@ class ClusterFeatureWriter:
     ) -> ApplyResult:
         """Write ``users`` and ``items`` node by node (one script each), then raise the global fence."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        now_ts = _timestamp_bytes(now)
+        now_ts = timestamp_bytes(now)
         # node -> per-slot fence entries, user args, item args, written users
         nodes: dict[str, dict[str, Any]] = {}
 
@@ -432,7 +310,7 @@ class ClusterFeatureWriter:
                 current, counters = decode_user(reply), (reply[0] or b"", reply[1] or b"", reply[2] or b"")
             else:
                 current, counters = known[user_id]
-            merged, values = _merge_user_values(current, delta, now, counters)
+            merged, values = merge_user_values(current, delta, now, counters)
             node["users"] += (key, *counters, *values)
             node["n_users"] += 1
             stored = (values[0] or counters[0], values[1] or counters[1], values[2] or counters[2])
@@ -440,16 +318,7 @@ class ClusterFeatureWriter:
         for item_id, d in items.items():
             key = item_key(item_id)
             node = node_of(self.slot(key))
-            node["items"] += (
-                key,
-                d.views,
-                d.add_to_carts,
-                d.purchases,
-                d.last_event_ts,
-                repr(d.trending),
-                d.category or "",
-                "" if d.price is None else repr(d.price),
-            )
+            node["items"] += (key, *item_delta_args(d))
             node["n_items"] += 1
 
         def fence_args(slot: int) -> list[Any]:
@@ -467,7 +336,7 @@ class ClusterFeatureWriter:
                 args += fence_args(slot)
             args += node["users"]
             args += node["items"]
-            return lambda client: client.eval(MERGE_SCRIPT, 0, *args)
+            return lambda client: self._merge(args=args, client=client)
 
         replies = self._on_nodes({name: (node["client"], run(node)) for name, node in nodes.items()})
         floors: dict[tuple[int, int], int] = {}

@@ -2,7 +2,7 @@
 
 ``feast apply`` executes this file (the other modules of the folder are listed in
 ``.feastignore``), and :mod:`feature_store.store` applies the same objects in code. Names and
-types here are the single source of truth: :mod:`feature_store.online` derives the Redis layout
+types here are the single source of truth: :mod:`feature_store.layout` derives the Redis layout
 from them. Every feature is described in ``docs/FEATURES.md``.
 """
 

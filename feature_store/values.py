@@ -1,8 +1,9 @@
 """Feature values of one user or item and the rules that update them: plain Python, no Feast.
 
-:mod:`feature_store.online` re-exports everything here (and adds the Redis layout); this module
-exists so that configuration, aggregation and tests can use the types without importing Feast,
-which takes seconds. ``docs/FEATURES.md`` explains each feature and rule.
+This module exists so that configuration, aggregation, training and tests can use the types
+without importing Feast, which takes seconds (:mod:`feature_store.layout` adds the Redis layout).
+The caps, weights and half-life are in :mod:`feature_store.spec`, read at call time so that
+training and serving follow one definition. ``docs/FEATURES.md`` explains each feature and rule.
 """
 
 from __future__ import annotations
@@ -10,14 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-RECENT_ITEMS_MAX = 50
-PURCHASED_ITEMS_MAX = 100
-TOP_CATEGORIES_MAX = 16
-# Weight of one event in ``trending`` and in the user's category weights.
-EVENT_WEIGHTS: dict[str, int] = {"view": 1, "add_to_cart": 3, "purchase": 5}
-# Half-life of ``trending``, in event time. The consumer's --trending-half-life-s overrides it; a
-# reader decaying ``trending`` to "now" (ItemFeatures.trending_at) should use the same value.
-DEFAULT_TRENDING_HALF_LIFE_S = 6 * 3600.0
+from feature_store import spec
 
 
 @dataclass(slots=True)
@@ -28,8 +22,8 @@ class UserFeatures:
     add_to_carts: int = 0
     purchases: int = 0
     last_event_ts: int = 0  # epoch ms of the newest applied event
-    recent_items: list[str] = field(default_factory=list)  # newest first, <= RECENT_ITEMS_MAX
-    purchased_items: list[str] = field(default_factory=list)  # newest first, <= PURCHASED_ITEMS_MAX
+    recent_items: list[str] = field(default_factory=list)  # newest first, <= spec.RECENT_ITEMS_MAX
+    purchased_items: list[str] = field(default_factory=list)  # newest first, <= spec.PURCHASED_ITEMS_MAX
     top_categories: list[str] = field(default_factory=list)  # highest weight first
     top_category_weights: list[int] = field(default_factory=list)  # aligned with top_categories
     written_at_ms: int = 0  # when the stream last wrote this hash (Feast's event timestamp)
@@ -48,10 +42,13 @@ class ItemFeatures:
     price: float = 0.0  # 0.0 = never seen
     written_at_ms: int = 0
 
-    def trending_at(self, now_ms: int, half_life_s: float = DEFAULT_TRENDING_HALF_LIFE_S) -> float:
-        """``trending`` decayed from ``last_event_ts`` to ``now_ms`` (an earlier time changes nothing)."""
+    def trending_at(self, now_ms: int, half_life_s: float | None = None) -> float:
+        """``trending`` decayed from ``last_event_ts`` to ``now_ms`` (an earlier time changes nothing);
+        ``half_life_s`` defaults to :data:`feature_store.spec.TRENDING_HALF_LIFE_S`."""
         if now_ms <= self.last_event_ts:
             return self.trending
+        if half_life_s is None:
+            half_life_s = spec.TRENDING_HALF_LIFE_S
         return self.trending * 2.0 ** (-(now_ms - self.last_event_ts) / (half_life_s * 1000.0))
 
 
@@ -116,7 +113,7 @@ def merge_user(current: UserFeatures | None, delta: UserDelta) -> UserFeatures:
         weights = dict(zip(base.top_categories, base.top_category_weights, strict=False))
         for category, weight in delta.category_weights.items():
             weights[category] = weights.get(category, 0) + weight
-        ranked = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CATEGORIES_MAX]
+        ranked = sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[: spec.TOP_CATEGORIES_MAX]
         categories = [c for c, _ in ranked]
         category_weights = [w for _, w in ranked]
     else:
@@ -126,9 +123,9 @@ def merge_user(current: UserFeatures | None, delta: UserDelta) -> UserFeatures:
         add_to_carts=base.add_to_carts + delta.add_to_carts,
         purchases=base.purchases + delta.purchases,
         last_event_ts=max(base.last_event_ts, delta.last_event_ts),
-        recent_items=merge_recent(delta.recent_items, base.recent_items, RECENT_ITEMS_MAX),
+        recent_items=merge_recent(delta.recent_items, base.recent_items, spec.RECENT_ITEMS_MAX),
         purchased_items=(
-            merge_recent(delta.purchased_items, base.purchased_items, PURCHASED_ITEMS_MAX)
+            merge_recent(delta.purchased_items, base.purchased_items, spec.PURCHASED_ITEMS_MAX)
             if delta.purchased_items
             else base.purchased_items
         ),

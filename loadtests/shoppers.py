@@ -3,7 +3,7 @@
 A user with no history takes the ranking server's light path, which costs far less than the
 full one, so a benchmark that drew its users from the data set alone would flatter the server.
 Before the first step, the candidate users' features are read from Redis through the project's
-own reader (:func:`feature_store.online.read_features`), and only users with at least
+own reader (:func:`feature_store.reads.read_features`), and only users with at least
 ``min_recent_items`` recent items are kept.
 """
 
@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from feature_store.online import UserFeatures, read_features
+from feature_store.reads import read_features
+from feature_store.values import UserFeatures
 from recstack.errors import UserError
 
 MIN_USERS = 50  # fewer returning shoppers than this and the request mix is too narrow to mean much

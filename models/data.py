@@ -21,15 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from models.features import (
-    EVENT_TYPE_INDEX,
-    ITEM_DENSE_DIM,
-    RECENT_ITEMS,
-    TRENDING_HALF_LIFE_S,
-    TRENDING_WEIGHTS,
-    item_dense,
-    user_dense,
-)
+from feature_store import spec
+from models.features import EVENT_TYPE_INDEX, ITEM_DENSE_DIM, item_dense, user_dense
 from models.vocab import OOV, PAD, ItemVocab
 from recstack.errors import UserError
 from recstack.events import InvalidEvent, parse_timestamp
@@ -128,12 +121,15 @@ def build(
     until_ms: int,
     eval_until_ms: int | None = None,
     min_item_count: int = 2,
-    history_len: int = RECENT_ITEMS,
+    history_len: int | None = None,
     vocab: ItemVocab | None = None,
 ) -> TrainingData:
     """Events (any order, duplicates allowed) -> training contexts before ``until_ms`` and the
     evaluation set in ``[until_ms, eval_until_ms)``. ``vocab``: a trained model's vocabulary
-    (evaluating a saved version); by default built from the training events."""
+    (evaluating a saved version); by default built from the training events. ``history_len``:
+    recent items per user, by default what the stream keeps (:mod:`feature_store.spec`)."""
+    if history_len is None:
+        history_len = spec.RECENT_ITEMS_MAX
     events, duplicates = dedup_events(events)
     events = events.sort_values("ts", kind="stable").reset_index(drop=True)
     unknown_types = set(events["event_type"].unique()) - set(EVENT_TYPE_INDEX)
@@ -212,8 +208,9 @@ def _item_snapshots(
     bucket = max(MIN_BUCKET_MS, -(-span // max_snaps))
     n_snaps = span // bucket + 1
     by_index = sorted(EVENT_TYPE_INDEX, key=lambda t: EVENT_TYPE_INDEX[t])
-    weights = np.asarray([TRENDING_WEIGHTS[t] for t in by_index])
-    half_life_ms = TRENDING_HALF_LIFE_S * 1000.0
+    # the stream's own weights and half-life (feature_store.spec), read per call
+    weights = np.asarray([float(spec.EVENT_WEIGHTS[t]) for t in by_index])
+    half_life_ms = spec.TRENDING_HALF_LIFE_S * 1000.0
     # One snapshot per bucket boundary: boundary k covers events with ts < t0 + k * bucket.
     boundary_of_event = (ts - t0) // bucket + 1  # first boundary that includes the event
     counts = np.zeros((V, 3), dtype=np.float64)

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-# The stream consumer keeps this many distinct recent items per user (CONTRACT section 4).
-RECENT_ITEMS = 50
 EVENT_TYPE_INDEX = {"view": 0, "add_to_cart": 1, "purchase": 2}
 # ``trending`` is a time-decayed weighted event count, updated on each event of the item as
 #   trending <- trending * 2 ** (-(ts - last_ts) / half_life) + weight[event_type]
 # with the event's own timestamp as the clock, kept as of the item's newest event (the value the
-# stream consumer stores and the server passes on undecayed). Offline features recompute it the
-# same way; half-life and weights equal the stream consumer's defaults (feature_store.values:
-# 6 h; view 1, cart 3, purchase 5), and config.json records them with each model version.
-TRENDING_HALF_LIFE_S = 6 * 3600.0
-TRENDING_WEIGHTS = {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
+# stream consumer stores and the server passes on undecayed). Offline features (models.data)
+# recompute it the same way. The history length, half-life and weights are the stream's own, read
+# from feature_store.spec (one definition for both; config.json records them with each model
+# version), and tests/unit/test_feature_parity.py checks that both compute the same features.
 
 USER_DENSE_DIM = 5  # log1p views, carts, purchases; log1p hours since the last event; "no last event"
 ITEM_DENSE_DIM = 4  # log1p views, carts, purchases, trending

@@ -26,7 +26,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from models.features import ITEM_DENSE_DIM, RECENT_ITEMS, USER_DENSE_DIM
+from feature_store import spec
+from models.features import ITEM_DENSE_DIM, USER_DENSE_DIM
 from models.vocab import FIRST_ITEM_ROW
 
 
@@ -40,7 +41,8 @@ class ItemEmbeddingConfig:
 
 @dataclass
 class LightPathConfig:
-    history_len: int = RECENT_ITEMS  # what the stream consumer keeps per user
+    # what the stream consumer keeps per user
+    history_len: int = field(default_factory=lambda: spec.RECENT_ITEMS_MAX)
 
 
 @dataclass

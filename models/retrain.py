@@ -236,12 +236,12 @@ def _served_quality(
 
 
 def _feature_settings() -> dict[str, Any]:
-    from models import features
+    from feature_store import spec
 
     return {
-        "recent_items": features.RECENT_ITEMS,
-        "trending_half_life_s": features.TRENDING_HALF_LIFE_S,
-        "trending_weights": features.TRENDING_WEIGHTS,
+        "recent_items": spec.RECENT_ITEMS_MAX,
+        "trending_half_life_s": spec.TRENDING_HALF_LIFE_S,
+        "trending_weights": {kind: float(w) for kind, w in spec.EVENT_WEIGHTS.items()},
         "user_dense": "log1p(views, add_to_carts, purchases), log1p(hours since last event), "
         "no-last-event flag",
         "item_dense": "log1p(views, add_to_carts, purchases, trending)",

@@ -69,13 +69,13 @@ def _run(args: list[str]) -> None:
 
 def _wait_applied(redis_url: str, expect_users: list[str], timeout_s: float) -> float:
     """Wait until the features of the last replayed users are visible; returns seconds waited."""
-    from feature_store import online
+    from feature_store.reads import read_features
     from recstack.redis_url import connect
 
     client = connect(redis_url)
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
-        users, _ = online.read_features(client, expect_users, [])
+        users, _ = read_features(client, expect_users, [])
         if all(u is not None for u in users):
             return time.monotonic() - start
         time.sleep(0.5)

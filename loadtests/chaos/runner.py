@@ -469,7 +469,7 @@ class ChaosRun:
         )
 
     def _truth(self):
-        from feature_store.online import read_features
+        from feature_store.reads import read_features
 
         assert self.traffic is not None and self.state is not None
         users, items = expected_features(self.traffic.acked(), self.cfg.half_life_s)

@@ -13,7 +13,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from feature_store.values import EVENT_WEIGHTS, RECENT_ITEMS_MAX, ItemFeatures, UserFeatures
+from feature_store.spec import EVENT_WEIGHTS, RECENT_ITEMS_MAX
+from feature_store.values import ItemFeatures, UserFeatures
 from recstack.events import Event
 
 _COUNT_FIELD = {"view": "views", "add_to_cart": "add_to_carts", "purchase": "purchases"}

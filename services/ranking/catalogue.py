@@ -34,7 +34,8 @@ import numpy as np
 import redis
 
 from feature_store.changes import latest_id, read_item_changes
-from feature_store.online import ItemFeatures, read_features
+from feature_store.reads import read_features
+from feature_store.values import ItemFeatures
 from services.ranking.metrics import RankingMetrics
 
 log = logging.getLogger(__name__)

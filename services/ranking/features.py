@@ -2,7 +2,7 @@
 
 * One non-transactional pipeline per batch reads every user's hash, and the hash of any
   candidate the in-process item catalogue does not hold yet
-  (:func:`feature_store.online.read_features`, over the lean transport of
+  (:func:`feature_store.reads.read_features`, over the lean transport of
   :mod:`services.ranking.redis_client`). User features are always read fresh.
 * Item features come from the :class:`~services.ranking.catalogue.ItemCatalogue`, which a
   background thread keeps within ``item_refresh_ms`` of Redis from the stream's item change
@@ -26,7 +26,8 @@ from typing import Any
 
 import redis
 
-from feature_store.online import ItemFeatures, UserFeatures, read_features
+from feature_store.reads import read_features
+from feature_store.values import ItemFeatures, UserFeatures
 from recstack import redis_url as redis_urls
 from recstack.credentials import REDIS_PASSWORD_SETTINGS, is_auth_error
 from services.ranking.catalogue import ItemCatalogue

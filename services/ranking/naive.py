@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from feature_store.definitions import ITEM_VIEW, USER_VIEW
-from feature_store.online import ITEM_FEATURES, USER_FEATURES, ItemFeatures, UserFeatures
+from feature_store.layout import ITEM_FEATURES, USER_FEATURES
+from feature_store.values import ItemFeatures, UserFeatures
 from services.ranking.backend import ModelOwner
 from services.ranking.config import RankingConfig
 from services.ranking.engine import encode, item_stats_of, rank_input

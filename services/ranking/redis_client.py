@@ -6,7 +6,7 @@ all of it holding the GIL the event loop needs. This client packs each command o
 packed bytes of a key are cached; the field list is packed once), writes the whole pipeline
 with one ``sendall`` and lets hiredis parse every reply, ~1-2 µs per command.
 
-It implements only what :func:`feature_store.online.read_features` uses (``pipeline()``,
+It implements only what :func:`feature_store.reads.read_features` uses (``pipeline()``,
 ``hmget``, ``execute``), plus ``ping`` and ``close``, so the feature layout stays the feature
 store's business and only the transport is ours. Each thread has its own connection (the
 batcher's workers read concurrently); any error or timeout closes that connection and raises

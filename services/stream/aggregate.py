@@ -1,6 +1,6 @@
 """Fold a batch of events into per-user and per-item deltas (pure logic, no I/O).
 
-The deltas are what :meth:`feature_store.online.FeatureWriter.apply` merges into the stored
+The deltas are what :meth:`feature_store.writes.FeatureWriter.apply` merges into the stored
 features; the merge rules are in ``docs/FEATURES.md``. Events must come in the order they are
 applied (per partition, by offset): "newest" in ``recent_items`` means last applied.
 """
@@ -9,13 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from feature_store.values import (
-    EVENT_WEIGHTS,
-    PURCHASED_ITEMS_MAX,
-    RECENT_ITEMS_MAX,
-    ItemDelta,
-    UserDelta,
-)
+from feature_store import spec
+from feature_store.values import ItemDelta, UserDelta
 from recstack.events import Event
 
 _VIEW, _CART, _PURCHASE = "view", "add_to_cart", "purchase"
@@ -27,7 +22,7 @@ def aggregate(
     """Events (in applied order) -> (user_id -> UserDelta, item_id -> ItemDelta)."""
     users: dict[str, list] = {}
     items: dict[str, list] = {}
-    weights = EVENT_WEIGHTS
+    weights = spec.EVENT_WEIGHTS  # read per call: training and serving follow one definition
     for ev in events:
         kind = ev.event_type
         ts = ev.ts_ms
@@ -77,8 +72,8 @@ def aggregate(
             add_to_carts=u[1],
             purchases=u[2],
             last_event_ts=u[3],
-            recent_items=_newest_first(u[4], RECENT_ITEMS_MAX),
-            purchased_items=_newest_first(u[5], PURCHASED_ITEMS_MAX),
+            recent_items=_newest_first(u[4], spec.RECENT_ITEMS_MAX),
+            purchased_items=_newest_first(u[5], spec.PURCHASED_ITEMS_MAX),
             category_weights=u[6],
         )
         for user_id, u in users.items()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from feature_store.values import DEFAULT_TRENDING_HALF_LIFE_S
+from feature_store import spec
 from recstack import redis_url
 from recstack.errors import UserError
 from recstack.kafka import KafkaSecurity
@@ -24,7 +24,7 @@ class StreamConfig:
     event_log: str = "artifacts/events"
     # A second event with the same event_id within this window has no effect (CONTRACT.md section 3).
     dedup_window_s: int = 86_400
-    trending_half_life_s: float = DEFAULT_TRENDING_HALF_LIFE_S
+    trending_half_life_s: float = field(default_factory=lambda: spec.TRENDING_HALF_LIFE_S)
     # Seconds an event's ts may be ahead of the consumer's clock; later ones are dead letters.
     max_future_skew: float = 300.0
     metrics_port: int = 9465  # 0: no metrics endpoint

@@ -60,7 +60,7 @@ from kafka.structs import MemberState, OffsetAndMetadata
 from redis.exceptions import RedisClusterException
 
 from feature_store.cluster import ClusterFeatureWriter
-from feature_store.online import ApplyResult, BatchGuard, FeatureWriter
+from feature_store.writes import ApplyResult, BatchGuard, FeatureWriter
 from recstack import redis_url as redis_urls
 from recstack.credentials import check_redis_auth, redact_url
 from recstack.errors import UserError

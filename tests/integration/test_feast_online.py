@@ -1,4 +1,4 @@
-"""The fast path of ``feature_store.online`` and Feast itself read and write the same bytes.
+"""Feast and our fast path (``feature_store.layout``, ``reads``, ``writes``) read and write the same bytes.
 
 Feast's ``get_online_features`` reads back exactly what the fast path wrote (whole entities and
 stream merges), and the fast path reads exactly what Feast's ``push`` wrote. Also: old events
@@ -76,7 +76,9 @@ def _as_dict(features) -> dict:
 
 
 def test_feast_reads_what_the_fast_path_wrote(store, redis_client):
-    from feature_store.online import ItemFeatures, UserFeatures, read_features, write_features
+    from feature_store.reads import read_features
+    from feature_store.values import ItemFeatures, UserFeatures
+    from feature_store.writes import write_features
 
     users = {
         "u-1": UserFeatures(
@@ -127,7 +129,9 @@ def test_feast_reads_what_the_fast_path_wrote(store, redis_client):
 
 
 def test_feast_reads_what_a_stream_merge_wrote(store, redis_client):
-    from feature_store.online import BatchGuard, FeatureWriter, ItemDelta, UserDelta, read_features
+    from feature_store.reads import read_features
+    from feature_store.values import ItemDelta, UserDelta
+    from feature_store.writes import BatchGuard, FeatureWriter
 
     writer = FeatureWriter(redis_client, half_life_s=3600)
     users = {
@@ -171,7 +175,8 @@ def test_feast_reads_what_a_stream_merge_wrote(store, redis_client):
 def test_fast_path_reads_what_feast_pushed(store, redis_client):
     from feast.data_source import PushMode
 
-    from feature_store.online import ItemFeatures, UserFeatures, read_features
+    from feature_store.reads import read_features
+    from feature_store.values import ItemFeatures, UserFeatures
 
     pushed_at = datetime(2024, 5, 1, 12, 0, 0, 250_000, tzinfo=UTC)
     store.push(
@@ -232,7 +237,9 @@ def test_fast_path_reads_what_feast_pushed(store, redis_client):
 
 
 def test_old_events_still_count_and_written_at_never_moves_back(store, redis_client):
-    from feature_store.online import BatchGuard, FeatureWriter, ItemDelta, UserDelta, read_features
+    from feature_store.reads import read_features
+    from feature_store.values import ItemDelta, UserDelta
+    from feature_store.writes import BatchGuard, FeatureWriter
 
     writer = FeatureWriter(redis_client, half_life_s=3600)
     now = 1_800_000_000_000

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from feature_store.online import UserFeatures, write_features
+from feature_store.values import UserFeatures
+from feature_store.writes import write_features
 from loadtests import workload
 from loadtests.saturation import BenchConfig, prepare_requests
 from loadtests.shoppers import read_returning

@@ -7,7 +7,9 @@ import threading
 import pytest
 import redis
 
-from feature_store.online import ItemFeatures, UserFeatures, read_features, write_features
+from feature_store.reads import read_features
+from feature_store.values import ItemFeatures, UserFeatures
+from feature_store.writes import write_features
 from services.ranking.redis_client import PipelinedRedis, pack
 
 pytestmark = pytest.mark.integration

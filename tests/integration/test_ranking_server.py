@@ -3,7 +3,7 @@
 Each test runs a server (port 0) on its own event loop in a background thread and calls it
 with the synchronous gRPC client, as a storefront would. Models are small randomly initialised
 versions of the real architecture, published with the models package's own artifact writer;
-features are written with ``feature_store.online``'s helpers. Expected scores come from the raw
+features are written with ``feature_store.writes``' helpers. Expected scores come from the raw
 values a test wrote, through the transforms docs/MODEL.md documents, written out here, into the
 model itself: not through the server's feature reader or input helpers, nor the inference API, so
 a wrong transform or a swapped feature on the serving side shows. Waits poll for a condition with
@@ -29,7 +29,8 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from feature_store.online import ItemFeatures, UserFeatures, write_features
+from feature_store.values import ItemFeatures, UserFeatures
+from feature_store.writes import write_features
 from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 from services.ranking.config import RankingConfig
 from services.ranking.server import SERVICE_NAME, RankingServer, create_server
@@ -665,8 +666,8 @@ def test_a_lone_call_runs_on_the_event_loop_and_concurrent_calls_still_batch(
 def test_item_features_changed_by_the_stream_reach_rank_within_the_refresh_bound(
     start_server, redis_url, models_dir
 ):
-    from feature_store.online import BatchGuard, FeatureWriter
     from feature_store.values import ItemDelta
+    from feature_store.writes import BatchGuard, FeatureWriter
 
     publish_model(models_dir, V1, seed=1)
     seed_features(redis_url, {"u1": warm_user(ITEMS[:30])})

@@ -179,7 +179,9 @@ def test_stream_exactly_once_through_a_cluster_restart(
 def test_a_slot_holding_part_of_a_batch_refuses_then_the_rest_applies_once(cluster_url, cluster):
     """What a crash between two nodes' scripts leaves behind: one slot already holds the batch."""
     from feature_store.cluster import ClusterFeatureWriter, slot_fence_key
-    from feature_store.online import BatchGuard, ItemDelta, UserDelta, read_features
+    from feature_store.reads import read_features
+    from feature_store.values import ItemDelta, UserDelta
+    from feature_store.writes import BatchGuard
 
     writer = ClusterFeatureWriter(cluster)
     offsets_key = "recstack:stream:t:applied"
@@ -261,8 +263,10 @@ def test_feast_and_the_fast_path_read_each_others_writes(cluster_url, cluster, f
     import pandas as pd
     from feast.data_source import PushMode
 
-    from feature_store.online import ItemFeatures, UserFeatures, read_features, write_features
+    from feature_store.reads import read_features
     from feature_store.store import open_store
+    from feature_store.values import ItemFeatures, UserFeatures
+    from feature_store.writes import write_features
 
     store = open_store(cluster_url, feast_dir)
     users = {f"fast-{k}": UserFeatures(views=k, purchases=1, recent_items=[f"i{k}", "i0"]) for k in range(20)}
@@ -308,7 +312,9 @@ def test_feast_and_the_fast_path_read_each_others_writes(cluster_url, cluster, f
 
 
 def test_the_lean_cluster_transport_reads_what_redis_py_reads_and_follows_redirects(cluster_url, cluster):
-    from feature_store.online import ItemFeatures, UserFeatures, read_features, write_features
+    from feature_store.reads import read_features
+    from feature_store.values import ItemFeatures, UserFeatures
+    from feature_store.writes import write_features
     from services.ranking.redis_client import ClusterPipelinedRedis
 
     users = {f"u{k}": UserFeatures(views=k, recent_items=[f"i{j}" for j in range(k)]) for k in range(20)}
@@ -344,7 +350,8 @@ def test_ranking_serves_from_the_cluster_and_new_events_change_the_answer(
         wait_until,
     )
 
-    from feature_store.online import ItemFeatures, write_features
+    from feature_store.values import ItemFeatures
+    from feature_store.writes import write_features
     from recstack.events import Event
     from recstack.v1 import ranking_pb2
     from services.ranking.config import RankingConfig

@@ -108,7 +108,7 @@ def test_stream_feast_and_ranking_work_with_the_password(
     from kafka import KafkaProducer
     from test_ranking_server import ITEMS, ServerThread, publish_model
 
-    from feature_store.online import read_features
+    from feature_store.reads import read_features
     from feature_store.store import open_store
     from recstack.events import Event
     from recstack.v1 import ranking_pb2

@@ -107,7 +107,8 @@ SINGLE_FORMS = [
 
 
 def _seed(client, user: str, views: int) -> None:
-    from feature_store.online import ItemFeatures, UserFeatures, write_features
+    from feature_store.values import ItemFeatures, UserFeatures
+    from feature_store.writes import write_features
 
     write_features(
         client,
@@ -124,7 +125,7 @@ def _no_secret(text: str) -> None:
 
 @pytest.mark.parametrize("form", SINGLE_FORMS)
 def test_every_single_server_form_through_every_client(server, form, feast_dir, caplog):
-    from feature_store.online import read_features
+    from feature_store.reads import read_features
     from feature_store.store import open_store
     from recstack.credentials import redact_url
     from recstack.redis_url import connect
@@ -201,7 +202,7 @@ def _run_consumer(bootstrap: str, fresh_topic, url: str, read_client, tmp_path: 
     """Run ``recstack stream --redis url`` until it applied ``n`` events of one user; its output."""
     from kafka import KafkaProducer
 
-    from feature_store.online import read_features
+    from feature_store.reads import read_features
     from recstack.events import Event
 
     topic = fresh_topic(3)
@@ -331,7 +332,7 @@ def test_the_cluster_script_requires_the_password(password_cluster):
 
 @pytest.mark.parametrize("form", ["cluster-password", "cluster-user-password", "cluster-query-password"])
 def test_every_cluster_form_through_every_client(password_cluster, form, feast_dir, caplog):
-    from feature_store.online import read_features
+    from feature_store.reads import read_features
     from feature_store.store import open_store
     from recstack.credentials import redact_url
     from recstack.redis_url import connect

@@ -238,7 +238,7 @@ def wait_all_applied(
 
 
 def _expected(events: list) -> tuple[dict, dict]:
-    from feature_store.values import EVENT_WEIGHTS, RECENT_ITEMS_MAX
+    from feature_store.spec import EVENT_WEIGHTS, RECENT_ITEMS_MAX
 
     seen: set[str] = set()
     users: dict[str, dict] = {}

@@ -307,7 +307,9 @@ def test_a_slot_fence_below_what_the_writer_stored_refuses_the_node_and_is_repor
     """The writer's side of a node that lost writes: the next batch's script refuses a slot whose
     fence went back (nothing of that node is written) and reports it, and lost_fences finds it."""
     from feature_store.cluster import ClusterFeatureWriter, slot_fence_key
-    from feature_store.online import BatchGuard, UserDelta, read_features
+    from feature_store.reads import read_features
+    from feature_store.values import UserDelta
+    from feature_store.writes import BatchGuard
 
     writer = ClusterFeatureWriter(cluster)
     offsets_key = "recstack:stream:t:applied"

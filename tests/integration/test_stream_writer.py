@@ -15,13 +15,13 @@ def _snapshot(client) -> dict:
 
 @pytest.fixture
 def writer(redis_client):
-    from feature_store.online import FeatureWriter
+    from feature_store.writes import FeatureWriter
 
     return FeatureWriter(redis_client, half_life_s=3600)
 
 
 def _batch(n: int = 3):
-    from feature_store.online import ItemDelta, UserDelta
+    from feature_store.values import ItemDelta, UserDelta
 
     users = {f"u{k}": UserDelta(views=1, last_event_ts=100 + k, recent_items=[f"i{k}"]) for k in range(n)}
     items = {f"i{k}": ItemDelta(views=1, trending=1.0, last_event_ts=100 + k) for k in range(n)}
@@ -29,7 +29,7 @@ def _batch(n: int = 3):
 
 
 def _guard(expected: int, applied: int, ids: list[str]):
-    from feature_store.online import BatchGuard
+    from feature_store.writes import BatchGuard
 
     return BatchGuard(
         offsets_key=OFFSETS,
@@ -42,7 +42,7 @@ def _guard(expected: int, applied: int, ids: list[str]):
 
 
 def test_a_batch_applies_sets_offsets_and_dedup_keys_with_their_ttl(writer, redis_client):
-    from feature_store.online import read_features
+    from feature_store.reads import read_features
 
     users, items = _batch()
     result = writer.apply(users, items, _guard(-1, 2, ["a", "b", "c"]), writer.read(list(users)))
@@ -74,7 +74,9 @@ def test_a_seen_event_id_refuses_the_batch_and_sets_no_other_key(writer, redis_c
 
 
 def test_a_user_written_since_the_read_refuses_the_batch(writer, redis_client):
-    from feature_store.online import BatchGuard, UserDelta, UserFeatures, read_features, write_features
+    from feature_store.reads import read_features
+    from feature_store.values import UserDelta, UserFeatures
+    from feature_store.writes import BatchGuard, write_features
 
     users, items = _batch(1)
     state = writer.read(list(users))

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from feature_store.values import EVENT_WEIGHTS, RECENT_ITEMS_MAX, ItemFeatures, UserFeatures, decay_merge
+from feature_store.spec import EVENT_WEIGHTS, RECENT_ITEMS_MAX
+from feature_store.values import ItemFeatures, UserFeatures, decay_merge
 from loadtests.chaos import report as rep
 from loadtests.chaos.report import FaultResult
 from loadtests.chaos.schedule import FAULT_NAMES, parse_fault_list, plan

@@ -1,4 +1,5 @@
-"""Feast's Redis layout as ``feature_store.online`` uses it, checked against Feast's own helpers."""
+"""Feast's Redis layout as ``feature_store.layout`` writes it, checked against Feast's own helpers,
+and the Lua scripts of ``feature_store/lua`` as the package ships and fills them."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-online = pytest.importorskip("feature_store.online")
+online = pytest.importorskip("feature_store.layout")
 
 from feast.infra.online_stores.helpers import _mmh3, _redis_key  # noqa: E402
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey  # noqa: E402
 from feast.protos.feast.types.Value_pb2 import Value  # noqa: E402
+
+from feature_store import scripts  # noqa: E402
+from feature_store.values import ItemFeatures, UserFeatures  # noqa: E402
 
 
 @given(st.text(min_size=1, max_size=128))
@@ -33,7 +37,7 @@ def test_hash_fields_are_feasts():
 
 
 user_features = st.builds(
-    online.UserFeatures,
+    UserFeatures,
     views=st.integers(0, 2**40),
     add_to_carts=st.integers(0, 2**40),
     purchases=st.integers(0, 2**40),
@@ -55,7 +59,7 @@ def test_user_encode_decode_round_trip(features):
 
 @given(
     st.builds(
-        online.ItemFeatures,
+        ItemFeatures,
         views=st.integers(0, 2**40),
         trending=st.floats(0, 1e6, width=32),
         last_event_ts=st.integers(0, 2**45),
@@ -74,18 +78,44 @@ def test_absent_hashes_decode_to_none_and_partial_ones_to_defaults():
     assert online.decode_user([None] * len(online.USER_FIELDS)) is None
     assert online.decode_item([None] * len(online.ITEM_FIELDS)) is None
     only_views = [Value(int64_val=4).SerializeToString()] + [None] * (len(online.USER_FIELDS) - 1)
-    assert online.decode_user(only_views) == online.UserFeatures(views=4)
+    assert online.decode_user(only_views) == UserFeatures(views=4)
 
 
 def test_decoded_lists_are_the_callers_own():
-    mapping = online.encode_user(online.UserFeatures(recent_items=["a", "b"], written_at_ms=1))
+    mapping = online.encode_user(UserFeatures(recent_items=["a", "b"], written_at_ms=1))
     values = [mapping.get(f) for f in online.USER_FIELDS]
     first = online.decode_user(values)
     first.recent_items.append("mutated")
     assert online.decode_user(values).recent_items == ["a", "b"]
 
 
-def test_the_merge_script_names_the_layout_of_this_module():
-    for field in online.USER_FIELDS + online.ITEM_FIELDS:
-        assert "".join(f"\\{b:03d}" for b in field) in online.MERGE_SCRIPT
-    assert online.MERGE_SCRIPT.startswith("#!lua")
+def test_the_merge_scripts_name_the_layout_of_this_module():
+    for script in (scripts.MERGE_SCRIPT, scripts.CLUSTER_MERGE_SCRIPT):
+        for field in online.USER_FIELDS + online.ITEM_FIELDS:
+            assert "".join(f"\\{b:03d}" for b in field) in script
+        assert "--#include" not in script and "--[[USER_FIELDS]]" not in script
+    assert scripts.MERGE_SCRIPT.startswith("#!lua\n")
+    for script in (scripts.CLUSTER_MERGE_SCRIPT, scripts.CLAIM_SCRIPT):
+        assert script.startswith("#!lua flags=allow-cross-slot-keys\n")
+
+
+def test_every_lua_file_is_package_data_and_used():
+    """The scripts are read from the installed package: pyproject.toml must ship every .lua file,
+    and every one of them must be used (a file nobody loads is a stale copy)."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "lua/*.lua" in package_data["feature_store"]
+    shipped = sorted(p.name for p in (root / "feature_store" / "lua").glob("*.lua"))
+    used = {"codec.lua", "merge.lua", "cluster_merge.lua", "claim.lua", "raise.lua", "lower.lua"}
+    assert shipped == sorted(used)
+    for name in sorted(used - {"codec.lua"}):
+        text = (root / "feature_store" / "lua" / name).read_text()
+        body = text.replace("--#include codec.lua\n", "")
+        assert body.strip().splitlines()[-1] in getattr(scripts, _script_name(name))
+
+
+def _script_name(file_name: str) -> str:
+    return file_name.removesuffix(".lua").upper() + "_SCRIPT"

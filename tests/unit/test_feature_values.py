@@ -7,10 +7,8 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
+from feature_store.spec import PURCHASED_ITEMS_MAX, RECENT_ITEMS_MAX, TOP_CATEGORIES_MAX
 from feature_store.values import (
-    PURCHASED_ITEMS_MAX,
-    RECENT_ITEMS_MAX,
-    TOP_CATEGORIES_MAX,
     ItemFeatures,
     UserDelta,
     UserFeatures,

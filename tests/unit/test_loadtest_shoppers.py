@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from feature_store.online import UserFeatures
+from feature_store.values import UserFeatures
 from loadtests.shoppers import select_returning
 
 

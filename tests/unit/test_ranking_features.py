@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import redis
 
-from feature_store.online import ItemFeatures, UserFeatures
+from feature_store.values import ItemFeatures, UserFeatures
 from recstack.v1 import ranking_pb2
 from services.ranking import catalogue as catalogue_module
 from services.ranking import features as features_module

@@ -8,7 +8,7 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feature_store.values import EVENT_WEIGHTS, PURCHASED_ITEMS_MAX, RECENT_ITEMS_MAX
+from feature_store.spec import EVENT_WEIGHTS, PURCHASED_ITEMS_MAX, RECENT_ITEMS_MAX
 from recstack.events import Event
 from services.stream.aggregate import aggregate
 

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
+from feature_store.spec import EVENT_WEIGHTS, RECENT_ITEMS_MAX, TRENDING_HALF_LIFE_S
 from models import data
-from models.features import RECENT_ITEMS, TRENDING_HALF_LIFE_S, TRENDING_WEIGHTS, item_dense, user_dense
+from models.features import item_dense, user_dense
 from models.metrics import hit_and_ndcg
 from models.model import FullPathConfig, ItemEmbeddingConfig, RankerConfig, TwoPathRanker
 from models.train import TrainConfig, fit
@@ -89,7 +90,7 @@ def test_user_features_are_from_strictly_earlier_events(events):
         for item in past["item_id"][::-1]:  # newest first, distinct
             if item not in recent:
                 recent.append(item)
-        expected = built.vocab.rows(recent[:RECENT_ITEMS])
+        expected = built.vocab.rows(recent[:RECENT_ITEMS_MAX])
         got = c.hist[g][c.hist[g] != PAD]
         assert list(got) == list(expected)
         now = train[(train["user_id"] == user) & (train["ts"] == t)]
@@ -115,7 +116,7 @@ def test_item_counters_come_from_events_before_the_context(events):
             trend = (
                 trend * (2.0 ** (-(t - last) / (TRENDING_HALF_LIFE_S * 1000))) if last is not None else trend
             )
-            trend += TRENDING_WEIGHTS[kind]
+            trend += EVENT_WEIGHTS[kind]
             last = t
         raw = [(rows["event_type"] == k).sum() for k in ("view", "add_to_cart", "purchase")] + [trend]
         expected = item_dense(np.array([raw]))[0]
