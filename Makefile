@@ -12,6 +12,7 @@ STAMP       := $(VENV)/.installed
 PROTO       := proto/recstack/v1/ranking.proto
 STUBS       := recstack/v1/ranking_pb2.py recstack/v1/ranking_pb2.pyi recstack/v1/ranking_pb2_grpc.py
 PY_DIRS     := $(wildcard recstack services feature_store models loadtests tests infra)
+DUP_DIRS    := $(wildcard recstack services feature_store models loadtests benchmarks infra tests)
 PYTEST_ARGS ?=
 TESTS       ?= tests
 KEEP        ?= 0
@@ -20,7 +21,7 @@ FUZZ_SECONDS ?= 300
 # uv installs everything; `make install` bootstraps the pinned version into $(PYTHON) if it is missing.
 UV = $(PYTHON) -m uv
 
-.PHONY: help install tools lock proto up down status test demo chaos lint clean fuzz
+.PHONY: help install tools lock proto up down status test demo chaos lint duplicates clean fuzz
 
 help: ## list the targets
 	@echo "recstack make targets:"
@@ -96,11 +97,14 @@ demo: install ## the end-to-end demo: replay, features, train, serve, load test,
 chaos: install ## fault injection under traffic: nothing lost? report in artifacts/chaos/ (CHAOS_ARGS=...)
 	@$(VENV)/bin/recstack chaos $(CHAOS_ARGS)
 
-lint: install ## ruff check and ruff format --check (and shellcheck on infra/ when installed)
+lint: install duplicates ## ruff check and format --check, the duplicate-code check (and shellcheck when installed)
 	$(VENV)/bin/ruff check $(PY_DIRS)
 	$(VENV)/bin/ruff format --check $(PY_DIRS)
 	@if command -v shellcheck >/dev/null; then echo "shellcheck -x infra/*.sh .ci/run"; \
 		shellcheck -x infra/*.sh .ci/run; else echo "==> lint: shellcheck not installed, shell scripts skipped"; fi
+
+duplicates: install ## pylint's duplicate-code check: no six repeated lines between modules (imports ignored)
+	$(VENV_PY) -m pylint --rcfile=pyproject.toml --score=n $(DUP_DIRS)
 
 clean: down ## stop the services, remove .run/ and the generated stubs (caches and .venv/ are kept)
 	rm -rf .run $(STUBS)
