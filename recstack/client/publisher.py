@@ -29,6 +29,14 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def encode(event: Event | Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """The record of a valid event: (key = user_id, value = the contract's JSON), or
+    :class:`recstack.events.InvalidEvent` naming the field that breaks the contract."""
+    obj = event.to_json_dict() if isinstance(event, Event) else event
+    checked = validate(dict(obj) if isinstance(obj, Mapping) else obj)
+    return checked.user_id.encode(), checked.to_json_bytes()
+
+
 class PublishError(RuntimeError):
     """Sends the broker never acknowledged; ``errors`` holds each one's exception."""
 
@@ -74,9 +82,7 @@ class EventPublisher:
         Returns kafka-python's future (add callbacks for the partition and offset). Raises
         :class:`recstack.events.InvalidEvent` naming the field when the event breaks the contract.
         """
-        obj = event.to_json_dict() if isinstance(event, Event) else event
-        checked = validate(dict(obj) if isinstance(obj, Mapping) else obj)
-        return self._send(checked.user_id.encode(), checked.to_json_bytes())
+        return self._send(*encode(event))
 
     def publish_raw(self, key: bytes, value: bytes | None) -> Any:
         """Send bytes as they are, unchecked: only for fault injection (the chaos run's
