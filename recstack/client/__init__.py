@@ -3,7 +3,13 @@
 See the README's "Calling recstack from Python".
 """
 
-from recstack.client.channel import DEFAULT_RETRY, RetryPolicy, make_aio_channel, make_channel
+from recstack.client.channel import (
+    DEFAULT_RETRY,
+    RetryPolicy,
+    make_aio_channel,
+    make_channel,
+    settings_from_env,
+)
 from recstack.client.publisher import EventPublisher, PublishError
 from recstack.client.ranking import (
     DEFAULT_DEADLINE_S,
@@ -31,4 +37,5 @@ __all__ = [
     "in_request_order",
     "make_aio_channel",
     "make_channel",
+    "settings_from_env",
 ]

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,15 +83,20 @@ DEFAULT_RETRY = RetryPolicy()
 _DEFAULT = object()
 
 
-def _host(target: str) -> str:
-    """The host of ``host:port``, ``[v6]:port`` or ``ipv4:host:port`` / ``dns:///host:port``."""
+def _hosts(target: str) -> list[str]:
+    """The hosts of ``host:port``, ``[v6]:port``, ``dns:///host:port`` or an address list
+    ``ipv4:h1:p1,h2:p2``."""
     for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         if target.startswith(scheme):
             target = target[len(scheme) :]
             break
-    if target.startswith("["):
-        return target[1 : target.find("]")]
-    return target.rsplit(":", 1)[0] if target.count(":") == 1 else target
+    hosts = []
+    for address in target.split(","):
+        if address.startswith("["):
+            hosts.append(address[1 : address.find("]")])
+        else:
+            hosts.append(address.rsplit(":", 1)[0] if address.count(":") == 1 else address)
+    return hosts
 
 
 def _read_pem(value: bytes | str | Path | None) -> bytes | None:
@@ -127,7 +133,7 @@ def channel_arguments(
     if tls:
         credentials = grpc.ssl_channel_credentials(root_certificates=_read_pem(root_certificates))
     elif token is not None:
-        if not is_loopback(_host(target)):
+        if not all(is_loopback(host) for host in _hosts(target)):
             raise ValueError(
                 f"a bearer token is sent only over TLS beyond loopback: give tls=True for {target!r}"
             )
@@ -139,6 +145,24 @@ def channel_arguments(
             credentials, grpc.access_token_call_credentials(token)
         )
     return credentials, opts
+
+
+TOKEN_ENV = "RECSTACK_AUTH_TOKEN"  # the variable the server reads its token from, too
+TLS_CA_ENV = "RECSTACK_TLS_CA"  # PEM of the CA (or self-signed certificate) to trust: TLS on
+TLS_SERVER_NAME_ENV = "RECSTACK_TLS_SERVER_NAME"
+
+
+def settings_from_env() -> dict[str, Any]:
+    """``tls``, ``root_certificates``, ``tls_server_name`` and ``token`` from the environment,
+    for the project's own callers (load tests, chaos run, benchmarks, demo): one shell that
+    sets ``RECSTACK_AUTH_TOKEN`` for the servers it starts also gives it to their clients."""
+    ca = os.environ.get(TLS_CA_ENV, "").strip()
+    return {
+        "tls": bool(ca),
+        "root_certificates": ca or None,
+        "tls_server_name": os.environ.get(TLS_SERVER_NAME_ENV, "").strip() or None,
+        "token": os.environ.get(TOKEN_ENV, "").strip() or None,
+    }
 
 
 def make_channel(target: str, *, interceptors: Sequence[Any] = (), **kwargs: Any) -> grpc.Channel:

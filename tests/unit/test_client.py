@@ -75,3 +75,9 @@ def test_in_request_order_keeps_the_callers_order_and_top_k():
     error = RankingError("Rank", grpc.StatusCode.UNAVAILABLE, "down")
     assert in_request_order(FailedCall("Rank", "u", ("c", "a", "b"), 2, error)) == ["c", "a"]
     assert in_request_order(FailedCall("Recommend", "u", (), 5, error)) == []
+
+
+def test_an_address_list_is_loopback_only_when_every_address_is():
+    assert channel_arguments("ipv4:127.0.0.1:50061,127.0.0.1:50062", token="t")[0] is not None
+    with pytest.raises(ValueError, match="TLS"):
+        channel_arguments("ipv4:127.0.0.1:50061,10.0.0.2:50062", token="t")
