@@ -21,8 +21,10 @@ from recstack.kafka import KafkaSecurity
 # The producer settings every publisher starts from; keyword arguments override them.
 PRODUCER_DEFAULTS: dict[str, Any] = {
     "acks": "all",
-    # kafka-python >= 2.1 has the idempotent producer (producer id + sequence numbers); with it
-    # the client keeps up to 5 requests in flight and still never reorders or duplicates.
+    # kafka-python (3.0 here) has the idempotent producer: the broker drops a re-sent batch by
+    # its producer id and sequence number, and the sender keeps one batch per partition in
+    # flight, so a retry neither duplicates nor reorders. Set explicitly, a conflicting override
+    # (acks=1, retries=0) raises KafkaConfigurationError instead of quietly turning it off.
     "enable_idempotence": True,
     "linger_ms": 20,
     "batch_size": 256 * 1024,
