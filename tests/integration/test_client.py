@@ -192,3 +192,27 @@ def test_ten_thousand_published_events_land_exactly_as_the_truth_expects(
         users, items, dict(zip(users, got_users, strict=True)), dict(zip(items, got_items, strict=True))
     )
     assert check.events == 10_000 and check.ok, check.summary()
+
+
+def test_flush_raises_the_sends_the_broker_refused(kafka_bootstrap, fresh_topic):
+    from kafka.admin import ConfigResource, ConfigResourceType, KafkaAdminClient
+
+    from recstack.client import PublishError
+
+    topic = fresh_topic(partitions=1)
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    try:  # the broker refuses any batch over 1 KB on this topic
+        admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": "1024"})])
+    finally:
+        admin.close()
+    publisher = EventPublisher(kafka_bootstrap, topic, linger_ms=0)
+    try:
+        publisher.publish({"event_id": "ok", "user_id": "u", "item_id": "i", "event_type": "view", "ts": 1})
+        publisher.flush()  # a small record is accepted
+        publisher.publish_raw(b"u", b"x" * 4096)
+        with pytest.raises(PublishError) as err:
+            publisher.flush()
+        assert len(err.value.errors) == 1 and topic in str(err.value)
+        publisher.flush()  # each failure is raised once
+    finally:
+        publisher.close()
