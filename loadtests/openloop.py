@@ -60,6 +60,12 @@ def make_schedule(rate: float, duration_s: float, kind: str = "poisson", seed: i
     raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
 
 
+def _client_settings() -> dict[str, Any]:
+    from recstack.client import settings_from_env
+
+    return settings_from_env()
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     """How the load is produced: ``workers`` processes with ``channels`` connections each."""
@@ -74,13 +80,7 @@ class GeneratorConfig:
     channel_options: tuple[tuple[str, Any], ...] = ()
     # TLS and token for recstack.client's channel factory (tls, root_certificates,
     # tls_server_name, token); by default from RECSTACK_TLS_CA and RECSTACK_AUTH_TOKEN.
-    client_settings: dict[str, Any] = field(default_factory=lambda: _settings_from_env(), repr=False)
-
-
-def _settings_from_env() -> dict[str, Any]:
-    from recstack.client import settings_from_env
-
-    return settings_from_env()
+    client_settings: dict[str, Any] = field(default_factory=_client_settings, repr=False, compare=False)
 
 
 class GeneratorError(RuntimeError):

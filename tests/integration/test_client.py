@@ -216,3 +216,22 @@ def test_flush_raises_the_sends_the_broker_refused(kafka_bootstrap, fresh_topic)
         publisher.flush()  # each failure is raised once
     finally:
         publisher.close()
+
+
+def test_the_open_loop_generator_sends_its_prepared_bytes_over_tls_with_the_token(
+    server_factory, certificate
+):
+    from loadtests.openloop import GeneratorConfig, OpenLoopGenerator
+    from loadtests.stats import summarize_step
+    from recstack.v1 import ranking_pb2
+
+    cert, _ = certificate
+    server = server_factory()
+    requests = [ranking_pb2.RankRequest(user_id="u1", item_ids=ITEMS[:20]).SerializeToString()]
+    for token, expect in ((TOKEN, {}), (None, {"UNAUTHENTICATED": 20})):
+        settings = {"root_certificates": str(cert), "token": token}
+        config = GeneratorConfig(workers=1, channels=1, timeout_s=10.0, client_settings=settings)
+        with OpenLoopGenerator(f"localhost:{server.port}", "Rank", requests, config) as load:
+            step = summarize_step(load.run_step(20.0, 1.0, "uniform"), offered_rate=20.0, duration_s=1.0)
+        assert step["errors"] == expect
+        assert step["ok"] == 20 - sum(expect.values())
