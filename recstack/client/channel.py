@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 from collections.abc import Sequence
@@ -27,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
-from services.ranking.config import is_loopback
 
 SERVICE = "recstack.v1.RankingService"
 # After a failed connect the channel waits before trying again, doubling up to this bound
@@ -99,6 +98,16 @@ def _hosts(target: str) -> list[str]:
     return hosts
 
 
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or ``localhost``. (The client stands alone: it imports nothing from
+    ``services/``, so load tests and storefronts need none of the server's code.)"""
+    name = host.strip("[]").lower()
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def _read_pem(value: bytes | str | Path | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -133,7 +142,7 @@ def channel_arguments(
     if tls:
         credentials = grpc.ssl_channel_credentials(root_certificates=_read_pem(root_certificates))
     elif token is not None:
-        if not all(is_loopback(host) for host in _hosts(target)):
+        if not all(_is_loopback(host) for host in _hosts(target)):
             raise ValueError(
                 f"a bearer token is sent only over TLS beyond loopback: give tls=True for {target!r}"
             )
