@@ -158,6 +158,16 @@ def test_deadline_exceeded_answers_the_fallback_and_strict_mode_raises(server_fa
     with pytest.raises(ValueError, match="strict"):
         RankingClient("127.0.0.1:1", strict=True, fallback=in_request_order)
 
+    async def run_async():
+        async with AsyncRankingClient(
+            f"localhost:{server.port}", root_certificates=cert, token=TOKEN, fallback=in_request_order
+        ) as client:
+            return await client.rank("u1", ITEMS[:3], deadline_s=0.000_1)
+
+    got = asyncio.run(run_async())
+    assert got.fallback and got.item_ids == ITEMS[:3]
+    assert got.error is not None and got.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
 
 def test_ten_thousand_published_events_land_exactly_as_the_truth_expects(
     kafka_bootstrap, fresh_topic, redis_url, redis_client, tmp_path
