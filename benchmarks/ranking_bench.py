@@ -245,8 +245,10 @@ def _wait_ready(server: Server, timeout_s: float = 180.0) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from recstack.client import make_channel, settings_from_env
+
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+    with make_channel(f"127.0.0.1:{server.port}", retries=None, **settings_from_env()) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         echo = channel.unary_unary(ECHO_METHOD)
         while time.monotonic() < deadline:
@@ -348,10 +350,17 @@ async def _run_step(
 
 
 async def _drive(server: Server, requests: list[bytes], rates: list[float], step_s: float) -> list[Step]:
-    import grpc
+    from recstack.client import make_aio_channel, settings_from_env
 
+    # Strict (no retries): every failed call is counted. TLS/token from RECSTACK_TLS_CA and
+    # RECSTACK_AUTH_TOKEN, which the servers this benchmark starts inherit too.
     channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        make_aio_channel(
+            f"127.0.0.1:{server.port}",
+            retries=None,
+            options=[("grpc.use_local_subchannel_pool", 1)],
+            **settings_from_env(),
+        )
         for _ in range(4)
     ]
     try:

@@ -31,6 +31,7 @@ import grpc
 import grpc.experimental.gevent as grpc_gevent
 
 from loadtests.workload import Workload
+from recstack.client import make_channel, settings_from_env
 from recstack.events import Event
 from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 
@@ -93,25 +94,21 @@ def _on_init(environment: Any, **_: Any) -> None:
     _Shared.timeout_s = options.recstack_timeout
     _Shared.paths_out = options.recstack_paths_out
     if options.recstack_bootstrap:
-        _Shared.producer = _make_producer(options.recstack_bootstrap)
+        _Shared.producer = _make_producer(options.recstack_bootstrap, options.recstack_topic)
     # Locust's --run-time timer starts from the event loop's cached clock, which went stale while
     # the above blocked the loop: refresh it, or the run ends early by that much.
     gevent.get_hub().loop.update_now()
 
 
-def _make_producer(bootstrap: str) -> Any:
-    from kafka import KafkaProducer
+def _make_producer(bootstrap: str, topic: str) -> Any:
     from kafka.errors import KafkaError
 
+    from recstack.client import EventPublisher
     from recstack.kafka import kafka_security_from_env
 
     try:
-        return KafkaProducer(
-            bootstrap_servers=bootstrap,
-            acks="all",
-            linger_ms=5,
-            retries=5,
-            **kafka_security_from_env().client_options(),
+        return EventPublisher(
+            bootstrap, topic, security=kafka_security_from_env(), client_id="recstack-locust", linger_ms=5
         )
     except KafkaError as exc:
         log.warning("no events will be published: cannot reach Kafka at %s (%s)", bootstrap, exc)
@@ -121,8 +118,13 @@ def _make_producer(bootstrap: str) -> Any:
 @events.quitting.add_listener
 def _on_quitting(environment: Any, **_: Any) -> None:
     if _Shared.producer is not None:
-        _Shared.producer.flush(timeout=10)
-        _Shared.producer.close(timeout=10)
+        from recstack.client import PublishError
+
+        try:
+            _Shared.producer.flush(timeout_s=10)
+        except PublishError:
+            pass  # each failed publish is already reported to Locust (StorefrontUser.publish)
+        _Shared.producer.close(timeout_s=10)
         _Shared.producer = None
     if _Shared.paths_out:
         # One file per Locust process (``--processes`` forks several); the runner adds them up.
@@ -179,7 +181,11 @@ class GrpcUser(User):
     def __init__(self, environment: Any) -> None:
         super().__init__(environment)
         self.interceptor = LocustInterceptor(environment)
-        self._channel = grpc.intercept_channel(grpc.insecure_channel(self.host), self.interceptor)
+        # Strict (no retries): Locust counts every failed call. TLS and token from the
+        # environment (RECSTACK_TLS_CA, RECSTACK_AUTH_TOKEN), as every client of the project.
+        self._channel = make_channel(
+            self.host, retries=None, interceptors=[self.interceptor], **settings_from_env()
+        )
         self.stub = ranking_pb2_grpc.RankingServiceStub(self._channel)
 
     def on_stop(self) -> None:
@@ -279,6 +285,6 @@ class StorefrontUser(GrpcUser):
                 exception=exc,
             )
 
-        future = producer.send(_Shared.topic, key=self.user_id.encode(), value=event.to_json_bytes())
+        future = producer.publish(event)
         future.add_callback(acked)
         future.add_errback(failed)

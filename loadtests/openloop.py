@@ -19,7 +19,7 @@ import logging
 import multiprocessing as mp
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -60,6 +60,12 @@ def make_schedule(rate: float, duration_s: float, kind: str = "poisson", seed: i
     raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
 
 
+def _client_settings() -> dict[str, Any]:
+    from recstack.client import settings_from_env
+
+    return settings_from_env()
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     """How the load is produced: ``workers`` processes with ``channels`` connections each."""
@@ -72,6 +78,9 @@ class GeneratorConfig:
     # Extra gRPC channel options, e.g. (("grpc.lb_policy_name", "round_robin"),) with an address
     # listing several servers ("ipv4:127.0.0.1:50061,127.0.0.1:50062").
     channel_options: tuple[tuple[str, Any], ...] = ()
+    # TLS and token for recstack.client's channel factory (tls, root_certificates,
+    # tls_server_name, token); by default from RECSTACK_TLS_CA and RECSTACK_AUTH_TOKEN.
+    client_settings: dict[str, Any] = field(default_factory=_client_settings, repr=False, compare=False)
 
 
 class GeneratorError(RuntimeError):
@@ -234,18 +243,21 @@ class _Client:
     async def connect(
         cls, address: str, method: str, requests: list[bytes], offset: int, cfg: GeneratorConfig
     ) -> _Client:
-        import grpc
+        from recstack.client import make_aio_channel
 
         channels, calls = [], []
         for i in range(cfg.channels):
-            # A distinct argument per channel gives each its own TCP connection.
-            channel = grpc.aio.insecure_channel(
+            # A distinct argument per channel gives each its own TCP connection. No retries:
+            # every failed call is counted (the client's strict mode).
+            channel = make_aio_channel(
                 address,
+                retries=None,
                 options=[
                     ("grpc.use_local_subchannel_pool", 1),
                     ("recstack.loadtest.channel", i),
                     *cfg.channel_options,
                 ],
+                **cfg.client_settings,
             )
             await asyncio.wait_for(channel.channel_ready(), cfg.connect_timeout_s)
             channels.append(channel)

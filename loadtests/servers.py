@@ -109,8 +109,10 @@ class ServerProcess:
         import grpc
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        from recstack.client import make_channel, settings_from_env
+
         status = "no answer"
-        with grpc.insecure_channel(self.address) as channel:
+        with make_channel(self.address, retries=None, **settings_from_env()) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 if self._process is not None and self._process.poll() is not None:

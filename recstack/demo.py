@@ -84,22 +84,17 @@ def _wait_applied(redis_url: str, expect_users: list[str], timeout_s: float) -> 
 
 def _measure_freshness(bootstrap: str, target: str, samples: int) -> list[float]:
     """Publish an event for a fresh user and time until ``Rank`` reflects it (cold -> warm user)."""
-    import grpc
-    from kafka import KafkaProducer
-
+    from recstack.client import EventPublisher, RankingClient, settings_from_env
     from recstack.kafka import kafka_security_from_env
-    from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 
-    security = kafka_security_from_env().client_options()  # the same RECSTACK_KAFKA_* as the stack
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0, **security)
-    channel = grpc.insecure_channel(target)
-    stub = ranking_pb2_grpc.RankingServiceStub(channel)
+    security = kafka_security_from_env()  # the same RECSTACK_KAFKA_* as the stack
+    publisher = EventPublisher(bootstrap, "user-events", security=security, linger_ms=0)
+    client = RankingClient(target, deadline_s=1, **settings_from_env())
     items = ["85123A", "71053", "84406B", "22423", "85099B", "47566", "20725", "84879"]
     latencies: list[float] = []
     for _ in range(samples):
         user = f"demo-fresh-{uuid.uuid4().hex[:10]}"
-        request = ranking_pb2.RankRequest(user_id=user, item_ids=items, top_k=0)
-        before = [(i.item_id, round(i.score, 5)) for i in stub.Rank(request, timeout=1).items]
+        before = [(i.item_id, round(i.score, 5)) for i in client.rank(user, items).items]
         event = {
             "event_id": uuid.uuid4().hex,
             "user_id": user,
@@ -108,16 +103,16 @@ def _measure_freshness(bootstrap: str, target: str, samples: int) -> list[float]
             "ts": int(time.time() * 1000),
         }
         sent = time.monotonic()
-        producer.send("user-events", key=user.encode(), value=json.dumps(event).encode())
-        producer.flush()
+        publisher.publish(event)
+        publisher.flush()
         while time.monotonic() - sent < 10:
-            after = [(i.item_id, round(i.score, 5)) for i in stub.Rank(request, timeout=1).items]
+            after = [(i.item_id, round(i.score, 5)) for i in client.rank(user, items).items]
             if after != before:
                 latencies.append(time.monotonic() - sent)
                 break
             time.sleep(0.005)
-    producer.close()
-    channel.close()
+    publisher.close()
+    client.close()
     return latencies
 
 
@@ -125,7 +120,9 @@ def _wait_serving(target: str, timeout_s: float) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = grpc.insecure_channel(target)
+    from recstack.client import make_channel, settings_from_env
+
+    channel = make_channel(target, **settings_from_env())
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -203,8 +203,10 @@ def wait_serving(port: int, timeout_s: float) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from recstack.client import make_channel, settings_from_env
+
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with make_channel(f"127.0.0.1:{port}", retries=None, **settings_from_env()) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:
@@ -221,14 +223,11 @@ def wait_serving(port: int, timeout_s: float) -> bool:
 
 def served_version(port: int, user_id: str, items: list[str]) -> str:
     """The model version a direct ``Rank`` call to the server on ``port`` is answered with."""
-    import grpc
+    from recstack.client import RankingClient, settings_from_env
 
-    from recstack.v1 import ranking_pb2, ranking_pb2_grpc
-
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = ranking_pb2_grpc.RankingServiceStub(channel)
-        reply = stub.Rank(ranking_pb2.RankRequest(user_id=user_id, item_ids=items, top_k=5), timeout=5)
-        return reply.model_version
+    # Strict: the chaos run counts every failed call; its caller retries on its own terms.
+    with RankingClient(f"127.0.0.1:{port}", strict=True, deadline_s=5, **settings_from_env()) as client:
+        return client.rank(user_id, items, top_k=5).model_version
 
 
 def scrape(port: int, metric: str) -> float | None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from loadtests.chaos.stack import set_thread_priority
 from loadtests.chaos.truth import Acked
+from recstack.client import EventPublisher, PublishError
 from recstack.events import Event
 
 # Records the consumer must send to the dead-letter topic, one per rule of CONTRACT.md section 3.
@@ -64,8 +65,6 @@ class EventTraffic:
         seed: int = 0,
         priority: str = "normal",
     ) -> None:
-        from kafka import KafkaProducer
-
         self.topic = topic
         self.run_id = run_id
         self.rate = rate
@@ -78,11 +77,11 @@ class EventTraffic:
         self._rng = np.random.default_rng(seed)
         self._priority = priority
         # Built on a thread at the traffic's priority: the producer's I/O thread inherits it.
-        self._producer = on_thread_at(priority, lambda: KafkaProducer(
-            bootstrap_servers=bootstrap,
+        # EventPublisher's idempotent acks=all producer; its errors are counted here (_on_error).
+        self._producer = on_thread_at(priority, lambda: EventPublisher(
+            bootstrap,
+            topic,
             client_id="recstack-chaos",
-            acks="all",
-            enable_idempotence=True,
             linger_ms=5,
             request_timeout_ms=15_000,
             delivery_timeout_ms=300_000,  # a broker restart is waited out, not turned into a loss
@@ -108,13 +107,16 @@ class EventTraffic:
         """Stop sending and wait until the broker acknowledged (or refused) everything sent."""
         self._active.clear()
         time.sleep(0.05)  # let the loop notice before flushing
-        self._producer.flush(timeout=timeout_s)
+        try:
+            self._producer.flush(timeout_s=timeout_s)
+        except PublishError:
+            pass  # every failed send is already in stats.failures (_on_error)
 
     def close(self) -> None:
         self._stopping.set()
         self._active.set()
         self._thread.join(timeout=10)
-        self._producer.close(timeout=30)
+        self._producer.close(timeout_s=30)
 
     # -------------------------------------------------------------------- what was acknowledged
 
@@ -181,7 +183,12 @@ class EventTraffic:
             self.stats.malformed += 1
 
     def _send(self, key: bytes, value: bytes | None, event: Event | None) -> None:
-        future = self._producer.send(self.topic, key=key, value=value)
+        # A valid event goes through the publisher's contract check; a malformed record is
+        # injected on purpose, unchecked.
+        if event is None:
+            future = self._producer.publish_raw(key, value)
+        else:
+            future = self._producer.publish(event)
         self.stats.sent += 1
         future.add_callback(self._on_ack, event)
         future.add_errback(self._on_error)

@@ -59,27 +59,17 @@ def publish(
 ) -> ReplayStats:
     """Send ``events`` (``total`` of them) to ``topic``; ``rate`` events/s, 0 = as fast as possible.
 
-    The producer is idempotent with ``acks=all``, so a retried send is not duplicated by the
-    broker; a duplicate that still gets through is absorbed by the consumer's event-id dedup.
+    Through :class:`recstack.client.EventPublisher`: each event is checked against the contract
+    before it is sent, the producer is idempotent with ``acks=all`` (a retried send is not
+    duplicated by the broker; a duplicate that still gets through is absorbed by the consumer's
+    event-id dedup), and a failed delivery stops the replay with :class:`PublishError`.
     """
-    from kafka import KafkaProducer
     from tqdm import tqdm
 
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap,
-        client_id="recstack-replay",
-        acks="all",
-        enable_idempotence=True,
-        linger_ms=20,
-        batch_size=256 * 1024,
-        **(security or KafkaSecurity()).client_options(),
-    )
+    from recstack.client import EventPublisher
+
+    publisher = EventPublisher(bootstrap, topic, security=security, client_id="recstack-replay")
     sent = 0
-    failures: list[BaseException] = []
-
-    def on_error(exc: BaseException) -> None:
-        failures.append(exc)
-
     bar = tqdm(
         total=total,
         unit="ev",
@@ -97,19 +87,15 @@ def publish(
                 ahead = started + sent / rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
-            producer.send(topic, key=event.user_id.encode(), value=event.to_json_bytes()).add_errback(
-                on_error
-            )
+            publisher.publish(event)
             sent += 1
             if sent % 1000 == 0:
                 bar.update(1000)
-                if failures:
+                if publisher.failed:
                     break
-        producer.flush()
+        publisher.flush()  # raises PublishError naming how many failed
         bar.update(sent - bar.n)
     finally:
         bar.close()
-        producer.close(timeout=30)
-    if failures:
-        raise RuntimeError(f"{len(failures)} event(s) could not be published to {topic}: {failures[0]}")
+        publisher.close(timeout_s=30)
     return ReplayStats(events=sent, seconds=time.monotonic() - started)
