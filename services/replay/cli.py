@@ -10,7 +10,7 @@ from recstack.errors import UserError
 from recstack.flags import add_flag, host_port, non_negative_float, non_negative_int
 from recstack.kafka import add_kafka_security_flags, kafka_security_from_args
 
-NAMED_SOURCES = ("onlineretail", "otto", "synthetic")
+NAMED_SOURCES = ("onlineretail", "otto", "synthetic", "synthetic-storefront")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
