@@ -17,6 +17,7 @@ from recstack.experiments.simulate import (
     Ranker,
     Simulation,
     Storefront,
+    StorefrontConfig,
     cooccurrence_ranker,
     popularity_ranker,
     simulate,
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aa-seeds", type=int, default=200, help="A/A runs")
     parser.add_argument("--impressions", type=int, default=100_000, help="impressions per run")
     parser.add_argument("--step", type=int, default=1_000, help="read the report every N impressions")
+    parser.add_argument(
+        "--aa-users", type=int, default=StorefrontConfig().n_users, help="users of the A/A runs' storefront"
+    )
     parser.add_argument("--alpha", type=float, default=ALPHA)
     parser.add_argument("--tau", type=float, default=TAU)
     args = parser.parse_args(argv)
@@ -99,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             f"impressions (min {min(found or [0]):,}); popularity named in {wrong}; undecided after "
             f"{args.impressions:,}: {undecided}"
         )
-    shop = Storefront(seed=0)
+    shop = Storefront(StorefrontConfig(n_users=args.aa_users), seed=0)
     ranker = cooccurrence_ranker(shop, shop.history())
     runs = [a_a(shop, ranker, seed, args.impressions, args.step, **options) for seed in range(args.aa_seeds)]
     called, z_peeking, z_end = (sum(column) for column in zip(*runs, strict=True))
     n = max(1, args.aa_seeds)
     print(
-        f"A/A, {args.aa_seeds} seeds, {args.impressions:,} impressions read every {args.step:,}: "
+        f"A/A, {args.aa_seeds} seeds, {args.aa_users:,} users, {args.impressions:,} impressions read every "
+        f"{args.step:,}: "
         f"mSPRT significant in {called} ({called / n:.2%}); alpha {args.alpha:g}, tau {args.tau:g}. "
         f"For comparison, an impression-level z-test at the same alpha: {z_peeking} ({z_peeking / n:.2%}) "
         f"read at every look, {z_end} ({z_end / n:.2%}) read once at the end; "

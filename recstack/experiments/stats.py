@@ -267,6 +267,10 @@ def compare(
     needed = None
     if p_value > alpha:
         needed = _impressions_needed(max(abs(diff), mde * abs(pooled)), var0, n, tau2, alpha)
+        if needed == 0:
+            # The minimum effect would already show, so the true one is smaller: plan for the
+            # difference measured (None when it is exactly 0).
+            needed = _impressions_needed(abs(diff), var0, n, tau2, alpha)
     return Comparison(metric, *names, diff, diff - half, diff + half, p_value, alpha, True, needed)
 
 

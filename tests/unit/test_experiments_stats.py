@@ -196,3 +196,12 @@ def test_report_gives_every_arm_and_the_verdict_on_the_chosen_metric():
         report(arms, "A", "C")
     with pytest.raises(ValueError, match="metric: must be one of"):
         report(arms, "A", "B", metric="clicks")
+
+
+def test_impressions_needed_is_never_zero_while_undecided():
+    # 10.2% vs 10% on 200,000 each: a 5% minimum effect (0.5 points) would already show, so the
+    # plan falls back to the 0.2 points measured.
+    c = compare("purchase", binary(20_400, 200_000), binary(20_000, 200_000), mde=0.05)
+    assert not c.significant
+    assert c.impressions_needed and c.impressions_needed > 100_000
+    assert compare("purchase", binary(20_000, 200_000), binary(20_000, 200_000)).impressions_needed is None
