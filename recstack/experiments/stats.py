@@ -363,7 +363,12 @@ class Report:
             for e in by_metric.values():
                 lines.append(f"  {e.metric:<16} {e.value:.5g}  [{e.low:.5g}, {e.high:.5g}]")
         for c in self.comparisons:
-            more = f", about {c.impressions_needed:,} more impressions" if c.impressions_needed else ""
+            if not c.ready:
+                more = " (too little data for the test yet)"
+            elif c.impressions_needed:
+                more = f", about {c.impressions_needed:,} more impressions"
+            else:
+                more = ""
             lines.append(
                 f"{c.metric}: {c.a} - {c.b} = {c.difference:+.5g} [{c.low:+.5g}, {c.high:+.5g}], "
                 f"p = {c.p_value:.3g} -> {c.verdict}{more if not c.significant else ''}"

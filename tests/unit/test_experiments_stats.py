@@ -205,3 +205,13 @@ def test_impressions_needed_is_never_zero_while_undecided():
     assert not c.significant
     assert c.impressions_needed and c.impressions_needed > 100_000
     assert compare("purchase", binary(20_000, 200_000), binary(20_000, 200_000)).impressions_needed is None
+
+
+def test_report_says_when_there_is_too_little_data():
+    arms = {"A": ArmStats(), "B": ArmStats()}
+    arms["A"].add("u1", True, True, 1.0, 10.0)
+    text = report(arms, "A", "B").text()
+    assert (
+        "purchase: A - B = +1 [-inf, +inf], p = 1 -> no difference yet (too little data for the test yet)"
+        in text
+    )
