@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 from recstack.experiments.simulate import (
     Ranker,
@@ -28,9 +29,10 @@ from recstack.experiments.stats import ALPHA, TAU, SequentialMonitor, two_propor
 def first_decision(
     sim: Simulation,
     step: int,
+    *,
     metric: str = "purchase",
     names: tuple[str, str] = ("A", "B"),
-    **options: float,
+    **options: Any,
 ) -> tuple[int | None, str | None]:
     """Read the report every ``step`` impressions; the first (impressions, winner) it names, or
     (None, None) if it never does within the simulation."""
@@ -43,7 +45,7 @@ def first_decision(
 
 
 def a_vs_popularity(
-    seed: int, n_impressions: int, step: int, **options: float
+    seed: int, n_impressions: int, step: int, **options: Any
 ) -> tuple[int | None, str | None]:
     shop = Storefront(seed=seed)
     history = shop.history()
@@ -52,7 +54,7 @@ def a_vs_popularity(
 
 
 def a_a(
-    shop: Storefront, ranker: Ranker, seed: int, n_impressions: int, step: int, **options: float
+    shop: Storefront, ranker: Ranker, seed: int, n_impressions: int, step: int, **options: Any
 ) -> tuple[bool, bool, bool]:
     """One A/A run: the same ranker in both arms, a fresh salt (split) and fresh outcomes per seed.
     Whether (the mSPRT ever called it, an impression-level z-test at alpha read at every look ever
