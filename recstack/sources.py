@@ -253,13 +253,17 @@ def load_event_log(paths: list[str | Path]) -> pd.DataFrame:
 
 
 def load_source(source: str, limit: int | None = None, seed: int = 0) -> pd.DataFrame:
-    """``onlineretail`` | ``otto`` | ``synthetic`` | a path to an event log."""
+    """``onlineretail`` | ``otto`` | ``synthetic`` | ``synthetic-storefront`` | a path to an event log."""
     if source == "onlineretail":
         frame = load_onlineretail()
     elif source == "otto":
         frame = load_otto()
     elif source == "synthetic":
         frame = synthetic(limit or 100_000, seed=seed)
+    elif source == "synthetic-storefront":  # shoppers with a hidden preference: docs/EXPERIMENTS.md
+        from recstack.experiments.simulate import storefront_events
+
+        frame = storefront_events(limit or 100_000, seed=seed)
     else:
         frame = load_event_log([source])
     return frame.head(limit) if limit else frame

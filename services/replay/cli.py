@@ -10,7 +10,7 @@ from recstack.errors import UserError
 from recstack.flags import add_flag, host_port, non_negative_float, non_negative_int
 from recstack.kafka import add_kafka_security_flags, kafka_security_from_args
 
-NAMED_SOURCES = ("onlineretail", "otto", "synthetic")
+NAMED_SOURCES = ("onlineretail", "otto", "synthetic", "synthetic-storefront")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser,
         "--source",
         default="onlineretail",
-        metavar="onlineretail|otto|synthetic|PATH",
+        metavar="onlineretail|otto|synthetic|synthetic-storefront|PATH",
         help="what to publish",
     )
     add_flag(
@@ -66,7 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     source = args.source
     if source not in NAMED_SOURCES and not Path(source).exists():
         raise UserError(
-            f"--source {source!r}: no such file or folder (give onlineretail, otto, synthetic, or the "
+            f"--source {source!r}: no such file or folder (give onlineretail, otto, synthetic, "
+            "synthetic-storefront, or the "
             "path of a JSON Lines or Parquet event log)"
         )
     security = kafka_security_from_args(args)
