@@ -12,6 +12,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
@@ -38,58 +39,11 @@ _FENCE_CHECK_S = 5.0
 # parallel) after every Redis error and this often, when reading thousands of keys costs little.
 _SLOT_FENCE_CHECK_S = 30.0
 
-# Take partitions for the event log: a fresh owner token, and the logged offsets as they stand
-# once it is set (a roll of the previous owner either went through before, or is refused after).
-# KEYS: logged, owners. ARGV: token, partition...
-_TAKE_LOG = """
-local out = {}
-for i = 2, #ARGV do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[1])
-  out[#out + 1] = redis.call('HGET', KEYS[1], ARGV[i])
-end
-return out
-"""
-
-# Record a roll if every partition in it is still owned by the token it was taken with: raise the
-# logged offsets (never lower them) and record its files. Otherwise change nothing and return the
-# partitions owned by someone else. KEYS: logged, owners, rolls. ARGV: n, (partition, token,
-# offset or -1) * n, file name...
-_COMMIT_ROLL = """
-local n = tonumber(ARGV[1])
-local refused = {}
-for i = 0, n - 1 do
-  local p = ARGV[2 + 3 * i]
-  if redis.call('HGET', KEYS[2], p) ~= ARGV[3 + 3 * i] then refused[#refused + 1] = p end
-end
-if #refused > 0 then return refused end
-for i = 0, n - 1 do
-  local p, offset = ARGV[2 + 3 * i], ARGV[4 + 3 * i]
-  if tonumber(offset) > tonumber(redis.call('HGET', KEYS[1], p) or '-1') then
-    redis.call('HSET', KEYS[1], p, offset)
-  end
-end
-for j = 2 + 3 * n, #ARGV do redis.call('HSET', KEYS[3], ARGV[j], '1') end
-return refused
-"""
-
-# After Redis lost writes: take partitions again (a fresh owner token) and raise their logged
-# offsets back to what this consumer knows its recorded rolls made durable (their files exist);
-# returns the logged offsets as they then stand. KEYS: logged, owners. ARGV: token, (partition,
-# offset or -1)...
-_RETAKE_LOG = """
-local out = {}
-for i = 2, #ARGV, 2 do
-  local p, floor = ARGV[i], tonumber(ARGV[i + 1])
-  redis.call('HSET', KEYS[2], p, ARGV[1])
-  local logged = tonumber(redis.call('HGET', KEYS[1], p) or '-1')
-  if floor > logged then
-    redis.call('HSET', KEYS[1], p, floor)
-    logged = floor
-  end
-  out[#out + 1] = logged
-end
-return out
-"""
+# The event log's scripts (KEYS and ARGV are described in each file), read once at import.
+_LUA = Path(__file__).with_name("lua")
+_TAKE_LOG = (_LUA / "take_log.lua").read_text()
+_COMMIT_ROLL = (_LUA / "commit_roll.lua").read_text()
+_RETAKE_LOG = (_LUA / "retake_log.lua").read_text()
 
 
 @dataclass(slots=True)
