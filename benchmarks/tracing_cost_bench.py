@@ -47,6 +47,12 @@ def serve_spec(name: str, root: Path, models: str, redis: str, extra: list[str])
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", required=True, help="source tree without the tracing code")
+    parser.add_argument(
+        "--this",
+        default=str(REPO),
+        help="source tree measured against it (default: this one; "
+        "give the baseline again for an A/A run that shows the noise alone)",
+    )
     parser.add_argument("--models", default="artifacts/models")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--source", default="onlineretail", help="users and items of the requests")
@@ -63,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="tracing-cost-"))
     specs = {
         "baseline": serve_spec("baseline", Path(args.baseline).resolve(), args.models, args.redis, []),
-        "this": serve_spec("this", REPO, args.models, args.redis, shlex.split(args.serve_args)),
+        "this": serve_spec(
+            "this", Path(args.this).resolve(), args.models, args.redis, shlex.split(args.serve_args)
+        ),
     }
     per_call: dict[str, list[float]] = {name: [] for name in specs}
     steps = []
@@ -101,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "rounds": args.rounds,
         "candidates": args.candidates,
+        "trees": {"baseline": str(Path(args.baseline).resolve()), "this": str(Path(args.this).resolve())},
         "serve_args": args.serve_args,
         "median_us_per_call": {k: round(v, 1) for k, v in medians.items()},
         "range_us_per_call": {k: [round(min(v), 1), round(max(v), 1)] for k, v in per_call.items()},

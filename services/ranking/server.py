@@ -189,7 +189,7 @@ class RankingServer:
         self, config: RankingConfig, metrics: RankingMetrics | None = None, tracing: RankTracing | None = None
     ) -> None:
         """``tracing``: the spans' destination (tests pass one); None builds it from the ``OTEL_*``
-        variables when :func:`~services.ranking.tracing.tracing_wanted` says so."""
+        variables when :func:`~services.ranking.config.tracing_wanted` says so."""
         self.config = config
         self.metrics = metrics or RankingMetrics()
         if tracing is None:
