@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import free_port, wait_until_serving
 
 from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _json_lines(stderr: str) -> list[dict]:
@@ -43,7 +35,7 @@ def test_serve_logs_one_json_object_per_line(redis_url, tmp_path) -> None:
 
     models = tmp_path / "models"
     publish_model(models, V1, seed=1)
-    port = _free_port()
+    port = free_port()
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("w") as stderr:
         process = subprocess.Popen(
@@ -52,21 +44,8 @@ def test_serve_logs_one_json_object_per_line(redis_url, tmp_path) -> None:
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
         )  # fmt: skip
         try:
+            wait_until_serving(port, process, stderr_path.read_text)
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-                deadline = time.monotonic() + 120
-                while True:
-                    assert process.poll() is None, stderr_path.read_text()
-                    try:
-                        got = health.Check(
-                            health_pb2.HealthCheckRequest(service="recstack.v1.RankingService"), timeout=2
-                        )
-                        if got.status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    except grpc.RpcError:
-                        pass
-                    assert time.monotonic() < deadline, "server never became SERVING"
-                    time.sleep(0.2)
                 stub = ranking_pb2_grpc.RankingServiceStub(channel)
                 assert stub.Rank(ranking_pb2.RankRequest(user_id="u1", item_ids=ITEMS[:20]), timeout=30).items
             process.send_signal(signal.SIGTERM)

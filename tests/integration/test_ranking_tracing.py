@@ -72,7 +72,8 @@ def traced(redis_url, tmp_path) -> Iterator:
     def start(**overrides) -> Traced:
         settings = dict(
             host="127.0.0.1", port=0, metrics_port=0, models_dir=tmp_path / "models", redis_url=redis_url,
-            max_queue_wait_ms=0.0, redis_timeout_ms=2000.0,
+            # No shedding (by queue wait or loop lag): a busy test machine must not refuse a call.
+            max_queue_wait_ms=0.0, max_loop_lag_ms=0.0, redis_timeout_ms=2000.0,
         )  # fmt: skip
         settings.update(overrides)
         servers.append(Traced(RankingConfig(**settings)))

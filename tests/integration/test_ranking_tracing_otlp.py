@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from serving import free_port, wait_until_serving
 
 from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 
@@ -47,12 +46,6 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
             return {name for _, name, _ in self.spans}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_with_tracing_exports_its_spans_over_otlp(redis_url, tmp_path) -> None:
     from test_ranking_server import ITEMS, V1, publish_model
 
@@ -62,7 +55,7 @@ def test_serve_with_tracing_exports_its_spans_over_otlp(redis_url, tmp_path) -> 
     collector_port = collector.add_insecure_port("127.0.0.1:0")
     collector.start()
     publish_model(tmp_path / "models", V1, seed=1)
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         OTEL_EXPORTER_OTLP_ENDPOINT=f"http://127.0.0.1:{collector_port}",
@@ -79,19 +72,8 @@ def test_serve_with_tracing_exports_its_spans_over_otlp(redis_url, tmp_path) -> 
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
+        wait_until_serving(port, process, log_path.read_text)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 120
-            while True:
-                assert process.poll() is None, log_path.read_text()
-                try:
-                    check = health_pb2.HealthCheckRequest(service="recstack.v1.RankingService")
-                    if health.Check(check, timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, "server never became SERVING"
-                time.sleep(0.2)
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
             assert stub.Rank(ranking_pb2.RankRequest(user_id="u1", item_ids=ITEMS[:20]), timeout=30).items
         wanted = {"recstack.v1.RankingService/Rank", "ranking.batch", "ranking.fetch", "ranking.forward"}
