@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from recstack.logs import add_log_flags, configure
 from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -132,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         help="answer RESOURCE_EXHAUSTED above this many calls (0 = no cap)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="use the standard asyncio event loop")
+    # Only trouble by default: this server runs beside measurements.
+    add_log_flags(parser, top_level=True, level_default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    configure(args.log_level, args.log_format)
     run_event_loop(serve(args.host, args.port, args.delay_ms, args.max_inflight), uvloop=not args.no_uvloop)
     return 0
 

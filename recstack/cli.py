@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from recstack.errors import UserError
+from recstack.logs import LOG_FORMAT_ENV, add_log_flags, configure
 
 # module path -> it exposes register(subparsers) adding one or more subcommands
 _SUBCOMMAND_MODULES = (
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Every flag can also be set with an environment variable RECSTACK_<FLAG>.",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    add_log_flags(parser, top_level=True)
     subparsers = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
     for name in _SUBCOMMAND_MODULES:
         try:
@@ -44,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # that part of the stack is not installed in this checkout
             raise
         module.register(subparsers)
+    for subparser in subparsers.choices.values():
+        add_log_flags(subparser, top_level=False)
     return parser
 
 
@@ -53,17 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        configure(args.log_level, args.log_format)
+    except ValueError as exc:  # an unknown --log-level
+        parser.error(f"--log-level: {exc}")
+    # Processes this command starts (serve --workers, the chaos stack, load-test servers) log
+    # in the same format: they read the variable as their default. (Their level stays their own.)
+    os.environ[LOG_FORMAT_ENV] = args.log_format
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         return 130
     except UserError as exc:
-        print(f"recstack {args.command}: {exc}", file=sys.stderr)
+        if args.log_format == "json":
+            logging.getLogger("recstack").error("recstack %s: %s", args.command, exc)
+        else:
+            print(f"recstack {args.command}: {exc}", file=sys.stderr)
         return 2
 
 

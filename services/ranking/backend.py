@@ -94,7 +94,8 @@ class ModelOwner:
 
 
 class BatchedBackend(ModelOwner):
-    def __init__(self, config: RankingConfig, metrics: RankingMetrics) -> None:
+    def __init__(self, config: RankingConfig, metrics: RankingMetrics, tracing: Any = None) -> None:
+        """``tracing``: a :class:`~services.ranking.tracing.RankTracing`, or None (off)."""
         super().__init__(config, metrics, quantized=True)
         self.fetcher = FeatureFetcher(
             config.redis_url,
@@ -107,7 +108,7 @@ class BatchedBackend(ModelOwner):
             item_transform=item_stats_of,
         )
         self.engine = BatchEngine(
-            self.fetcher, self.models, recommend_pool=config.recommend_pool, metrics=metrics
+            self.fetcher, self.models, recommend_pool=config.recommend_pool, metrics=metrics, tracing=tracing
         )
         self._max_lag_s = config.max_loop_lag_ms / 1000.0
         self._shed_min_calls = config.shed_min_queue
@@ -131,6 +132,7 @@ class BatchedBackend(ModelOwner):
             metrics=metrics,
             extra_load=self._lag_load if self._max_lag_s > 0 else None,
             inline_when_idle=config.inline_when_idle,
+            tracing=tracing,
         )
         self._recommend_cost = max(config.recommend_pool, 1)
 

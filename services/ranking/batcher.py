@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -59,6 +60,7 @@ class _Job(Generic[T]):
     enqueued: float  # loop.time()
     deadline: float | None  # loop.time() after which the caller no longer waits
     future: asyncio.Future
+    span: Any = None  # the call's span, with tracing on
 
 
 class MicroBatcher(Generic[T, R]):
@@ -77,8 +79,11 @@ class MicroBatcher(Generic[T, R]):
         extra_load: Callable[[], float] | None = None,
         inline_when_idle: bool = False,
         idle_gap_s: float = 0.001,
+        tracing: Any = None,
     ) -> None:
         self._compute = compute
+        # A RankTracing, or None: off, and then the only trace of tracing is that None test.
+        self._tracing = tracing
         self._executor = executor
         self._max_cost = max_batch_cost
         self._max_delay = max_queue_delay_s
@@ -155,7 +160,9 @@ class MicroBatcher(Generic[T, R]):
         ):
             return self._run_inline(item, cost, timeout_s)
         future = loop.create_future()
-        self._queue.append(_Job(item, cost, now, None if timeout_s is None else now + timeout_s, future))
+        deadline = None if timeout_s is None else now + timeout_s
+        span = None if self._tracing is None else self._tracing.current_span()
+        self._queue.append(_Job(item, cost, now, deadline, future, span))
         self._queued_cost += cost
         self._metrics.queue_depth.set(len(self._queue))
         self._wakeup.set()  # type: ignore[union-attr]
@@ -177,7 +184,10 @@ class MicroBatcher(Generic[T, R]):
         metrics.queue_delay.observe(0.0)
         self._in_flight += 1
         try:
-            (result,) = self._compute((item,), self.load(0.0, 1))
+            if self._tracing is None:
+                (result,) = self._compute((item,), self.load(0.0, 1))
+            else:
+                (result,) = self._compute_traced_inline(item, cost)
         except Exception:
             log.exception("a request computed inline failed")
             raise
@@ -189,6 +199,25 @@ class MicroBatcher(Generic[T, R]):
         if isinstance(result, BaseException):
             raise result
         return result
+
+    def _compute_traced_inline(self, item: T, cost: int) -> Sequence[Any]:
+        """A batch of one inside its span (current on this thread while it computes)."""
+        tracing, now, load = self._tracing, self._loop.time(), self.load(0.0, 1)  # type: ignore[union-attr]
+        with tracing.batch([tracing.current_span()], [now], now, candidates=cost, load=load, inline=True):
+            return self._compute((item,), load)
+
+    async def _compute_traced(self, batch: list[_Job[T]], items: list[T], load: float) -> Sequence[Any]:
+        """The batch in a worker thread inside its span. ``run_in_executor`` does not carry
+        context variables over by itself: the thread runs in a copy of this task's context,
+        taken while the batch's span is current there."""
+        loop, tracing = self._loop, self._tracing
+        assert loop is not None and tracing is not None
+        spans = [job.span for job in batch]
+        enqueued = [job.enqueued for job in batch]
+        cost = sum(job.cost for job in batch)
+        with tracing.batch(spans, enqueued, loop.time(), candidates=cost, load=load, inline=False):
+            run = contextvars.copy_context().run
+            return await loop.run_in_executor(self._executor, run, self._compute, items, load)
 
     # --- dispatcher ----------------------------------------------------------------------------
     async def _dispatch_forever(self) -> None:
@@ -272,7 +301,10 @@ class MicroBatcher(Generic[T, R]):
             self._metrics.batch_requests.observe(len(batch))
             self._metrics.batch_candidates.observe(sum(job.cost for job in batch))
             try:
-                results = await loop.run_in_executor(self._executor, self._compute, items, load)
+                if self._tracing is None:
+                    results = await loop.run_in_executor(self._executor, self._compute, items, load)
+                else:
+                    results = await self._compute_traced(batch, items, load)
             except Exception as exc:  # the whole batch failed: every caller gets the error
                 log.exception("micro-batch of %d requests failed", len(batch))
                 for job in batch:

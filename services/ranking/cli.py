@@ -63,6 +63,9 @@ _GROUPS: dict[str, list[_Flag]] = {
         ("--max-message-bytes", "max_message_bytes", positive_int, "largest request or response accepted"),
         ("--grace-period-s", "grace_period_s", non_negative_float,
          "on SIGTERM, the time in-flight calls get to finish"),
+        ("--tracing", "tracing", None,
+         "OpenTelemetry spans of every call and batch stage, exported as the standard OTEL_* "
+         "variables say (OTLP); OTEL_SDK_DISABLED=true turns it off (docs/OPERATIONS.md)"),
     ],
     "model and features": [
         ("--models", "models_dir", str,

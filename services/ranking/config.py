@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +120,9 @@ class RankingConfig:
     # services.ranking.gc_tuning): a full collection otherwise pauses serving for 60-150 ms.
     gc_freeze: bool = True
     naive: bool = False  # the contract's baseline: no batching, Feast reads, fp32, full path
+    # OpenTelemetry spans of every call and batch (docs/OPERATIONS.md). Off: the call path has no
+    # tracing code at all. The OTEL_* variables can turn it on or off too (tracing_wanted).
+    tracing: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -222,3 +227,23 @@ def read_auth_token(token_file: str | Path | None) -> str | None:
         return text
     env = os.environ.get(AUTH_TOKEN_ENV, "").strip()
     return env or None
+
+
+def env_flag(env: Mapping[str, str], name: str) -> str:
+    return env.get(name, "").strip().lower()
+
+
+def tracing_wanted(flag: bool, env: Mapping[str, str] | None = None) -> bool:
+    """The one rule for turning tracing on: ``OTEL_SDK_DISABLED=true`` or ``OTEL_TRACES_EXPORTER=none``
+    turn it off whatever else is set; otherwise ``--tracing`` (``RECSTACK_TRACING=true``),
+    ``OTEL_SDK_DISABLED=false`` or any other ``OTEL_TRACES_EXPORTER`` turn it on. Here, not in
+    :mod:`services.ranking.tracing`, so that deciding needs no OpenTelemetry package."""
+    env = os.environ if env is None else env
+    disabled, exporter = env_flag(env, "OTEL_SDK_DISABLED"), env_flag(env, "OTEL_TRACES_EXPORTER")
+    if disabled == "true" or exporter == "none":
+        if flag:
+            logging.getLogger("services.ranking.tracing").warning(
+                "--tracing is ignored: OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none"
+            )
+        return False
+    return flag or disabled == "false" or bool(exporter)

@@ -84,8 +84,10 @@ class BatchEngine:
         *,
         recommend_pool: int,
         metrics: RankingMetrics,
+        tracing: Any = None,
     ) -> None:
         self._fetcher = fetcher
+        self._tracing = tracing  # RankTracing or None: the stages become spans of the batch's span
         self._models = models
         self._pool = recommend_pool
         self._metrics = metrics
@@ -151,5 +153,17 @@ class BatchEngine:
             n_degraded += bad
         if n_degraded:
             self._metrics.degraded.inc(n_degraded)
-        stage["encode"].observe(time.perf_counter() - t4)
+        t5 = time.perf_counter()
+        stage["encode"].observe(t5 - t4)
+        if self._tracing is not None:
+            marks = [("fetch", t0, t1, {"recstack.users": len(user_ids), "recstack.items": len(wanted),
+                                        "recstack.degraded": fetched.degraded})]  # fmt: skip
+            if generated:
+                marks.append(("candidates", t1, t2, {"recstack.generated_for": len(generated)}))
+            marks.append(("assemble", t2, t3, {}))
+            forward = {"recstack.model.version": ranker.version, "recstack.inputs": len(inputs)}
+            marks.append(("forward", t3, t4, forward))
+            marks.append(("encode", t4, t5, {"recstack.responses": len(responses),
+                                             "recstack.degraded_responses": n_degraded}))  # fmt: skip
+            self._tracing.stages(marks)
         return responses

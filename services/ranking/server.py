@@ -22,20 +22,24 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from recstack.errors import UserError
 from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 from services.ranking.backend import BatchedBackend
-from services.ranking.config import RankingConfig
+from services.ranking.config import RankingConfig, tracing_wanted
 from services.ranking.errors import RankingError, Unauthenticated
 from services.ranking.gc_tuning import GcPauseRecorder, freeze_heap
 from services.ranking.metrics import RankingMetrics
 from services.ranking.naive import NaiveBackend
 from services.ranking.validation import tolerant_deserializer, validate_rank, validate_recommend
+
+if TYPE_CHECKING:
+    from services.ranking.tracing import RankTracing
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +66,23 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return await self._backend.serve(query, context.time_remaining())
 
 
-def service_handlers(servicer: RankingServicer, metrics: RankingMetrics) -> dict[str, grpc.RpcMethodHandler]:
+def service_handlers(
+    servicer: RankingServicer, metrics: RankingMetrics, tracing: RankTracing | None = None
+) -> dict[str, grpc.RpcMethodHandler]:
     """RankingService's method handlers, each wrapped once, at start-up, in the call boundary:
     timing, and the one translation of typed errors into gRPC statuses. Wrapping the handlers
-    rather than intercepting every call keeps a per-call interceptor hop off the hot path."""
+    rather than intercepting every call keeps a per-call interceptor hop off the hot path. With
+    tracing on, the call's span goes around that boundary; with it off the wrapper is not there."""
     service = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"]
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         request_type = getattr(ranking_pb2, method.input_type.name)
         response_type = getattr(ranking_pb2, method.output_type.name)
+        call = _bounded(method.name, getattr(servicer, method.name), metrics)
+        if tracing is not None:
+            call = _traced(method.name, call, tracing)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _bounded(method.name, getattr(servicer, method.name), metrics),
+            call,
             # Bytes protobuf cannot parse become INVALID_ARGUMENT naming the field, not UNKNOWN.
             request_deserializer=tolerant_deserializer(request_type.FromString),
             response_serializer=_serializer(response_type),
@@ -110,6 +120,14 @@ def _bounded(name: str, inner: Callable[[Any, Any], Awaitable[Any]], metrics: Ra
             await context.abort(grpc.StatusCode.INTERNAL, f"{name} failed; see the server log")
         ok.observe(time.perf_counter() - start)
         return response
+
+    return call
+
+
+def _traced(name: str, inner: Callable[[Any, Any], Awaitable[Any]], tracing: RankTracing):
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with tracing.call(SERVICE_NAME, name, request, context):
+            return await inner(request, context)
 
     return call
 
@@ -167,11 +185,20 @@ class _Auth(grpc.aio.ServerInterceptor):
 class RankingServer:
     """A grpc.aio server with the ranking service and everything it runs in the background."""
 
-    def __init__(self, config: RankingConfig, metrics: RankingMetrics | None = None) -> None:
+    def __init__(
+        self, config: RankingConfig, metrics: RankingMetrics | None = None, tracing: RankTracing | None = None
+    ) -> None:
+        """``tracing``: the spans' destination (tests pass one); None builds it from the ``OTEL_*``
+        variables when :func:`~services.ranking.config.tracing_wanted` says so."""
         self.config = config
         self.metrics = metrics or RankingMetrics()
+        if tracing is None:
+            tracing = _tracing_from_env(config.tracing)
+        self.tracing = tracing
         self.backend: BatchedBackend | NaiveBackend = (
-            NaiveBackend(config, self.metrics) if config.naive else BatchedBackend(config, self.metrics)
+            NaiveBackend(config, self.metrics)
+            if config.naive
+            else BatchedBackend(config, self.metrics, tracing=tracing)
         )
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -184,7 +211,7 @@ class RankingServer:
             options=options,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        handlers = service_handlers(RankingServicer(self.backend, config), self.metrics)
+        handlers = service_handlers(RankingServicer(self.backend, config), self.metrics, tracing)
         self.grpc.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
         self.grpc.add_registered_method_handlers(SERVICE_NAME, handlers)
         self.health = health.aio.HealthServicer()
@@ -236,6 +263,8 @@ class RankingServer:
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.grace_period_s if grace is None else grace)
         await self.backend.stop()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # export the spans still buffered
         self._gc_pauses.uninstall()
         self._stopped.set()
 
@@ -243,11 +272,26 @@ class RankingServer:
         await self._stopped.wait()
 
 
+def _tracing_from_env(flag: bool) -> RankTracing | None:
+    if not tracing_wanted(flag):
+        return None
+    try:
+        from services.ranking.tracing import RankTracing
+    except ImportError as exc:
+        raise UserError(
+            f"tracing is on but OpenTelemetry is not installed ({exc.name}): pip install 'recstack[tracing]'"
+        ) from None
+    try:
+        return RankTracing.from_env()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
 async def create_server(
-    config: RankingConfig, metrics: RankingMetrics | None = None
+    config: RankingConfig, metrics: RankingMetrics | None = None, tracing: RankTracing | None = None
 ) -> tuple[RankingServer, int]:
     """A ranking server bound to ``config.address`` but not started; returns it and its port."""
-    server = RankingServer(config, metrics)
+    server = RankingServer(config, metrics, tracing)
     return server, server.port
 
 
