@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -44,7 +45,14 @@ class Traced:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
     def spans(self, name: str) -> list:
-        return [s for s in self.exporter.get_finished_spans() if s.name == name]
+        # A call's span ends when its handler returns, which can be just after the client has
+        # its answer (a refusal, above all): give the server a moment before reading none.
+        deadline = time.monotonic() + 5
+        while True:
+            found = [s for s in self.exporter.get_finished_spans() if s.name == name]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
 
     def children(self, parent) -> list:  # type: ignore[no-untyped-def]
         return [
