@@ -205,31 +205,15 @@ class Server:
 def _start(target: str, models: Path, redis_url: str, extra: list[str]) -> Server:
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    from loadtests.servers import serve_command
+
     if target == "echo":
         cmd = [sys.executable, __file__, "--serve-echo", str(port)]
         method = ECHO_METHOD
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "recstack.cli",
-            "--log-level",
-            "WARNING",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--models",
-            str(models),
-            "--redis",
-            redis_url,
-            "--metrics-port",
-            "0",
-            *extra,
-        ]
-        if target == "naive":
-            cmd.append("--naive")
+        cmd = serve_command(
+            port, models, redis_url, naive=target == "naive", extra_args=["--log-level", "WARNING", *extra]
+        )
         method = "/recstack.v1.RankingService/Rank"
     process = subprocess.Popen(cmd, cwd=REPO, env=env)
     server = Server(target, process, port, method)

@@ -41,26 +41,28 @@ def echo_spec() -> ServerSpec:
     )
 
 
+def serve_command(
+    port: int | str,
+    models: str | Path,
+    redis: str,
+    *,
+    metrics_port: int | str = 0,
+    naive: bool = False,
+    extra_args: tuple[str, ...] | list[str] = (),
+) -> list[str]:
+    """``recstack serve`` on loopback (through ``python -m recstack.cli``, so no console script is
+    needed); ``port`` may be the ``{port}`` placeholder of a :class:`ServerSpec`."""
+    argv = [sys.executable, "-m", "recstack.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--models", str(models), "--redis", redis, "--metrics-port", str(metrics_port)]
+    if naive:
+        argv.append("--naive")
+    return [*argv, *extra_args]
+
+
 def ranking_spec(
     name: str, models: str, redis: str, *, naive: bool, extra_args: tuple[str, ...] = ()
 ) -> ServerSpec:
-    """``recstack serve`` (through ``python -m recstack.cli``, so no console script is needed)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "recstack.cli",
-        "serve",
-        "--port",
-        "{port}",
-        "--models",
-        models,
-        "--redis",
-        redis,
-    ]
-    if naive:
-        argv.append("--naive")
-    argv += ["--metrics-port", "0", *extra_args]
-    return ServerSpec(name, tuple(argv))
+    return ServerSpec(name, tuple(serve_command("{port}", models, redis, naive=naive, extra_args=extra_args)))
 
 
 def free_port() -> int:

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadtests.servers import serve_command
 from recstack.v1 import ranking_pb2, ranking_pb2_grpc
 
 pytestmark = pytest.mark.integration
@@ -67,22 +68,7 @@ def test_serve_exports_metrics_and_stops_gracefully_on_sigterm(redis_url, tmp_pa
     # Flags read the environment too; no shedding by queue wait on a busy shared test machine.
     env = dict(os.environ, RECSTACK_MAX_QUEUE="500", RECSTACK_MAX_QUEUE_WAIT_MS="0")
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "recstack.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--models",
-            str(models),
-            "--redis",
-            redis_url,
-            "--metrics-port",
-            str(metrics_port),
-        ],
+        serve_command(port, models, redis_url, metrics_port=metrics_port),
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
