@@ -181,7 +181,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "experiment",
         help="A/B and shadow experiments between model versions: start, status, promote, stop",
-        description="Run an experiment between model versions; docs/EXPERIMENTS.md walks through one.",
+        description=(
+            "Run an experiment between model versions; docs/EXPERIMENTS.md walks through one. "
+            "--redis, its password flags and --models also read RECSTACK_REDIS, "
+            "RECSTACK_REDIS_PASSWORD(_FILE) and RECSTACK_MODELS."
+        ),
     )
     sub = p.add_subparsers(dest="experiment_command", metavar="ACTION", required=True)
 

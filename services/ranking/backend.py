@@ -152,6 +152,7 @@ class BatchedBackend(ModelOwner):
             metrics=metrics,
             experiments=self.experiments,
             impressions=self.impressions,
+            shadow_cpu_share=config.shadow_cpu_share,
         )
         self._max_lag_s = config.max_loop_lag_ms / 1000.0
         self._shed_min_calls = config.shed_min_queue

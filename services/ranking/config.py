@@ -127,6 +127,10 @@ class RankingConfig:
     experiments: bool = True
     experiment_poll_interval_s: float = 1.0
     # Impressions go to Kafka only with a bootstrap; without one (the default) they are off.
+    # The shadow arm's scoring may cost at most this share of the live batches' CPU (0.25: a
+    # quarter; 1: as much as the live arm); past it its batches are skipped (counted, over_budget).
+    # Spare capacity alone would let it double the forward work of every call.
+    shadow_cpu_share: float = 0.25
     kafka_bootstrap: str | None = None
     impressions_topic: str = "rank-impressions"
     # Impressions waiting for the producer; beyond it they are dropped and counted, never waited on.
@@ -176,6 +180,7 @@ class RankingConfig:
             "switch_interval_ms",
             "experiment_poll_interval_s",
             "impressions_linger_ms",
+            "shadow_cpu_share",
         )
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -106,12 +106,18 @@ class BatchEngine:
         metrics: RankingMetrics,
         experiments: Any = None,
         impressions: Any = None,
+        shadow_cpu_share: float = 1.0,
     ) -> None:
         self._fetcher = fetcher
         self._models = models
         # .current: the running experiment's Routing, or None (services.ranking.experiments).
         self._experiments = experiments
         self._impressions = impressions  # an ImpressionPublisher, or None (impressions off)
+        # The shadow may spend at most this share of the CPU the live batches spent (thread time,
+        # both counted only while a shadow runs); past it a batch's shadow work is dropped.
+        self._shadow_share = shadow_cpu_share
+        self._live_cpu = 0.0
+        self._shadow_cpu = 0.0
         self._pool = recommend_pool
         self._metrics = metrics
         # Label look-ups done once: each costs a lock and a dict walk per call otherwise.
@@ -123,6 +129,9 @@ class BatchEngine:
         if ranker is None:
             raise NoModel("no model version is loaded yet")
         routing = self._experiments.current if self._experiments is not None else None
+        # A shadow's ranking goes to the impressions only: without them it does not run.
+        shadowed = routing is not None and routing.shadow is not None and self._impressions is not None
+        cpu0 = time.thread_time() if shadowed else None
         # Per request: its arm's name and ranker (the default one where its version was refused).
         arms: list[str] | None = None
         rankers: list[Any] | None = None
@@ -196,8 +205,9 @@ class BatchEngine:
             n_degraded += bad
         if n_degraded:
             self._metrics.degraded.inc(n_degraded)
-        if routing is not None and routing.shadow is not None:
-            responses.followup = partial(self.shadow, routing.shadow, queries, inputs, shown)
+        if cpu0 is not None:
+            responses.followup = partial(self.shadow, routing.shadow, queries, inputs, shown)  # type: ignore[union-attr]
+            self._live_cpu += time.thread_time() - cpu0
         elif shown:
             publisher.offer_many(shown)  # type: ignore[union-attr]
         stage["encode"].observe(time.perf_counter() - t4)
@@ -206,12 +216,18 @@ class BatchEngine:
     def shadow(
         self, shadow: Any, queries: Sequence[Query], inputs: list[RankInput], shown: list | None, spare: bool
     ) -> None:
-        """After the batch's answers are sent: the shadow version scores the same inputs (only with
-        ``spare`` capacity; else the work is dropped and counted), then the impressions go out,
-        each with the shadow's ranking when it ran. Never touches an answer."""
+        """After the batch's answers are sent: the shadow version scores the same inputs, only with
+        ``spare`` capacity and within its CPU share (else the work is dropped, counted by reason),
+        then the impressions go out, each with the shadow's ranking when it ran. Never touches an
+        answer."""
         metrics = self._metrics
         rankings: list[list[str]] | None = None
-        if spare:
+        if not spare:
+            metrics.shadow_batches.labels("dropped").inc()
+        elif self._shadow_cpu > self._shadow_share * self._live_cpu:
+            metrics.shadow_batches.labels("over_budget").inc()
+        else:
+            cpu0 = time.thread_time()
             try:
                 outputs = shadow.ranker.rank_batch(inputs, load=0.0)
                 rankings = [
@@ -222,8 +238,7 @@ class BatchEngine:
             except Exception:  # a failing shadow costs its own work only
                 log.exception("shadow version %s failed to score a batch", shadow.version)
                 metrics.shadow_batches.labels("failed").inc()
-        else:
-            metrics.shadow_batches.labels("dropped").inc()
+            self._shadow_cpu += time.thread_time() - cpu0
         if shown:
             if rankings is not None:
                 version = shadow.version

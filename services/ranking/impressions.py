@@ -38,23 +38,24 @@ DEFAULT_TOPIC = "rank-impressions"
 Shown = tuple
 
 
+def _items_json(ids: list[str]) -> str:
+    # Written by hand around the C encoder's strings: 2.5x faster than json.dumps of the dicts,
+    # and it runs once per answer (measured in docs/EXPERIMENTS.md).
+    dumps = json.dumps
+    return ",".join([f'{{"item_id":{dumps(i)},"position":{p}}}' for p, i in enumerate(ids, 1)])
+
+
 def impression_json(shown: Shown) -> bytes:
     request_id, user_id, arm, version, ids, ts = shown[:6]
-    record: dict[str, Any] = {
-        "request_id": request_id,
-        "user_id": user_id,
-        "arm": arm,
-        "model_version": version,
-        "items": [{"item_id": item, "position": p} for p, item in enumerate(ids, 1)],
-        "ts": ts,
-    }
+    dumps = json.dumps
+    shadow = ""
     if len(shown) > 6:
         shadow_version, shadow_ids = shown[6]
-        record["shadow"] = {
-            "version": shadow_version,
-            "items": [{"item_id": item, "position": p} for p, item in enumerate(shadow_ids, 1)],
-        }
-    return json.dumps(record, separators=(",", ":")).encode()
+        shadow = f',"shadow":{{"version":{dumps(shadow_version)},"items":[{_items_json(shadow_ids)}]}}'
+    return (
+        f'{{"request_id":{dumps(request_id)},"user_id":{dumps(user_id)},"arm":{dumps(arm)},'
+        f'"model_version":{dumps(version)},"items":[{_items_json(ids)}],"ts":{int(ts)}{shadow}}}'
+    ).encode()
 
 
 class ImpressionPublisher:

@@ -225,7 +225,7 @@ class RankingMetrics:
         )
         self.shadow_batches = Counter(
             "recstack_shadow_batches_total",
-            "Batches the shadow arm scored, or dropped because the batcher had work waiting, or failed.",
+            "Shadow batches: scored, or left as dropped (calls waiting), over_budget (CPU share) or failed.",
             ["outcome"],
             registry=r,
         )
@@ -244,7 +244,7 @@ class RankingMetrics:
             "Impressions the producer could not deliver (broker error, timeout, shut down unsent).",
             registry=r,
         )
-        for outcome in ("scored", "dropped", "failed"):
+        for outcome in ("scored", "dropped", "over_budget", "failed"):
             self.shadow_batches.labels(outcome)
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> None:

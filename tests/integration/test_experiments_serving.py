@@ -87,6 +87,7 @@ def test_experiment_start_promote_and_stop_on_a_real_server(
             redis_timeout_ms=2000.0,
             kafka_bootstrap=kafka_bootstrap,
             impressions_topic=topic,
+            shadow_cpu_share=100.0,  # no CPU budget here: the shadow scores whenever the batcher is idle
         )
     )
     ops = ("--redis", redis_url)
@@ -132,6 +133,7 @@ def test_experiment_start_promote_and_stop_on_a_real_server(
         scored = server.metric("recstack_shadow_batches_total", {"outcome": "scored"})
         dropped = server.metric("recstack_shadow_batches_total", {"outcome": "dropped"})
         assert scored >= shadowed and scored + dropped >= len(answers)
+        assert server.metric("recstack_shadow_batches_total", {"outcome": "failed"}) == 0
         wait_for(
             lambda: server.metric("recstack_impressions_published_total") >= len(answers) + 1,
             "the broker's acknowledgements to be counted",

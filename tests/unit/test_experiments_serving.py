@@ -192,3 +192,34 @@ def test_impression_record_schema():
         },
     }
     assert "shadow" not in json.loads(impression_json(_shown(1)))
+
+
+def test_serve_takes_the_impression_flags_and_the_kafka_security_group(monkeypatch):
+    import argparse
+
+    from recstack.cli import build_parser
+    from services.ranking.cli import config_from_args
+
+    def serve_parser() -> argparse.ArgumentParser:
+        action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+        return action.choices["serve"]
+
+    config = config_from_args(serve_parser().parse_args([]))
+    assert config.kafka_bootstrap is None and config.experiments  # impressions off by default
+    monkeypatch.setenv("RECSTACK_KAFKA_SASL_PASSWORD", "s3cret-value")  # read when the parser is built
+    serve = serve_parser()
+    argv = [
+        *("--kafka-bootstrap", "k1:9093,k2:9093", "--impressions-topic", "imp", "--impressions-buffer", "50"),
+        *("--kafka-security-protocol", "SASL_PLAINTEXT", "--kafka-sasl-mechanism", "SCRAM-SHA-512"),
+        *("--kafka-sasl-username", "ranking", "--experiments", "off"),
+    ]
+    config = config_from_args(serve.parse_args(argv))
+    assert (config.kafka_bootstrap, config.impressions_topic, config.impressions_buffer) == (
+        "k1:9093,k2:9093",
+        "imp",
+        50,
+    )
+    assert config.kafka_security.client_options()["sasl_plain_password"] == "s3cret-value"
+    assert not config.experiments and "s3cret-value" not in repr(config)
+    with pytest.raises(UserError, match="--kafka-sasl-mechanism"):
+        config_from_args(serve.parse_args(["--kafka-security-protocol", "SASL_SSL"]))
