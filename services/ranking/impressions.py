@@ -34,6 +34,7 @@ from services.ranking.metrics import RankingMetrics
 log = logging.getLogger(__name__)
 
 DEFAULT_TOPIC = "rank-impressions"
+_FAILED_METRIC = "recstack_impressions_failed_total"
 # (request_id, user_id, arm, model_version, item ids best first, ts ms[, (shadow version, ids)])
 Shown = tuple
 
@@ -80,6 +81,7 @@ class ImpressionPublisher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._producer: Any = None
+        self._next_failure_log = 0.0
 
     # --- request side (batch threads) ---------------------------------------------------------
     def offer_many(self, shown: Iterable[Shown]) -> None:
@@ -152,7 +154,10 @@ class ImpressionPublisher:
 
     def _failed(self, exc: BaseException) -> None:
         self._metrics.impressions_failed.inc()
-        log.warning("impressions: a record was not delivered: %s", exc)
+        now = time.monotonic()
+        if now >= self._next_failure_log:  # a broker outage fails thousands: one line per 10 s
+            self._next_failure_log = now + 10.0
+            log.warning("impressions: records not delivered (counted in %s): %s", _FAILED_METRIC, exc)
 
     def _close(self) -> None:
         left = len(self._buffer)

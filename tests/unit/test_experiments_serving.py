@@ -223,3 +223,63 @@ def test_serve_takes_the_impression_flags_and_the_kafka_security_group(monkeypat
     assert not config.experiments and "s3cret-value" not in repr(config)
     with pytest.raises(UserError, match="--kafka-sasl-mechanism"):
         config_from_args(serve.parse_args(["--kafka-security-protocol", "SASL_SSL"]))
+
+
+# --------------------------------------------------------------------------- the watcher's polls
+def test_the_experiment_watcher_keeps_its_routing_through_redis_errors_and_bad_states(tmp_path):
+    from services.ranking.experiments import ExperimentWatcher
+    from services.ranking.lifecycle import ModelSlot
+
+    class Client:
+        value: bytes | None = None
+        down = False
+
+        def get(self, key):
+            if self.down:
+                raise ConnectionError("Redis is down")
+            return self.value
+
+    for name in ("v1", "v2", "bad"):
+        (tmp_path / name).mkdir()
+    loads: list[str] = []
+
+    def load(folder):
+        loads.append(folder.name)
+        if folder.name == "bad":
+            raise ValueError("checksum mismatch")
+        return SimpleNamespace(version=folder.name)
+
+    client, metrics = Client(), RankingMetrics()
+    default = SimpleNamespace(version="v0")
+    watcher = ExperimentWatcher(
+        lambda: client,
+        tmp_path,
+        ModelSlot(default),
+        load=load,
+        list_versions=lambda root: sorted(p for p in root.iterdir() if p.is_dir()),
+        metrics=metrics,
+    )
+
+    async def main():
+        assert not await watcher.check_now() and watcher.current is None  # nothing stored
+        exp = new_experiment("e", [Arm("A", "v1", 0.5), Arm("B", "bad", 0.5), Arm("C", "v2", shadow=True)])
+        client.value = json.dumps(exp.to_dict()).encode()
+        assert await watcher.check_now()
+        routing = watcher.current
+        users = [SimpleNamespace(user_id=f"u{k}") for k in range(200)]
+        arms, rankers = routing.route(users, default)
+        for arm, ranker in zip(arms, rankers, strict=True):
+            assert ranker.version == {"A": "v1", "B": "v0"}[arm]  # B's version refused: the default
+        assert set(arms) == {"A", "B"} and routing.shadow.version == "v2"
+        assert metrics.value("recstack_experiment_version_refusals_total") == 1
+        assert not await watcher.check_now() and loads == ["v1", "bad", "v2"]  # unchanged: no reload
+        client.down = True
+        assert not await watcher.check_now() and watcher.current is routing
+        client.down = False
+        client.value = b'{"name": "e"}'  # does not check: refused, routing unchanged
+        assert not await watcher.check_now() and watcher.current is routing
+        assert metrics.value("recstack_experiment_state_errors_total") == 2
+        client.value = None  # the key is gone: no experiment
+        assert await watcher.check_now() and watcher.current is None
+
+    asyncio.run(main())
