@@ -283,3 +283,26 @@ def test_the_experiment_watcher_keeps_its_routing_through_redis_errors_and_bad_s
         assert await watcher.check_now() and watcher.current is None
 
     asyncio.run(main())
+
+
+def test_start_names_the_arm_whose_version_is_not_in_the_models_folder(tmp_path, capsys):
+    from recstack.cli import main
+
+    (tmp_path / "v20240101-000000").mkdir()  # no manifest: not a complete version
+    argv = ["experiment", "start", "--name", "x", "--arm", "A=v20240101-000000:0.5"]
+    assert main([*argv, "--arm", "B=v20240102-000000:0.5", "--models", str(tmp_path)]) == 2
+    assert "--arm A: version 'v20240101-000000' is not a complete version in" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                *argv,
+                "--arm",
+                "B=v20240102-000000:0.4",
+                "--skip-version-check",
+                "--redis",
+                "redis://127.0.0.1:1/0",
+            ]
+        )
+        == 2
+    )
+    assert "arms.share: the live arms' shares must sum to 1" in capsys.readouterr().err
