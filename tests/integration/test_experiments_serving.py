@@ -176,3 +176,41 @@ def test_experiment_start_promote_and_stop_on_a_real_server(
         )
     finally:
         server.close()
+
+
+def test_the_state_in_redis_is_written_whole_with_a_generation_and_guards_a_running_experiment(
+    redis_url: str, capsys
+) -> None:
+    from recstack.experiments import state
+    from recstack.experiments.assign import Arm, InvalidExperiment
+    from recstack.redis_url import connect
+
+    client = connect(redis_url)
+    ops = ("--redis", redis_url)
+    try:
+        assert recstack(["experiment", "status", *ops]) == 0
+        assert "no experiment has run" in capsys.readouterr().out
+        first = state.write(client, state.new_experiment("one", [Arm("A", V1, 0.7), Arm("B", V2, 0.3)]))
+        assert first.generation == 1 and state.read(client) == first
+        with pytest.raises(InvalidExperiment, match="experiment 'one' is running; stop or promote it first"):
+            state.write(client, state.new_experiment("two", [Arm("A", V1, 1.0)]))
+        assert (
+            recstack(
+                ["experiment", "start", "--name", "two", "--arm", f"A={V1}:1", "--skip-version-check", *ops]
+            )
+            == 2
+        )
+        assert "experiment 'one' is running" in capsys.readouterr().err
+        assert recstack(["experiment", "status", *ops]) == 0
+        out = capsys.readouterr().out
+        assert "experiment one: running since" in out and f"arm B: version {V2}, 30.0% of users" in out
+        assert recstack(["experiment", "promote", "C", "--models", "/nonexistent", *ops]) == 2
+        assert "arm 'C': experiment 'one' has arms A, B" in capsys.readouterr().err
+        ended = state.end(client)
+        assert (ended.active, ended.generation, ended.promoted) == (False, 2, None) and ended.ended_at
+        assert recstack(["experiment", "stop", *ops]) == 2
+        assert "stop: experiment: none is running" in capsys.readouterr().err
+        second = state.write(client, state.new_experiment("two", [Arm("A", V1, 1.0)]))
+        assert second.generation == 3  # generations never repeat, so replicas see every change
+    finally:
+        client.close()
