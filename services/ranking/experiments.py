@@ -89,6 +89,8 @@ class ExperimentWatcher:
         self._raw: bytes | None = None  # the state last acted on
         self._rankers: dict[str, Any] = {}  # version -> loaded ranker, for the versions in use
         self._refused: set[str] = set()
+        self._missing: set[str] = set()  # versions the experiment names that are not (yet) in the folder
+        self._experiment: Experiment | None = None  # the active experiment routed by
         self._failing = False  # a poll error was logged; the next success says so
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="experiment-poll")
         self._task: asyncio.Task | None = None
@@ -113,8 +115,12 @@ class ExperimentWatcher:
             log.info("experiment state readable again")
             self._failing = False
         if raw == self._raw:
+            if self._missing and self._experiment is not None and self._missing_arrived():
+                return self._routing(self._experiment)  # a version the experiment named appeared
             return _UNCHANGED
         self._raw = raw
+        self._experiment = None
+        self._missing.clear()
         if raw is None:
             self._rankers.clear()
             return None
@@ -128,7 +134,12 @@ class ExperimentWatcher:
         if not experiment.active:
             self._rankers.clear()
             return None
+        self._experiment = experiment
         return self._routing(experiment)
+
+    def _missing_arrived(self) -> bool:
+        names = {Path(p).name for p in self._list(self._dir)}
+        return any(version in names for version in self._missing)
 
     def _routing(self, experiment: Experiment) -> Routing:
         wanted = {arm.version for arm in experiment.arms}
@@ -164,8 +175,11 @@ class ExperimentWatcher:
         if version in self._refused:
             return None
         if version not in {Path(p).name for p in self._list(self._dir)}:
-            log.error("experiment names version %s, not a complete version in %s", version, self._dir)
-            return None  # may be published later: checked again at the next state change
+            if version not in self._missing:
+                log.error("experiment names version %s, not a complete version in %s", version, self._dir)
+            self._missing.add(version)
+            return None  # may be published later: the folder is listed again every poll meanwhile
+        self._missing.discard(version)
         try:
             ranker = self._load(self._dir / version)
         except Exception as exc:  # the same refusal as hot reload: once, never retried

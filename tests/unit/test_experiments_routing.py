@@ -273,6 +273,19 @@ def test_the_experiment_watcher_keeps_its_routing_through_redis_errors_and_bad_s
         assert set(arms) == {"A", "B"} and routing.shadow.version == "v2"
         assert metrics.value("recstack_experiment_version_refusals_total") == 1
         assert not await watcher.check_now() and loads == ["v1", "bad", "v2"]  # unchanged: no reload
+        assert metrics.value("recstack_experiment_version_refusals_total") == 1
+        exp2 = new_experiment("f", [Arm("A", "v1", 0.5), Arm("B", "v3", 0.5)])  # v3 not published yet
+        client.value = json.dumps(exp2.to_dict()).encode()
+        assert await watcher.check_now()
+        assert {r.version for r in watcher.current.route(users, default)[1]} == {"v1", "v0"}
+        assert not await watcher.check_now()
+        (tmp_path / "v3").mkdir()  # published: picked up without a new state
+        assert await watcher.check_now()
+        assert {r.version for r in watcher.current.route(users, default)[1]} == {"v1", "v3"}
+        assert not await watcher.check_now()
+        client.value = json.dumps(exp.to_dict()).encode()
+        assert await watcher.check_now()
+        routing = watcher.current
         client.down = True
         assert not await watcher.check_now() and watcher.current is routing
         client.down = False
