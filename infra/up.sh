@@ -10,7 +10,8 @@ PARTITIONS="${RECSTACK_PARTITIONS:-6}"
 "$REPO_ROOT/infra/kafka.sh" start
 need_python
 "$PYTHON" "$REPO_ROOT/infra/kafka/admin.py" --bootstrap "127.0.0.1:$KAFKA_PORT" --timeout 60 \
-    --topic "user-events:$PARTITIONS" --topic "user-events.dlq:$PARTITIONS"
+    --topic "user-events:$PARTITIONS" --topic "user-events.dlq:$PARTITIONS" \
+    --topic "rank-impressions:$PARTITIONS"
 "$REPO_ROOT/infra/redis.sh" start
 
 log "Kafka  127.0.0.1:$KAFKA_PORT   log: $LOG_DIR/kafka.log"

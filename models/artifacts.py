@@ -16,6 +16,10 @@ records:
 
 Publication writes into ``<models_dir>/.tmp-<version>`` and renames it into place, so a reader
 never sees half a version.
+
+``<models_dir>/DEFAULT`` (optional) names the version to serve: hot reload honours it before "the
+newest valid version" (:func:`write_default`, written by ``recstack experiment promote``). Without
+it the newest valid version is served, as before.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ WEIGHTS_INT8 = "weights.int8.pt"
 SERVED_FORMS = ("aoti", "torchscript")
 REQUIRED = (CONFIG, VOCAB, CATALOGUE, WEIGHTS_FP32, WEIGHTS_INT8)
 TMP_PREFIX = ".tmp-"
+DEFAULT_POINTER = "DEFAULT"
 log = logging.getLogger(__name__)
 _VERSION_RE = re.compile(r"^v\d{8}-\d{6}(-\d+)?$")
 
@@ -77,6 +82,40 @@ def list_versions(models_dir: str | Path) -> list[Path]:
         p for p in root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()
     ]
     return sorted(found, key=_version_key)
+
+
+def read_default(models_dir: str | Path) -> str | None:
+    """The version the ``DEFAULT`` pointer names (stripped text), or None when there is no pointer.
+
+    Whether it names a complete, valid version is the reader's check (the watcher refuses it
+    otherwise and keeps what it serves)."""
+    try:
+        text = (Path(models_dir) / DEFAULT_POINTER).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{Path(models_dir) / DEFAULT_POINTER}: cannot read: {exc}") from None
+    return text.strip()
+
+
+def write_default(models_dir: str | Path, version: str) -> Path:
+    """Point ``DEFAULT`` at ``version`` atomically (a temporary file renamed over it, both fsynced).
+
+    Refuses (ArtifactError naming the reason) a version that is not a complete folder of
+    ``models_dir`` or whose manifest does not verify: the pointer never names what a server would
+    refuse. Readers see the old pointer or the new one, never half a file."""
+    root = Path(models_dir)
+    if not _VERSION_RE.match(version) or version not in {p.name for p in list_versions(root)}:
+        raise ArtifactError(f"version {version!r} is not a complete model version in {root}")
+    verify_manifest(root / version)
+    tmp = root / f"{TMP_PREFIX}{DEFAULT_POINTER}-{os.getpid()}"
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(version + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, root / DEFAULT_POINTER)
+    _fsync_dir(root)
+    return root / DEFAULT_POINTER
 
 
 def _version_key(path: Path) -> tuple[str, int]:

@@ -24,6 +24,7 @@ _SUBCOMMAND_MODULES = (
     "services.ranking.cli",
     "loadtests.cli",
     "loadtests.chaos.cli",
+    "recstack.experiments.cli",
 )
 
 

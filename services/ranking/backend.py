@@ -9,6 +9,7 @@ pass each: int8 model, load-adaptive paths.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,9 @@ from services.ranking.batcher import MicroBatcher
 from services.ranking.config import RankingConfig
 from services.ranking.engine import BatchEngine, item_stats_of
 from services.ranking.errors import NoModel, Overloaded
+from services.ranking.experiments import ExperimentWatcher
 from services.ranking.features import FeatureFetcher
+from services.ranking.impressions import ImpressionPublisher, kafka_producer_factory
 from services.ranking.lifecycle import ModelSlot, ModelWatcher
 from services.ranking.looplag import LoopLag
 from services.ranking.metrics import RankingMetrics
@@ -45,30 +48,64 @@ def _torch_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _experiment_watcher(
+    config: RankingConfig, metrics: RankingMetrics, slot: ModelSlot, load: Callable[[Path], Any]
+) -> ExperimentWatcher | None:
+    if not config.experiments:
+        return None
+    from models.artifacts import list_versions
+    from recstack.redis_url import connect
+
+    return ExperimentWatcher(
+        partial(connect, config.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0),
+        Path(config.models_dir),
+        slot,
+        load=load,
+        list_versions=list_versions,
+        interval_s=config.experiment_poll_interval_s,
+        metrics=metrics,
+    )
+
+
+def _impression_publisher(config: RankingConfig, metrics: RankingMetrics) -> ImpressionPublisher | None:
+    if not config.kafka_bootstrap or not config.impressions_topic:
+        return None
+    return ImpressionPublisher(
+        kafka_producer_factory(config.kafka_bootstrap, config.kafka_security, config.impressions_linger_ms),
+        config.impressions_topic,
+        max_buffer=config.impressions_buffer,
+        linger_ms=config.impressions_linger_ms,
+        metrics=metrics,
+    )
+
+
 class ModelOwner:
     """The model slot and watcher both backends share."""
 
     def __init__(self, config: RankingConfig, metrics: RankingMetrics, quantized: bool) -> None:
-        from models.artifacts import list_versions
+        from models.artifacts import list_versions, read_default
 
         self.config = config
         self.metrics = metrics
         self.models = ModelSlot()
         # Loading and warming a version is slow; its own thread keeps it off the batch workers.
         self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-load")
+        # Every version served (default or experiment arm) goes through these same checks.
+        self.load_version = partial(
+            _load_warm,
+            device=config.device,
+            quantized=quantized,
+            dense_runtime=config.dense_runtime if quantized else None,
+        )
         self.watcher = ModelWatcher(
             Path(config.models_dir),
             self.models,
             list_versions=list_versions,
-            load=partial(
-                _load_warm,
-                device=config.device,
-                quantized=quantized,
-                dense_runtime=config.dense_runtime if quantized else None,
-            ),
+            load=self.load_version,
             executor=self._load_pool,
             interval_s=config.model_poll_interval_s,
             metrics=metrics,
+            read_pointer=read_default,
         )
 
     async def start_models(self, on_model: Callable[[Any], None] | None) -> None:
@@ -107,8 +144,17 @@ class BatchedBackend(ModelOwner):
             metrics=metrics,
             item_transform=item_stats_of,
         )
+        self.experiments = _experiment_watcher(config, metrics, self.models, self.load_version)
+        self.impressions = _impression_publisher(config, metrics)
         self.engine = BatchEngine(
-            self.fetcher, self.models, recommend_pool=config.recommend_pool, metrics=metrics, tracing=tracing
+            self.fetcher,
+            self.models,
+            recommend_pool=config.recommend_pool,
+            metrics=metrics,
+            experiments=self.experiments,
+            impressions=self.impressions,
+            shadow_cpu_share=config.shadow_cpu_share,
+            tracing=tracing,
         )
         self._max_lag_s = config.max_loop_lag_ms / 1000.0
         self._shed_min_calls = config.shed_min_queue
@@ -159,10 +205,18 @@ class BatchedBackend(ModelOwner):
                 on_model(ranker)
 
         await self.start_models(loaded)
+        if self.impressions is not None:
+            self.impressions.start()
+        if self.experiments is not None:
+            await self.experiments.start()
 
     async def stop(self) -> None:
         await self.batcher.stop()
         await self.loop_lag.stop()
+        if self.experiments is not None:
+            await self.experiments.stop()
+        if self.impressions is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.impressions.stop)
         await self.stop_models()
         await self.fetcher.stop()
         self._workers.shutdown(wait=True)

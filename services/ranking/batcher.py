@@ -23,6 +23,10 @@ Any other batch runs in a worker thread (``compute(items, load)``), up to
 ``max_concurrent_batches`` at a time, so the event loop keeps accepting calls meanwhile; torch
 and hiredis release the GIL for most of their work.
 
+A batch's results may carry a ``followup(spare)`` (the shadow arm's scoring): it runs after the
+batch's answers are delivered, in a worker, with ``spare=True`` only when nothing is queued;
+otherwise it is called at once with ``spare=False`` (drop the optional work, count it).
+
 ``load`` (0-1) is how close the batch came to being shed: the largest of its oldest request's
 wait over ``max_queue_wait``, the queue's depth over ``max_queue`` and ``extra_load()`` (the
 server passes the event loop's lag over its limit). The model routes more
@@ -185,9 +189,10 @@ class MicroBatcher(Generic[T, R]):
         self._in_flight += 1
         try:
             if self._tracing is None:
-                (result,) = self._compute((item,), self.load(0.0, 1))
+                results = self._compute((item,), self.load(0.0, 1))
             else:
-                (result,) = self._compute_traced_inline(item, cost)
+                results = self._compute_traced_inline(item, cost)
+            (result,) = results
         except Exception:
             log.exception("a request computed inline failed")
             raise
@@ -196,6 +201,13 @@ class MicroBatcher(Generic[T, R]):
             self._last_done = self._loop.time()  # type: ignore[union-attr]
             if self._queue:
                 self._wakeup.set()  # type: ignore[union-attr]
+        followup = getattr(results, "followup", None)
+        if followup is not None:
+            # After this answer: counted in flight meanwhile, so the next call batches behind it.
+            self._in_flight += 1
+            task = self._loop.create_task(self._follow(followup))  # type: ignore[union-attr]
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
         if isinstance(result, BaseException):
             raise result
         return result
@@ -218,6 +230,23 @@ class MicroBatcher(Generic[T, R]):
         with tracing.batch(spans, enqueued, loop.time(), candidates=cost, load=load, inline=False):
             run = contextvars.copy_context().run
             return await loop.run_in_executor(self._executor, run, self._compute, items, load)
+
+    async def _follow(self, followup: Callable[[bool], None], inline: bool = True) -> None:
+        """A batch's optional follow-up work, only with spare capacity (nothing queued)."""
+        loop = asyncio.get_running_loop()
+        try:
+            if self._queue or self._closing:
+                followup(False)
+            else:
+                await loop.run_in_executor(self._executor, followup, True)
+        except Exception:
+            log.exception("a batch's follow-up work failed")
+        finally:
+            if inline:
+                self._in_flight -= 1
+                self._last_done = loop.time()
+                if self._queue:
+                    self._wakeup.set()  # type: ignore[union-attr]
 
     # --- dispatcher ----------------------------------------------------------------------------
     async def _dispatch_forever(self) -> None:
@@ -318,6 +347,9 @@ class MicroBatcher(Generic[T, R]):
                     job.future.set_exception(result)
                 else:
                     job.future.set_result(result)
+            followup = getattr(results, "followup", None)
+            if followup is not None:
+                await self._follow(followup, inline=False)
         finally:
             self._in_flight -= 1
             self._last_done = loop.time()

@@ -14,6 +14,7 @@ from typing import Any
 from recstack.credentials import add_redis_auth_flags, check_redis_auth, resolve_redis_args
 from recstack.errors import UserError
 from recstack.flags import add_flag, non_negative_float, positive_int, redis_url
+from recstack.kafka import add_kafka_security_flags, kafka_security_from_args
 from services.ranking.config import AUTH_TOKEN_ENV, RankingConfig, read_auth_token
 
 
@@ -113,6 +114,21 @@ _GROUPS: dict[str, list[_Flag]] = {
         ("--redis-retry-interval-s", "redis_retry_interval_s", non_negative_float,
          "while Redis is down, how often a background probe tries it"),
     ],
+    "experiments and impressions": [
+        ("--experiments", "experiments", _on_off,
+         "on|off: route users by the experiment in Redis (recstack experiment start)"),
+        ("--experiment-poll-interval-s", "experiment_poll_interval_s", non_negative_float,
+         "how often the experiment state is read from Redis"),
+        ("--shadow-cpu-share", "shadow_cpu_share", non_negative_float,
+         "the shadow arm may spend at most this share of the live batches' CPU; past it it skips batches"),
+        ("--kafka-bootstrap", "kafka_bootstrap", str,
+         "Kafka brokers for impressions, HOST:PORT[,HOST:PORT]; impressions are off without it"),
+        ("--impressions-topic", "impressions_topic", str, "topic of one impression per served list"),
+        ("--impressions-buffer", "impressions_buffer", positive_int,
+         "impressions waiting for Kafka; beyond it they are dropped and counted"),
+        ("--impressions-linger-ms", "impressions_linger_ms", non_negative_float,
+         "how often buffered impressions are sent (and the producer's linger)"),
+    ],
 }  # fmt: skip
 
 
@@ -147,6 +163,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                 add_flag(group, flag, type=kind, default=None if default is None else default, help=help_text)
             if flag == "--redis":
                 add_redis_auth_flags(group)
+    add_kafka_security_flags(p)
 
 
 def config_from_args(args: argparse.Namespace) -> RankingConfig:
@@ -161,6 +178,7 @@ def config_from_args(args: argparse.Namespace) -> RankingConfig:
     values["redis_url"] = resolve_redis_args(args)
     try:
         values["auth_token"] = read_auth_token(args.auth_token_file)
+        values["kafka_security"] = kafka_security_from_args(args)
         return RankingConfig(**values)
     except (OSError, ValueError) as exc:
         raise UserError(str(exc)) from None

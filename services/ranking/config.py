@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recstack.kafka import KafkaSecurity
+
 # Contract limits (CONTRACT.md section 5 and section 3's id rule).
 MAX_ID_LENGTH = 128
 DEFAULT_MAX_CANDIDATES = 1_000
@@ -124,6 +126,23 @@ class RankingConfig:
     # tracing code at all. The OTEL_* variables can turn it on or off too (tracing_wanted).
     tracing: bool = False
 
+    # --- experiments and impressions (docs/EXPERIMENTS.md) -----------------------------------------
+    # Route users by the experiment state in Redis (recstack:experiment on redis_url), polled
+    # this often: a GET of one small key, parsed only when it changed.
+    experiments: bool = True
+    experiment_poll_interval_s: float = 1.0
+    # Impressions go to Kafka only with a bootstrap; without one (the default) they are off.
+    # The shadow arm's scoring may cost at most this share of the live batches' CPU (0.25: a
+    # quarter; 1: as much as the live arm); past it its batches are skipped (counted, over_budget).
+    # Spare capacity alone would let it double the forward work of every call.
+    shadow_cpu_share: float = 0.25
+    kafka_bootstrap: str | None = None
+    impressions_topic: str = "rank-impressions"
+    # Impressions waiting for the producer; beyond it they are dropped and counted, never waited on.
+    impressions_buffer: int = 10_000
+    impressions_linger_ms: float = 20.0  # the sender drains the buffer and the producer batches this often
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity, repr=False)
+
     def __post_init__(self) -> None:
         problems = []
         if not 0 <= self.port < 65536:
@@ -148,6 +167,7 @@ class RankingConfig:
             "torch_threads",
             "shed_min_queue",
             "max_concurrent_rpcs",
+            "impressions_buffer",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -163,6 +183,9 @@ class RankingConfig:
             "item_resync_s",
             "model_poll_interval_s",
             "switch_interval_ms",
+            "experiment_poll_interval_s",
+            "impressions_linger_ms",
+            "shadow_cpu_share",
         )
         for name in non_negative:
             if getattr(self, name) < 0:

@@ -8,7 +8,12 @@
    or one more pipeline;
 3. assemble one :class:`~models.inference.RankInput` per request;
 4. forward: one ``Ranker.rank_batch`` for the whole batch, routed with the batcher's load;
-5. encode: each request's top-k, best first, into its ``RankResponse``.
+5. encode: each request's top-k, best first, into its ``RankResponse``, with a fresh request id.
+
+With an experiment running (:mod:`services.ranking.experiments`) each user's arm picks the model
+version: the batch runs one forward pass per version present in it, and a shadow arm scores the
+whole batch afterwards (:meth:`BatchEngine.shadow`), only when the batcher has nothing waiting.
+With impressions on, every answer becomes one impression (:mod:`services.ranking.impressions`).
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from models.inference import RankInput, RankOutput
-from services.ranking.encoding import encode_response
+from services.ranking.encoding import encode_ranked, encode_response, new_request_id, ranked_order
 from services.ranking.errors import NoModel
 from services.ranking.features import FeatureFetcher
 from services.ranking.lifecycle import ModelSlot
@@ -67,11 +73,25 @@ def rank_input(user: Any, candidates: Sequence[str], stats: Any, now_ms: int) ->
 
 
 def encode(
-    candidates: Sequence[str], scores: np.ndarray, top_k: int, path: str, version: str, degraded: bool
+    candidates: Sequence[str],
+    scores: np.ndarray,
+    top_k: int,
+    path: str,
+    version: str,
+    degraded: bool,
+    request_id: str = "",
+    arm: str = "",
 ) -> bytes:
     """The response, serialized: the best ``top_k`` (0 = all) candidates, best first; ties keep
     request order (:func:`services.ranking.encoding.encode_response`)."""
-    return encode_response(candidates, scores, top_k, path, version, degraded)
+    return encode_response(candidates, scores, top_k, path, version, degraded, request_id, arm)
+
+
+class BatchResults(list):
+    """The batch's responses, plus the work to do once they are sent (``followup(spare)``, run by
+    the batcher: shadow scoring when it has spare capacity, then the batch's impressions)."""
+
+    __slots__ = ("followup",)
 
 
 class BatchEngine:
@@ -84,11 +104,22 @@ class BatchEngine:
         *,
         recommend_pool: int,
         metrics: RankingMetrics,
+        experiments: Any = None,
+        impressions: Any = None,
+        shadow_cpu_share: float = 1.0,
         tracing: Any = None,
     ) -> None:
         self._fetcher = fetcher
         self._tracing = tracing  # RankTracing or None: the stages become spans of the batch's span
         self._models = models
+        # .current: the running experiment's Routing, or None (services.ranking.experiments).
+        self._experiments = experiments
+        self._impressions = impressions  # an ImpressionPublisher, or None (impressions off)
+        # The shadow may spend at most this share of the CPU the live batches spent (thread time,
+        # both counted only while a shadow runs); past it a batch's shadow work is dropped.
+        self._shadow_share = shadow_cpu_share
+        self._live_cpu = 0.0
+        self._shadow_cpu = 0.0
         self._pool = recommend_pool
         self._metrics = metrics
         # Label look-ups done once: each costs a lock and a dict walk per call otherwise.
@@ -99,6 +130,15 @@ class BatchEngine:
         ranker = self._models.current  # the whole batch uses the model it started with
         if ranker is None:
             raise NoModel("no model version is loaded yet")
+        routing = self._experiments.current if self._experiments is not None else None
+        # A shadow's ranking goes to the impressions only: without them it does not run.
+        shadowed = routing is not None and routing.shadow is not None and self._impressions is not None
+        cpu0 = time.thread_time() if shadowed else None
+        # Per request: its arm's name and ranker (the default one where its version was refused).
+        arms: list[str] | None = None
+        rankers: list[Any] | None = None
+        if routing is not None:
+            arms, rankers = routing.route(queries, ranker)
         stage = self._stages
         t0 = time.perf_counter()
         now_ms = time.time_ns() // 1_000_000
@@ -120,7 +160,8 @@ class BatchEngine:
             exclude = None
             if user is not None and not q.include_purchased:
                 exclude = set(getattr(user, "purchased_items", ()) or ())
-            candidates.append(ranker.candidates(recent, max(self._pool, q.top_k), exclude))
+            generator = ranker if rankers is None else rankers[i]
+            candidates.append(generator.candidates(recent, max(self._pool, q.top_k), exclude))
             generated.append(i)
         stats = fetched.items
         if generated:
@@ -140,19 +181,37 @@ class BatchEngine:
         ]
         t3 = time.perf_counter()
         stage["assemble"].observe(t3 - t2)
-        outputs: list[RankOutput] = ranker.rank_batch(inputs, load=load)
+        if rankers is None:
+            outputs: list[RankOutput] = ranker.rank_batch(inputs, load=load)
+        else:
+            outputs = _forward_by_version(rankers, inputs, load)
         t4 = time.perf_counter()
         stage["forward"].observe(t4 - t3)
 
-        responses = []
+        responses = BatchResults()
         paths = self._paths
         n_degraded = 0
-        for q, c, out, bad in zip(queries, candidates, outputs, degraded, strict=True):
-            responses.append(encode(c, out.scores, q.top_k, out.path, ranker.version, bad))
+        publisher = self._impressions
+        shown: list[tuple] | None = [] if publisher is not None else None
+        for i, (q, c, out, bad) in enumerate(zip(queries, candidates, outputs, degraded, strict=True)):
+            request_id = new_request_id()
+            arm = "" if arms is None else arms[i]
+            version = ranker.version if rankers is None else rankers[i].version
+            if shown is None:
+                responses.append(encode(c, out.scores, q.top_k, out.path, version, bad, request_id, arm))
+            else:
+                body, ids = encode_ranked(c, out.scores, q.top_k, out.path, version, bad, request_id, arm)
+                responses.append(body)
+                shown.append((request_id, q.user_id, arm, version, ids, now_ms))
             paths[out.path].inc()
             n_degraded += bad
         if n_degraded:
             self._metrics.degraded.inc(n_degraded)
+        if cpu0 is not None:
+            responses.followup = partial(self.shadow, routing.shadow, queries, inputs, shown)  # type: ignore[union-attr]
+            self._live_cpu += time.thread_time() - cpu0
+        elif shown:
+            publisher.offer_many(shown)  # type: ignore[union-attr]
         t5 = time.perf_counter()
         stage["encode"].observe(t5 - t4)
         if self._tracing is not None:
@@ -161,9 +220,58 @@ class BatchEngine:
             if generated:
                 marks.append(("candidates", t1, t2, {"recstack.generated_for": len(generated)}))
             marks.append(("assemble", t2, t3, {}))
-            forward = {"recstack.model.version": ranker.version, "recstack.inputs": len(inputs)}
+            versions = ranker.version if rankers is None else ",".join(sorted({r.version for r in rankers}))
+            forward = {"recstack.model.version": versions, "recstack.inputs": len(inputs)}
             marks.append(("forward", t3, t4, forward))
             marks.append(("encode", t4, t5, {"recstack.responses": len(responses),
                                              "recstack.degraded_responses": n_degraded}))  # fmt: skip
             self._tracing.stages(marks)
         return responses
+
+    def shadow(
+        self, shadow: Any, queries: Sequence[Query], inputs: list[RankInput], shown: list | None, spare: bool
+    ) -> None:
+        """After the batch's answers are sent: the shadow version scores the same inputs, only with
+        ``spare`` capacity and within its CPU share (else the work is dropped, counted by reason),
+        then the impressions go out, each with the shadow's ranking when it ran. Never touches an
+        answer."""
+        metrics = self._metrics
+        rankings: list[list[str]] | None = None
+        if not spare:
+            metrics.shadow_batches.labels("dropped").inc()
+        elif self._shadow_cpu > self._shadow_share * self._live_cpu:
+            metrics.shadow_batches.labels("over_budget").inc()
+        else:
+            cpu0 = time.thread_time()
+            try:
+                outputs = shadow.ranker.rank_batch(inputs, load=0.0)
+                rankings = [
+                    [inp.candidates[j] for j in ranked_order(out.scores, q.top_k).tolist()]
+                    for q, inp, out in zip(queries, inputs, outputs, strict=True)
+                ]
+                metrics.shadow_batches.labels("scored").inc()
+            except Exception:  # a failing shadow costs its own work only
+                log.exception("shadow version %s failed to score a batch", shadow.version)
+                metrics.shadow_batches.labels("failed").inc()
+            self._shadow_cpu += time.thread_time() - cpu0
+        if shown:
+            if rankings is not None:
+                version = shadow.version
+                shown = [(*rec, (version, ids)) for rec, ids in zip(shown, rankings, strict=True)]
+            self._impressions.offer_many(shown)  # type: ignore[union-attr]
+
+
+def _forward_by_version(rankers: list[Any], inputs: list[RankInput], load: float) -> list[RankOutput]:
+    """One forward pass per model version present in the batch, outputs back in request order."""
+    first = rankers[0]
+    if all(r is first for r in rankers):
+        return first.rank_batch(inputs, load=load)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(rankers):
+        groups.setdefault(id(r), []).append(i)
+    outputs: list[Any] = [None] * len(inputs)
+    for members in groups.values():
+        ranker = rankers[members[0]]
+        for i, out in zip(members, ranker.rank_batch([inputs[i] for i in members], load=load), strict=True):
+            outputs[i] = out
+    return outputs

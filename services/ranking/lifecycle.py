@@ -6,6 +6,11 @@ replaces the old one with a single reference assignment, so a batch computes ent
 the model it started with and no call fails during a swap. A version that fails to verify or
 load is refused once (logged and counted) and never retried; the current one keeps serving.
 
+A ``DEFAULT`` pointer in the folder (:func:`models.artifacts.write_default`) overrides "the
+newest": the watcher serves the version it names, and only that one while it exists. A pointer
+naming a missing or refused version is refused with a warning and the served version stays (with
+nothing served yet, the newest valid version is served meanwhile).
+
 A version's identity is its folder name, nothing else: the watcher compares folder names with the
 folder it swapped in, never with what the version's own files say (``config.json`` keeps the name
 it was trained under, which differs once a version is promoted or copied under another name).
@@ -23,11 +28,14 @@ from typing import Any
 from services.ranking.metrics import RankingMetrics
 
 log = logging.getLogger(__name__)
+_NO_POINTER = object()
 
 # version_dir -> a warmed-up ranker; raises on a bad version.
 LoadFn = Callable[[Path], Any]
 # models_dir -> version folders, oldest first.
 ListFn = Callable[[Path], list[Path]]
+# models_dir -> the version the DEFAULT pointer names, or None without one.
+PointerFn = Callable[[Path], str | None]
 
 
 class ModelSlot:
@@ -53,8 +61,11 @@ class ModelWatcher:
         interval_s: float = 2.0,
         metrics: RankingMetrics | None = None,
         on_swap: Callable[[Any], None] | None = None,
+        read_pointer: PointerFn | None = None,
     ) -> None:
         self._dir = Path(models_dir)
+        self._read_pointer = read_pointer
+        self._pointer_warned: str | None = None  # the bad pointer already warned about
         self._slot = slot
         self._list = list_versions
         self._load = load
@@ -83,6 +94,10 @@ class ModelWatcher:
         self._missing_dir_logged = False
         # A slot filled before the watcher started names its version by its folder too (load_version).
         current = self._served if self._served is not None else self._slot.version
+        if self._read_pointer is not None:
+            outcome = self._follow_pointer(current)
+            if outcome is not _NO_POINTER:
+                return outcome
         for version_dir in reversed(self._list(self._dir)):
             name = Path(version_dir).name
             if name == current:
@@ -102,6 +117,44 @@ class ModelWatcher:
             self._loaded = (ranker, name)
             return ranker
         return None
+
+    def _follow_pointer(self, current: str | None) -> Any:
+        """The version DEFAULT names, loaded (or None: nothing to swap); _NO_POINTER when there is
+        no pointer, or it is bad and nothing is served yet (the newest valid version then)."""
+        try:
+            pointer = self._read_pointer(self._dir)  # type: ignore[misc]
+        except Exception as exc:
+            pointer, problem = "", f"cannot be read: {exc}"
+        else:
+            if pointer is None:
+                self._pointer_warned = None
+                return _NO_POINTER
+            problem = None
+        if pointer == current:
+            self._pointer_warned = None
+            return None
+        if problem is None:
+            names = {Path(p).name for p in self._list(self._dir)}
+            if pointer in self._refused:
+                problem = "was refused"
+            elif pointer not in names:
+                problem = "is not a complete version folder"
+        if problem is None:
+            try:
+                ranker = self._load(self._dir / pointer)
+            except Exception as exc:  # refused once, never retried, like any version
+                self._refused.add(pointer)
+                self._metrics.model_reloads.labels("failure").inc()
+                problem = f"was refused: {exc}"
+            else:
+                self._pointer_warned = None
+                self._loaded = (ranker, pointer)
+                return ranker
+        if self._pointer_warned != pointer:
+            self._pointer_warned = pointer
+            keep = f"keeping {current}" if current else "serving the newest valid version meanwhile"
+            log.warning("%s/DEFAULT names %r, which %s; %s", self._dir, pointer, problem, keep)
+        return None if current is not None else _NO_POINTER
 
     def swap(self, ranker: Any) -> None:
         previous = self._served

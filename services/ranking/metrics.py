@@ -188,6 +188,7 @@ class RankingMetrics:
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        self._create_experiments(r)
         for generation in ("0", "1", "2"):
             self.gc_pause.labels(generation)
         for method in METHODS:
@@ -205,6 +206,46 @@ class RankingMetrics:
             self.item_cache.labels(result)
         for why in ("changed", "resync", "preload"):
             self.catalogue_reads.labels(why)
+
+    def _create_experiments(self, r: CollectorRegistry) -> None:
+        self.experiment_generation = Gauge(
+            "recstack_experiment_generation",
+            "Generation of the experiment state this server routes by (0: none seen yet).",
+            registry=r,
+        )
+        self.experiment_fallbacks = Counter(
+            "recstack_experiment_version_refusals_total",
+            "Experiment arms whose model version was refused (the arm is served by the default version).",
+            registry=r,
+        )
+        self.experiment_state_errors = Counter(
+            "recstack_experiment_state_errors_total",
+            "Failed polls of the experiment state (Redis unreachable, invalid state); routing unchanged.",
+            registry=r,
+        )
+        self.shadow_batches = Counter(
+            "recstack_shadow_batches_total",
+            "Shadow batches: scored, or left as dropped (calls waiting), over_budget (CPU share) or failed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.impressions_published = Counter(
+            "recstack_impressions_published_total",
+            "Impressions the broker acknowledged (acks=all).",
+            registry=r,
+        )
+        self.impressions_dropped = Counter(
+            "recstack_impressions_dropped_total",
+            "Impressions dropped because the bounded buffer was full (no call ever waits on Kafka).",
+            registry=r,
+        )
+        self.impressions_failed = Counter(
+            "recstack_impressions_failed_total",
+            "Impressions the producer could not deliver (broker error, timeout, shut down unsent).",
+            registry=r,
+        )
+        for outcome in ("scored", "dropped", "over_budget", "failed"):
+            self.shadow_batches.labels(outcome)
 
     def serve_http(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose the metrics at ``http://addr:port/metrics`` from a daemon thread."""

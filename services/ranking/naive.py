@@ -19,6 +19,7 @@ from feature_store.layout import ITEM_FEATURES, USER_FEATURES
 from feature_store.values import ItemFeatures, UserFeatures
 from services.ranking.backend import ModelOwner
 from services.ranking.config import RankingConfig
+from services.ranking.encoding import new_request_id
 from services.ranking.engine import encode, item_stats_of, rank_input
 from services.ranking.errors import NoModel
 from services.ranking.metrics import RankingMetrics
@@ -110,4 +111,4 @@ class NaiveBackend(ModelOwner):
         inp = rank_input(user, candidates, stats, time.time_ns() // 1_000_000)
         (out,) = ranker.rank_batch([inp], force_path="full")
         self.metrics.paths.labels(out.path).inc()
-        return encode(candidates, out.scores, query.top_k, out.path, ranker.version, False)
+        return encode(candidates, out.scores, query.top_k, out.path, ranker.version, False, new_request_id())

@@ -422,3 +422,15 @@ def test_ranking_serves_from_the_cluster_and_new_events_change_the_answer(
         assert Counter(x.item_id for x in recommended.items).most_common(1)[0][1] == 1
     finally:
         server.close()
+
+
+def test_the_experiment_state_is_written_in_one_transaction_on_a_cluster(cluster):
+    """`recstack experiment` against the Kubernetes base's Redis Cluster: WATCH/MULTI on one key."""
+    from recstack.experiments import state
+    from recstack.experiments.assign import Arm
+
+    first = state.write(cluster, state.new_experiment("ab", [Arm("A", "v1", 0.5), Arm("B", "v2", 0.5)]))
+    assert first.generation == 1 and state.read(cluster) == first
+    ended = state.end(cluster, promoted="B")
+    assert (ended.generation, ended.active, ended.promoted) == (2, False, "B")
+    assert state.read(cluster) == ended

@@ -149,7 +149,7 @@ def test_compose_sets_the_hosts_and_the_ranking_server_starts_with_them(
 def test_topics_are_created_by_a_one_shot_service(compose: dict) -> None:
     init = _service(compose, "kafka-init")
     script = " ".join(_command(init))
-    for topic in ("user-events", "user-events.dlq"):
+    for topic in ("user-events", "user-events.dlq", "rank-impressions"):
         assert topic in script
     assert "--partitions 6" in script
     assert init.get("restart") == "no"

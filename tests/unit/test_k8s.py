@@ -303,7 +303,7 @@ def test_kafka_is_strimzi_kraft_with_both_topics(overlay: tuple[str, list[dict]]
     topics = {
         r["spec"].get("topicName", r["metadata"]["name"]): r for r in resources if r["kind"] == "KafkaTopic"
     }
-    assert {"user-events", "user-events.dlq"} <= set(topics)
+    assert {"user-events", "user-events.dlq", "rank-impressions"} <= set(topics)
     for topic in topics.values():
         assert topic["metadata"]["labels"]["strimzi.io/cluster"] == "recstack"
         replicas = topic["spec"]["replicas"]

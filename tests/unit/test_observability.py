@@ -365,6 +365,7 @@ def test_alert_rules_are_complete(alerts: dict) -> None:
         ("consumer lag", r"recstack_stream_consumer_lag"),
         ("DLQ rate", r"rate\(recstack_stream_events_dead_lettered_total"),
         ("a partition held at a dead letter", r"recstack_stream_dlq_held_partitions"),
+        ("impressions lost", r"recstack_impressions_dropped_total[\s\S]*recstack_impressions_failed_total"),
     ],
 )
 def test_alerts_cover(alerts: dict, what: str, pattern: str) -> None:

@@ -12,7 +12,7 @@ from feature_store.values import ItemFeatures, UserFeatures
 from recstack.v1 import ranking_pb2
 from services.ranking import catalogue as catalogue_module
 from services.ranking import features as features_module
-from services.ranking.encoding import ENCODED_FIELDS
+from services.ranking.encoding import ENCODED_FIELDS, new_request_id
 from services.ranking.engine import NO_STATS, encode, item_stats_of, rank_input
 from services.ranking.features import FeatureFetcher
 from services.ranking.metrics import RankingMetrics
@@ -177,10 +177,16 @@ def test_the_wire_encoder_writes_what_the_generated_classes_write():
     # ids of every length class: one-byte and two-byte varint lengths, non-ASCII text
     ids = ["x", "85123A", "ü" * 70, "k" * 300, *(f"sku-{k}" for k in range(60))]
     scores = rng.normal(size=len(ids)).astype(np.float32)
-    for top_k, path, version, degraded in ((0, "cascade", "v20240101-000000", True), (7, "light", "", False)):
-        got = encode(ids, scores, top_k, path, version, degraded)
+    cases = (
+        (0, "cascade", "v20240101-000000", True, "", ""),
+        (7, "light", "", False, new_request_id(), "treatment-ü"),
+    )
+    for top_k, path, version, degraded, request_id, arm in cases:
+        got = encode(ids, scores, top_k, path, version, degraded, request_id, arm)
         order = np.argsort(-scores, kind="stable")[: top_k or None]
-        want = ranking_pb2.RankResponse(model_version=version, path=path, degraded=degraded)
+        want = ranking_pb2.RankResponse(
+            model_version=version, path=path, degraded=degraded, request_id=request_id, arm=arm
+        )
         for i in order:
             want.items.add(item_id=ids[i], score=float(scores[i]))
         assert got == want.SerializeToString()  # byte for byte (no score is exactly 0 here)
@@ -195,6 +201,12 @@ def test_the_wire_encoder_covers_every_field_of_the_response():
     }
     # A field added to the proto must be written by services/ranking/encoding.py too.
     assert written == ENCODED_FIELDS
+
+
+def test_request_ids_are_unique_and_fixed_length():
+    ids = [new_request_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
 
 
 def test_rank_input_of_cold_and_warm_users():

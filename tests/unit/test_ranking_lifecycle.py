@@ -152,3 +152,69 @@ def test_a_version_published_under_another_folder_name_is_swapped_in_once(tmp_pa
     assert slot.version == "v20260103-000000"
     assert metrics.value("recstack_ranking_model_reloads_total", {"result": "success"}) == 2
     assert metrics.value("recstack_ranking_model_info", {"version": "v20260103-000000"}) == 1
+
+
+def test_default_pointer_wins_over_the_newest_and_a_bad_pointer_keeps_the_served_version(tmp_path, caplog):
+    from models.artifacts import read_default
+
+    bad: set[str] = {"v3"}
+    loads: list[str] = []
+    watcher, slot, metrics = _watcher(tmp_path, bad, loads)
+    watcher._read_pointer = read_default  # as ModelOwner wires it
+    pointer = tmp_path / "DEFAULT"
+
+    async def main():
+        (tmp_path / "v1").mkdir()
+        (tmp_path / "v2").mkdir()
+        pointer.write_text("v9\n")  # names a missing version, nothing served yet: the newest meanwhile
+        assert await watcher.check_now()
+        assert slot.version == "v2"
+        pointer.write_text("v1\n")
+        assert await watcher.check_now()
+        assert slot.version == "v1"  # the pointer, not the newest
+        (tmp_path / "v4").mkdir()
+        assert not await watcher.check_now()
+        assert slot.version == "v1"  # a newer version does not override the pointer
+        caplog.clear()
+        pointer.write_text("v9\n")
+        assert not await watcher.check_now()
+        assert not await watcher.check_now()
+        assert slot.version == "v1"
+        warned = [r for r in caplog.records if "DEFAULT names 'v9'" in r.getMessage()]
+        assert len(warned) == 1 and "keeping v1" in warned[0].getMessage()  # once, not every poll
+        (tmp_path / "v3").mkdir()
+        pointer.write_text("v3\n")  # broken: refused and counted, v1 keeps serving
+        assert not await watcher.check_now()
+        assert not await watcher.check_now()
+        assert slot.version == "v1" and loads.count("v3") == 1
+        assert metrics.value("recstack_ranking_model_reloads_total", {"result": "failure"}) == 1
+        pointer.unlink()  # no pointer: the newest valid version again
+        assert await watcher.check_now()
+        assert slot.version == "v4"
+
+    asyncio.run(main())
+
+
+def test_write_default_is_atomic_and_refuses_what_a_server_would_refuse(tmp_path):
+    import pytest
+
+    from models.artifacts import REQUIRED, ArtifactError, read_default, write_default, write_manifest
+
+    models = tmp_path / "models"
+    good = models / "v20240101-000000"
+    good.mkdir(parents=True)
+    for name in REQUIRED:
+        (good / name).write_text("x")
+    write_manifest(good)
+    assert read_default(models) is None
+    write_default(models, good.name)
+    assert read_default(models) == good.name
+    assert [p.name for p in models.iterdir() if p.name.startswith(".tmp")] == []
+    with pytest.raises(ArtifactError, match="v20240102-000000.*not a complete model version"):
+        write_default(models, "v20240102-000000")
+    with pytest.raises(ArtifactError, match="not a complete model version"):
+        write_default(models, "../elsewhere")
+    (good / "vocab.json").write_text("tampered")
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        write_default(models, good.name)
+    assert read_default(models) == good.name  # a refused write leaves the pointer as it was

@@ -22,7 +22,7 @@ from recstack.kafka import (
 )
 
 SECRET = "hunter2-" + "x" * 8
-KAFKA_COMMANDS = ("stream", "replay", "loadtest")
+KAFKA_COMMANDS = ("stream", "replay", "loadtest", "serve")
 KAFKA_FLAGS = (
     "--kafka-security-protocol",
     "--kafka-sasl-mechanism",
