@@ -87,7 +87,7 @@ class _Fetcher:
     """Features from memory: every user warm with 30 recent items, every item known."""
 
     def __init__(self, items: list[str]) -> None:
-        from feature_store.online import UserFeatures
+        from feature_store.values import UserFeatures
 
         rng = np.random.default_rng(0)
         self._user = UserFeatures(

@@ -17,7 +17,7 @@ import pytest
 from kafka import KafkaConsumer
 from test_ranking_server import ITEMS, ServerThread, publish_model, wait_for
 
-from feature_store.online import UserFeatures
+from feature_store.values import UserFeatures
 from recstack.cli import main as recstack
 from recstack.v1 import ranking_pb2
 from services.ranking.config import RankingConfig
@@ -67,7 +67,7 @@ def test_experiment_start_promote_and_stop_on_a_real_server(
 ) -> None:
     import redis
 
-    from feature_store.online import write_features
+    from feature_store.writes import write_features
 
     topic = fresh_topic(3)
     client = redis.Redis.from_url(redis_url)
