@@ -4,10 +4,11 @@ The shoppers are those of :mod:`recstack.experiments.simulate` (:class:`Storefro
 hidden utility for each item, position bias, view -> cart -> purchase). Here they go through the
 real stack instead of an in-process ranker: each impression is one ``Rank`` call through
 :class:`recstack.client.RankingClient` (a random category page of ``candidates`` items, the
-answer's first ``list_size`` shown), the user acts on the answer as the hidden preference says,
-and the events go to Kafka through :class:`recstack.client.EventPublisher` (validated by the
-event contract, keyed by ``user_id``), so the stream consumer, attribution and per-arm metrics see
-exactly what a storefront would send.
+answer's first ``list_size`` shown; or, with ``recommend``, one ``Recommend`` call for
+``list_size`` items the server picks from its whole catalogue), the user acts on the answer
+as the hidden preference says, and the events go to Kafka through
+:class:`recstack.client.EventPublisher` (validated by the event contract, keyed by ``user_id``),
+so the stream consumer, attribution and per-arm metrics see exactly what a storefront would send.
 
 Each event carries ``session_id`` = the impression's own id (``<run>-<n>``) and, when the
 server's answer has one, the answer's ``request_id`` (read with a fallback: servers and clients
@@ -142,6 +143,9 @@ def drive(
                 log.debug("Rank failed for %s: %s", user_id, exc)
                 bar.update(1)
                 continue
+            unknown = [item for item in answer.item_ids if item not in index]
+            if unknown:
+                raise RuntimeError(f"the server answered items this storefront does not sell: {unknown[:5]}")
             shown = np.array([[index[item] for item in answer.item_ids[: c.list_size]]], dtype=np.int64)
             if shown.shape[1] < c.list_size:
                 raise RuntimeError(f"the server answered {shown.shape[1]} items for top_k {c.list_size}")
@@ -202,13 +206,15 @@ def run_storefront(
     candidates: int = 50,
     seed: int = 0,
     history: bool = False,
+    recommend: bool = False,
     progress: bool = True,
     run_id: str | None = None,
     security: Any = None,
     client_options: dict[str, Any] | None = None,
 ) -> StorefrontResult:
     """The world of ``seed`` with ``users`` users and ``items`` items (optionally its history
-    published first), then ``impressions`` Rank calls to ``target``, events to ``topic``."""
+    published first), then ``impressions`` Rank calls to ``target`` (``recommend``: Recommend calls,
+    the server choosing from its whole catalogue), events to ``topic``."""
     from recstack.client import EventPublisher, RankingClient, settings_from_env
     from recstack.experiments.simulate import Storefront, StorefrontConfig
 
@@ -219,9 +225,13 @@ def run_storefront(
         RankingClient(target, **options) as client,
     ):
         history_events = seed_history(shop, publisher, progress) if history else 0
+        if recommend:
+            ask = lambda user, page, k: client.recommend(user, k)  # noqa: E731
+        else:
+            ask = lambda user, page, k: client.rank(user, page, k)  # noqa: E731
         result = drive(
             shop,
-            lambda user, page, k: client.rank(user, page, k),
+            ask,
             publisher.publish,
             impressions,
             candidates=candidates,
@@ -245,7 +255,8 @@ def register(subparsers: Any) -> None:
         help="simulated shoppers with a hidden preference: Rank calls to a server, their events to Kafka",
         description=(
             "Users of the simulated storefront (recstack/experiments/simulate.py) ask the ranking server "
-            "to rank a random page of --candidates items, act on the first 10 of the answer as their "
+            "to rank a random page of --candidates items (or, with --recommend, to recommend 10), act on "
+            "the first 10 of the answer as their "
             "hidden preference says (position bias, view, add_to_cart, purchase) and publish the events "
             "to --topic, carrying the answer's request_id when it has one. --history first publishes the "
             "world's browsing history so features exist. See docs/EXPERIMENTS.md."
@@ -260,6 +271,13 @@ def register(subparsers: Any) -> None:
     add_flag(parser, "--candidates", default=50, type=positive_int, help="items per page to rank")
     add_flag(
         parser, "--seed", default=0, type=non_negative_int, help="the world (and the draws) of this seed"
+    )
+    add_flag(
+        parser,
+        "--recommend",
+        type=None,
+        default=False,
+        help="call Recommend (the server picks from its whole catalogue) instead of Rank on a page",
     )
     add_flag(parser, "--history", type=None, default=False, help="publish the world's browsing history first")
     add_flag(parser, "--run-id", metavar="ID", help="prefix of event and session ids (default: random)")
@@ -287,6 +305,7 @@ def _storefront(args: argparse.Namespace) -> int:
         candidates=args.candidates,
         seed=args.seed,
         history=args.history,
+        recommend=args.recommend,
         progress=not args.no_progress,
         run_id=args.run_id,
         security=kafka_security_from_args(args),

@@ -45,8 +45,9 @@ def test_impressions_through_the_real_server_produce_the_users_events(
         )
     )
     try:
+        target = f"127.0.0.1:{server.port}"
         result = run_storefront(
-            f"127.0.0.1:{server.port}",
+            target,
             kafka_bootstrap,
             topic=topic,
             users=USERS,
@@ -59,21 +60,40 @@ def test_impressions_through_the_real_server_produce_the_users_events(
             run_id="run1",
             client_options={},
         )
+        # Recommend: the server picks the items (from the model's vocabulary: the world's items).
+        recommended = run_storefront(
+            target,
+            kafka_bootstrap,
+            topic=topic,
+            users=USERS,
+            items=ITEMS,
+            impressions=50,
+            seed=SEED + 1,
+            recommend=True,
+            progress=False,
+            run_id="run2",
+            client_options={},
+        )
     finally:
         server.close()
     assert result.impressions == IMPRESSIONS and result.failed == 0
     history = shop.history()
     assert result.history_events == len(history)
 
-    expected = result.history_events + sum(result.events.values())
+    assert recommended.impressions == 50 and recommended.failed == 0 and recommended.history_events == 0
+    expected = result.history_events + sum(result.events.values()) + sum(recommended.events.values())
     records = read_records(kafka_bootstrap, topic, expected)
     assert len(records) == expected
     live: list = []
+    run2: Counter = Counter()
     for record in records:
         event = validate(json.loads(record.value))
         assert record.key == event.user_id.encode()
         if event.session_id.startswith("run1-"):
             live.append(event)
+        elif event.session_id.startswith("run2-"):
+            run2[event.event_type] += 1
+    assert run2 == recommended.events
     assert Counter(e.event_id for e in live).most_common(1)[0][1] == 1
     assert Counter(e.event_type for e in live) == result.events
     assert sum(e.event_type == "view" for e in live) > 50
