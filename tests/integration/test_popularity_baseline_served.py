@@ -23,6 +23,21 @@ pytestmark = pytest.mark.integration
 BASELINE, V3 = "v20240102-000000", "v20240103-000000"
 
 
+def server_for(models: Path, redis_url: str) -> ServerThread:
+    """A ranking server on loopback (any free port) serving ``models``, polling it every 0.1 s."""
+    config = RankingConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        models_dir=models,
+        redis_url=redis_url,
+        model_poll_interval_s=0.1,
+        max_queue_wait_ms=0.0,  # a busy shared test machine must not shed calls
+        redis_timeout_ms=2000.0,
+    )
+    return ServerThread(config)
+
+
 def _event_log(path: Path, popularity: dict[str, int]) -> Path:
     """An event log where item ``i`` has ``popularity[i]`` views (intent weight 1 each)."""
     lines = []
@@ -47,18 +62,7 @@ def test_baseline_is_loaded_ranks_by_popularity_and_hot_swaps_with_a_trained_ver
     log = _event_log(tmp_path / "events.jsonl", popularity)
     seed_features(redis_url, {"buyer": warm_user(ITEMS[:5], purchased=popular[:3])})
 
-    server = ServerThread(
-        RankingConfig(
-            host="127.0.0.1",
-            port=0,
-            metrics_port=0,
-            models_dir=models,
-            redis_url=redis_url,
-            model_poll_interval_s=0.1,
-            max_queue_wait_ms=0.0,
-            redis_timeout_ms=2000.0,
-        )
-    )
+    server = server_for(models, redis_url)
     try:
         candidates = [popular[k] for k in rng.permutation(40)[:25]] + ["never-seen"]
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_ranking_server import V1, ServerThread, publish_model
+from test_popularity_baseline_served import server_for
+from test_ranking_server import V1, publish_model
 from test_stream_exactly_once import dead_letters as read_records
 
 from loadtests.storefront import run_storefront
 from recstack.events import validate
 from recstack.experiments.simulate import Storefront, StorefrontConfig
-from services.ranking.config import RankingConfig
 
 pytestmark = pytest.mark.integration
 
@@ -33,17 +33,7 @@ def test_impressions_through_the_real_server_produce_the_users_events(
     models = tmp_path / "models"
     publish_model(models, V1, seed=1, items=shop.item_ids)
     topic = fresh_topic(3)
-    server = ServerThread(
-        RankingConfig(
-            host="127.0.0.1",
-            port=0,
-            metrics_port=0,
-            models_dir=models,
-            redis_url=redis_url,
-            max_queue_wait_ms=0.0,
-            redis_timeout_ms=2000.0,
-        )
-    )
+    server = server_for(models, redis_url)
     try:
         target = f"127.0.0.1:{server.port}"
         result = run_storefront(
