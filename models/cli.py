@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="JSON Lines or Parquet event logs (files or folders), or onlineretail | otto | synthetic",
+        help="JSON Lines or Parquet event logs (files or folders), or onlineretail | otto | synthetic | "
+        "synthetic-storefront",
     )
     add_flag(
         train,
@@ -71,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--synthetic-events",
         type=positive_int,
         default=100_000,
-        help="events generated for --events synthetic",
+        help="events generated for --events synthetic | synthetic-storefront",
     )
     add_flag(train, "--no-bench", type=None, default=False, help="skip the latency measurement")
     add_flag(train, "--no-progress", type=None, default=False, help="no progress bar")
@@ -96,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="JSON Lines or Parquet event logs, or onlineretail | otto | synthetic",
+        help="JSON Lines or Parquet event logs, or onlineretail | otto | synthetic | synthetic-storefront",
     )
     add_flag(ev, "--until", metavar="RFC3339", help="the cut (default: where the model's training stopped)")
     add_flag(ev, "--eval-until", metavar="RFC3339", help="ignore events at or after this instant")

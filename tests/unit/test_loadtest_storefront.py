@@ -78,3 +78,13 @@ def _reply(items: list[str]):
 def test_a_page_larger_than_the_catalogue_is_refused():
     with pytest.raises(ValueError, match="candidates"):
         drive(_shop(), lambda *a: None, print, 1, candidates=41, progress=False)
+
+
+def test_train_reads_the_storefront_history_as_a_named_source():
+    """``recstack train --events synthetic-storefront``: the model of an experiment's arm A is
+    trained on the history the storefront's users browsed (``--synthetic-events`` of them)."""
+    from models.retrain import load_events
+    from recstack.experiments.simulate import storefront_events
+
+    events = load_events(["synthetic-storefront"], synthetic_events=3_000, seed=4)
+    assert events.equals(storefront_events(3_000, seed=4))
