@@ -49,6 +49,8 @@ class StorefrontResult:
     impressions: int = 0
     failed: int = 0
     with_request_id: int = 0
+    carted: int = 0  # impressions with an add_to_cart
+    purchased: int = 0  # impressions with a purchase
     events: Counter = field(default_factory=Counter)
     views_by_position: list[int] = field(default_factory=list)
     history_events: int = 0
@@ -66,6 +68,8 @@ class StorefrontResult:
             "events published: "
             + ", ".join(f"{k} {self.events[k]}" for k in STEPS)
             + (f" (after {self.history_events} history events)" if self.history_events else ""),
+            f"per impression: add_to_cart {self.carted / max(self.impressions, 1):.4f}, "
+            f"purchase {self.purchased / max(self.impressions, 1):.4f}",
             "views by position: " + " ".join(str(v) for v in self.views_by_position),
             f"hidden utility: {self.shown_utility:.3f} shown, {self.acted_utility:.3f} viewed; "
             f"view rate {self.preferred_view_rate:.4f} on each list's preferred half, "
@@ -172,6 +176,8 @@ def drive(
                     publish(event)
                     result.events[kind] += 1
             result.impressions += 1
+            result.carted += bool(cart.any())
+            result.purchased += bool(buy.any())
             result.views_by_position = [
                 a + int(b) for a, b in zip(result.views_by_position, view[0], strict=True)
             ]

@@ -39,6 +39,9 @@ def test_events_follow_the_answer_and_carry_its_request_id():
     assert result.impressions == 300 and result.with_request_id == 300 and result.failed == 0
     assert all(k == 10 and len(set(page)) == 20 for _, page, k in asked)
     assert sum(result.events.values()) == len(sent) > 0
+    carts = {event["session_id"] for event in sent if event["event_type"] == "add_to_cart"}
+    buys = {event["session_id"] for event in sent if event["event_type"] == "purchase"}
+    assert (result.carted, result.purchased) == (len(carts), len(buys))
     for event in sent:
         checked = validate(event)  # the contract's JSON object
         n = int(event["session_id"].split("-")[1])
