@@ -64,6 +64,9 @@ def register(subparsers: Any) -> None:
     _register_loadtest(subparsers)
     _register_bench(subparsers)
     _register_slo_gate(subparsers)
+    from loadtests import storefront  # its heavy imports wait for its handler
+
+    storefront.register(subparsers)
 
 
 # --- shared flags --------------------------------------------------------------------------------

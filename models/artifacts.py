@@ -140,8 +140,9 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text("".join(lines))
 
 
-def verify_manifest(folder: Path) -> dict[str, str]:
-    """Check every file the manifest lists (and that the required ones are listed) or raise ArtifactError."""
+def verify_manifest(folder: Path, required: tuple[str, ...] = REQUIRED) -> dict[str, str]:
+    """Check every file the manifest lists (and that the ``required`` ones are listed), or raise
+    ArtifactError."""
     manifest = folder / MANIFEST
     if not folder.is_dir():
         raise ArtifactError(f"{folder}: not a model version folder")
@@ -155,7 +156,7 @@ def verify_manifest(folder: Path) -> dict[str, str]:
         if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or "/" in name or name in ("", ".", ".."):
             raise ArtifactError(f"{manifest}:{lineno}: malformed line {line[:100]!r}")
         sums[name] = digest
-    for name in REQUIRED:
+    for name in required:
         if name not in sums:
             raise ArtifactError(f"{folder}: {name} is not listed in {MANIFEST}")
     for name, digest in sums.items():
@@ -379,6 +380,13 @@ def load_version(
     Raises :class:`ArtifactError` with the reason when the version must not be served.
     """
     folder = Path(version_dir)
+    kind = _kind(folder)
+    if kind == "popularity":  # a baseline without weights, served alike (models.popularity)
+        from models.popularity import load_popularity
+
+        return load_popularity(folder)  # type: ignore[return-value]
+    if kind != "two_path":
+        raise ArtifactError(f"{folder}: {CONFIG}: unknown kind {kind!r} (two_path or popularity)")
     model, vocab, config, catalogue = load_model(folder, device, quantized, dense_runtime=dense_runtime)
     runtime = dense_runtime or config.get("int8_dense_runtime", "fp32")
     served = _served_graph(folder, config) if quantized and runtime == "aoti" else None
@@ -406,6 +414,16 @@ def load_version(
         compiled=quantized and runtime in ("torchscript", "aoti"),
         served=served,
     )
+
+
+def _kind(folder: Path) -> str:
+    """The version's ``kind`` (a trained ``two_path`` model unless config.json says otherwise).
+    Only picks the loader: whichever loader it picks verifies the manifest, config.json included."""
+    try:
+        kind = json.loads((folder / CONFIG).read_text()).get("kind", "two_path")
+    except (OSError, ValueError, AttributeError):
+        return "two_path"  # the trained loader reports what is wrong
+    return str(kind)
 
 
 def _served_graph(folder: Path, config: dict[str, Any]) -> Any:

@@ -1,4 +1,4 @@
-"""``recstack train`` and ``recstack evaluate``."""
+"""``recstack train``, ``recstack evaluate`` and ``recstack publish-baseline``."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="JSON Lines or Parquet event logs (files or folders), or onlineretail | otto | synthetic",
+        help="JSON Lines or Parquet event logs (files or folders), or onlineretail | otto | synthetic | "
+        "synthetic-storefront",
     )
     add_flag(
         train,
@@ -71,7 +72,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--synthetic-events",
         type=positive_int,
         default=100_000,
-        help="events generated for --events synthetic",
+        help="events generated for --events synthetic | synthetic-storefront",
     )
     add_flag(train, "--no-bench", type=None, default=False, help="skip the latency measurement")
     add_flag(train, "--no-progress", type=None, default=False, help="no progress bar")
@@ -96,13 +97,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="JSON Lines or Parquet event logs, or onlineretail | otto | synthetic",
+        help="JSON Lines or Parquet event logs, or onlineretail | otto | synthetic | synthetic-storefront",
     )
     add_flag(ev, "--until", metavar="RFC3339", help="the cut (default: where the model's training stopped)")
     add_flag(ev, "--eval-until", metavar="RFC3339", help="ignore events at or after this instant")
     add_flag(ev, "--threads", type=non_negative_int, default=0, help="torch threads (0: automatic)")
     add_flag(ev, "--json", type=None, default=False, help="print the full result as JSON instead of a table")
     ev.set_defaults(handler=_evaluate)
+    _register_baseline(subparsers)
+
+
+def _register_baseline(subparsers: argparse._SubParsersAction) -> None:
+    base = subparsers.add_parser(
+        "publish-baseline",
+        help="publish a baseline (popularity only) as a model version the ranking server serves",
+        description=(
+            "Count item popularity in event logs (events weighted by intent: view 1, add_to_cart 3, "
+            "purchase 5) and publish it into --models as a model version of its own (config.json kind "
+            "popularity, vocab.json, catalogue.npz, MANIFEST.sha256). The ranking server loads and "
+            "hot-reloads it like a trained version; it ranks every user's candidates by popularity. "
+            "See docs/EXPERIMENTS.md."
+        ),
+    )
+    base.add_argument("kind", choices=["popularity"], help="which baseline")
+    add_flag(
+        base, "--models", type=Path, default=Path("artifacts/models"), help="models folder to publish into"
+    )
+    add_flag(
+        base,
+        "--from",
+        nargs="+",
+        required=True,
+        metavar="SOURCE",
+        help="JSON Lines or Parquet event logs (files or folders), or onlineretail | otto | synthetic | "
+        "synthetic-storefront",
+    )
+    add_flag(base, "--until", metavar="RFC3339", help="count only events strictly before this instant")
+    add_flag(
+        base,
+        "--limit",
+        type=positive_int,
+        default=100_000,
+        help="events generated for synthetic | synthetic-storefront",
+    )
+    add_flag(base, "--seed", type=non_negative_int, default=0, help="seed of a synthetic source")
+    add_flag(base, "--version", metavar="NAME", help="version folder name (default: vYYYYMMDD-HHMMSS, now)")
+    base.set_defaults(handler=_publish_baseline)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -136,4 +176,33 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     result = run_evaluate(args.model, list(args.events), args.until, args.eval_until, args.threads)
     print(dumps(result) if args.json else quality_markdown(result))
+    return 0
+
+
+def _publish_baseline(args: argparse.Namespace) -> int:
+    import json
+
+    import pandas as pd
+
+    from models.artifacts import _VERSION_RE
+    from models.data import parse_until
+    from models.popularity import publish_popularity
+    from recstack import sources
+    from recstack.errors import UserError
+
+    if args.version is not None and not _VERSION_RE.match(args.version):
+        raise UserError(f"--version: {args.version!r} is not a version name (vYYYYMMDD-HHMMSS[-N])")
+    until_ms = parse_until(args.until) if args.until else None
+    words = ("onlineretail", "otto", "synthetic", "synthetic-storefront")
+    frames = []
+    given = list(getattr(args, "from"))  # "from" is a keyword: no args.from
+    for value in given:
+        if value not in words and not Path(value).exists():
+            raise UserError(f"--from: {value} is neither an event log nor one of {', '.join(words)}")
+        limit = args.limit if value.startswith("synthetic") else None
+        frames.append(sources.load_source(value, limit=limit, seed=args.seed))
+    events = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    folder = publish_popularity(args.models, events, until_ms=until_ms, sources=given, version=args.version)
+    counted = json.loads((folder / "config.json").read_text())["data"]["events"]
+    print(f"published {folder} (popularity of {counted} events)")
     return 0

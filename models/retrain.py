@@ -29,7 +29,7 @@ from recstack.errors import UserError
 
 log = logging.getLogger(__name__)
 
-SOURCE_WORDS = ("onlineretail", "otto", "synthetic")
+SOURCE_WORDS = ("onlineretail", "otto", "synthetic", "synthetic-storefront")
 
 
 @dataclass
@@ -59,7 +59,9 @@ def load_events(sources: list[str], synthetic_events: int = 100_000, seed: int =
     for value in sources:
         if value in SOURCE_WORDS:
             frames.append(
-                src.load_source(value, limit=synthetic_events if value == "synthetic" else None, seed=seed)
+                src.load_source(
+                    value, limit=synthetic_events if value.startswith("synthetic") else None, seed=seed
+                )
             )
         else:
             if not Path(value).exists():
