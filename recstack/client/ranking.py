@@ -53,7 +53,10 @@ class Ranking:
     """An answer, best first. ``path`` is the server's compute path ("light", "full", "cascade"
     or "fallback"); ``degraded`` is the server's own flag (a dependency failed and it answered
     anyway). ``fallback`` means the call failed and the client's fallback answered: ``error``
-    is why, ``model_version`` and ``path`` are empty and scores are 0."""
+    is why, ``model_version`` and ``path`` are empty and scores are 0. ``request_id`` names this
+    answer (send it back with the events the shopper's actions cause, so they are attributed to
+    it); ``arm`` is the experiment arm that answered ("" without an experiment, or from a server
+    that predates experiments)."""
 
     items: tuple[RankedItem, ...]
     model_version: str
@@ -61,6 +64,8 @@ class Ranking:
     degraded: bool
     fallback: bool = False
     error: RankingError | None = None
+    request_id: str = ""
+    arm: str = ""
 
     @property
     def item_ids(self) -> list[str]:
@@ -73,6 +78,8 @@ class Ranking:
             model_version=reply.model_version,
             path=reply.path,
             degraded=reply.degraded,
+            request_id=reply.request_id,
+            arm=reply.arm,
         )
 
 

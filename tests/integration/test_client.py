@@ -98,6 +98,10 @@ def test_token_over_tls_is_accepted_and_a_missing_token_refused(server_factory, 
         assert got.model_version == V1 and len(got.items) == 3 and not got.fallback
         assert {i.item_id for i in got.items} <= set(ITEMS[:5])
         assert [i.score for i in got.items] == sorted((i.score for i in got.items), reverse=True)
+        # Each answer is named (events sent back with it are attributed to it); no experiment runs.
+        again = client.rank("u1", ITEMS[:5], top_k=3)
+        assert got.request_id and again.request_id and got.request_id != again.request_id
+        assert got.arm == "" and got.error is None
         assert len(client.recommend("u1", k=4).items) == 4
     # Without the token, even with a fallback: a refused call is a misconfiguration, never hidden.
     with _client(server, cert, token=None, fallback=in_request_order) as client:
