@@ -63,7 +63,7 @@ def _flush(client) -> None:
 
 def drain(args, url: str, client, topic: str, total: int, log_dir: str) -> dict:
     """Run one consumer (its own group) over the whole backlog of ``topic`` into ``url``."""
-    from services.stream.consumer import applied_key
+    from services.stream.keys import applied_key
 
     group = f"cluster-bench-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "recstack.cli", "stream", "--bootstrap", args.bootstrap, "--redis", url]

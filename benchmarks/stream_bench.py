@@ -91,7 +91,7 @@ def _reserve_database(server: str):
 
 
 def _applied_total(client, topic: str) -> int:
-    from services.stream.consumer import applied_key
+    from services.stream.keys import applied_key
 
     return sum(int(v) + 1 for v in client.hvals(applied_key(topic)))
 

@@ -329,7 +329,7 @@ class StreamState:
     def __init__(self, redis_url: str, bootstrap: str, topic: str, group: str) -> None:
         import redis
 
-        from services.stream.consumer import applied_key, logged_key
+        from services.stream.keys import applied_key, logged_key
 
         self.redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
         self.bootstrap = bootstrap

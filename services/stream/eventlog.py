@@ -5,7 +5,7 @@
 written when the buffer is rolled, in two steps: :meth:`EventLog.stage` writes each file under a
 hidden temporary name (``.part-….parquet.tmp``) and flushes it to disk; :meth:`EventLog.publish`
 renames it into place, so a reader never sees a partial file. Between the two the consumer
-records in Redis that the roll is part of the log (``services/stream/consumer.py``); a roll that
+records in Redis that the roll is part of the log (``services/stream/fence.py``); a roll that
 is refused there is discarded instead.
 
 Each writer holds an exclusive ``flock`` on ``DIR/.writer-<id>.lock`` while it lives. Temporary

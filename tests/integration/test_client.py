@@ -174,7 +174,7 @@ def test_ten_thousand_published_events_land_exactly_as_the_truth_expects(
 ):
     from test_stream_exactly_once import HALF_LIFE_S
 
-    from feature_store.online import read_features
+    from feature_store.reads import read_features
     from loadtests.chaos.truth import Acked, compare, expected_features
     from recstack.sources import synthetic
     from services.replay.publisher import frame_to_events

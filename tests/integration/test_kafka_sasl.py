@@ -89,7 +89,7 @@ def test_replay_and_stream_over_scram(sasl_broker, redis_url, tmp_path):
     import redis
     from kafka import KafkaConsumer, KafkaProducer
 
-    from services.stream.consumer import applied_key
+    from services.stream.keys import applied_key
 
     topic = "sasl-events"
     admin = _admin(sasl_broker)

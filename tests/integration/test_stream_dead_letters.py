@@ -106,7 +106,7 @@ def _send(bootstrap: str, topic: str, records: list[tuple[int, bytes | None]]) -
 
 def _offsets(client, topic: str) -> tuple[dict[int, int], dict[int, int]]:
     """Applied and logged offsets per partition, as Redis holds them."""
-    from services.stream.consumer import applied_key, logged_key
+    from services.stream.keys import applied_key, logged_key
 
     def read(key: str) -> dict[int, int]:
         return {int(p): int(o) for p, o in client.hgetall(key).items()}

@@ -72,7 +72,7 @@ def _buffer(consumer, partition: int, events: list, first_offset: int = 0) -> No
 
 
 def _logged(client, topic: str) -> dict[int, int]:
-    from services.stream.consumer import logged_key
+    from services.stream.keys import logged_key
 
     return {int(p): int(o) for p, o in client.hgetall(logged_key(topic)).items()}
 
@@ -83,7 +83,7 @@ def test_a_roll_recorded_after_its_partition_moved_is_refused_and_leaves_no_file
     """The race of the fault runs, step by step: a consumer stalls with events buffered, one of its
     partitions goes to another consumer which logs it, and the first one wakes with its roll due
     before it hears of the move. Its roll must not log that partition's events a second time."""
-    from services.stream.consumer import log_rolls_key
+    from services.stream.keys import log_rolls_key
 
     topic = f"fence-{uuid.uuid4().hex[:8]}"
     event_log = tmp_path / "events"
@@ -160,7 +160,7 @@ def test_a_writer_killed_mid_roll_leaves_files_the_next_start_publishes_or_remov
     """SIGKILL with one roll staged but not recorded (partition 0) and another recorded but not
     renamed (partition 1): the next start removes the first (partition 0 is read again from its
     logged offset) and publishes the second (its logged offset was raised with it)."""
-    from services.stream.consumer import log_rolls_key
+    from services.stream.keys import log_rolls_key
 
     topic = f"crash-{uuid.uuid4().hex[:8]}"
     event_log = tmp_path / "events"

@@ -205,7 +205,7 @@ def consumer_process(config, log_level: str = "WARNING", stderr: Any = None) -> 
 def applied_records(client, topic: str) -> int:
     import redis
 
-    from services.stream.consumer import applied_key
+    from services.stream.keys import applied_key
 
     try:
         return sum(int(v) + 1 for v in client.hvals(applied_key(topic)))

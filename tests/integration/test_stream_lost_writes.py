@@ -50,7 +50,7 @@ RECOVERY_TIMEOUT_S = 60.0
 
 
 def _logged_records(client, topic: str) -> int:
-    from services.stream.consumer import logged_key
+    from services.stream.keys import logged_key
 
     return sum(int(v) + 1 for v in client.hvals(logged_key(topic)))
 
@@ -255,7 +255,7 @@ def test_a_cluster_node_that_lost_writes_gets_them_applied_again(
     """A node other than the one holding the applied offsets goes back to a saved state: its slot
     fences go back while the partitions' applied offsets do not. No event follows."""
     from feature_store.store import open_store
-    from services.stream.consumer import applied_key
+    from services.stream.keys import applied_key
 
     topic = fresh_topic(6)
     fresh_topic(1, name=f"{topic}.dlq")

@@ -269,9 +269,10 @@ class _FakeClient:
 def test_stream_consumer_and_dlq_producer_get_the_security_options(monkeypatch, caplog):
     import services.stream.consumer as consumer_module
     import services.stream.deadletter as deadletter_module
+    import services.stream.kafka_side as kafka_side_module
     from services.stream.config import StreamConfig
 
-    monkeypatch.setattr(consumer_module, "KafkaConsumer", _FakeClient)
+    monkeypatch.setattr(kafka_side_module, "KafkaConsumer", _FakeClient)
     monkeypatch.setattr(deadletter_module, "KafkaProducer", _FakeClient)
     _FakeClient.made, _FakeClient.failures = [], 1
     security = KafkaSecurity("SASL_PLAINTEXT", "SCRAM-SHA-512", "recstack-stream", SECRET)

@@ -1,6 +1,6 @@
 """On a Redis Cluster, a retried batch leaves out exactly the effects that slots already hold.
 
-The consumer module is imported inside the tests: importing kafka-python at collection time
+The consumer modules are imported inside the tests: importing kafka-python at collection time
 warns outside pytest's warning filters.
 """
 
@@ -22,11 +22,11 @@ class SlotsByName:
 
 
 def _batch(events: list[tuple[int, int, Event]]):
-    from services.stream.consumer import _Batch, _Plan
+    from services.stream.pipeline import Batch, Plan
 
     records = [SimpleNamespace(partition=p, offset=o) for p, o, _ in events]
-    batch = _Batch(records, [ev for _, _, ev in events], 0.0, {})
-    batch.plan = _Plan(apply=list(range(len(events))))
+    batch = Batch(records, [ev for _, _, ev in events], 0.0, {})
+    batch.plan = Plan(apply=list(range(len(events))))
     return batch
 
 
