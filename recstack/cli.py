@@ -17,6 +17,7 @@ from recstack.errors import UserError
 # module path -> it exposes register(subparsers) adding one or more subcommands
 _SUBCOMMAND_MODULES = (
     "services.stream.cli",
+    "services.attribution.cli",
     "services.replay.cli",
     "models.cli",
     "services.ranking.cli",

@@ -28,10 +28,13 @@ _METADATA_RECHECK_S = 5.0
 _JOIN_STUCK_S = 30.0
 
 
-class _Listener(AsyncConsumerRebalanceListener):
+class RebalanceListener(AsyncConsumerRebalanceListener):
+    """Hands rebalances to ``owner._on_assigned`` / ``owner._on_revoked`` (shared with the
+    attribution consumer, :mod:`services.attribution.consumer`)."""
+
     # kafka-python runs these on its IO thread while the main thread waits inside poll(), so the
     # consumer's state is not touched concurrently. Blocking Kafka calls are not allowed here.
-    def __init__(self, owner: KafkaSide) -> None:
+    def __init__(self, owner: Any) -> None:
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -86,7 +89,7 @@ class KafkaSide(ApplyPipeline):
             self._consumer.partitions_for_topic(self.config.topic)
         except KafkaError as exc:
             log.warning("no metadata for %s yet (%s)", self.config.topic, exc)
-        self._consumer.subscribe([self.config.topic], listener=_Listener(self))
+        self._consumer.subscribe([self.config.topic], listener=RebalanceListener(self))
         self._metadata_checked = self._unassigned_since = time.monotonic()
 
     def _while_unassigned(self) -> None:
