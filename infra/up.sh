@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start the local Kafka broker and Redis server (`make up`), create the topics, say where the logs are.
+# Start the local Kafka broker and Redis server (`make up`), create the topics (rank-impressions with
+# as many partitions as user-events: the attribution consumer joins them per partition), say where the logs are.
 # Idempotent: whatever is already running from an earlier `make up` is left as it is.
 COMPONENT=up
 # shellcheck source=infra/lib.sh
@@ -10,7 +11,8 @@ PARTITIONS="${RECSTACK_PARTITIONS:-6}"
 "$REPO_ROOT/infra/kafka.sh" start
 need_python
 "$PYTHON" "$REPO_ROOT/infra/kafka/admin.py" --bootstrap "127.0.0.1:$KAFKA_PORT" --timeout 60 \
-    --topic "user-events:$PARTITIONS" --topic "user-events.dlq:$PARTITIONS"
+    --topic "user-events:$PARTITIONS" --topic "user-events.dlq:$PARTITIONS" \
+    --topic "rank-impressions:$PARTITIONS"
 "$REPO_ROOT/infra/redis.sh" start
 
 log "Kafka  127.0.0.1:$KAFKA_PORT   log: $LOG_DIR/kafka.log"

@@ -1,0 +1,255 @@
+"""The attribution consumer against real Kafka and Redis: per-arm counters equal the offline join
+of the same topics and the hand-computed ones, with an event read before its impression; and
+still equal after the consumer is SIGKILLed mid-stream and restarted (exactly once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from recstack.events import Event
+from services.attribution import keys
+from services.attribution.config import AttributionConfig
+from services.attribution.consumer import AttributionConsumer
+from services.attribution.metrics import AttributionMetrics
+from services.attribution.rule import offline_join
+from services.attribution.store import read_arm_metrics
+
+T = 1_700_000_000_000
+MIN = 60_000
+
+
+def impression(rid, user, items, ts, arm="A", shadow=None):
+    value = {"request_id": rid, "user_id": user, "arm": arm, "model_version": f"v-{arm}", "ts": ts}
+    value["items"] = [{"item_id": it, "position": k, "score": 1.0 / (k + 1)} for k, it in enumerate(items)]
+    if shadow:
+        value["shadow"] = {
+            "version": "s1",
+            "items": [{"item_id": it, "position": k} for k, it in enumerate(shadow)],
+        }
+    return json.dumps(value).encode()
+
+
+def event(eid, user, item, kind, ts, request_id=None, price=None):
+    return Event(eid, user, item, kind, ts, price=price, quantity=2 if price else 1, request_id=request_id)
+
+
+def publish(bootstrap, topic, records):
+    """``records``: (user_id, value bytes); keyed by user_id, as the server and the storefront do."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for user, value in records:
+        producer.send(topic, key=user.encode(), value=value)
+    producer.flush()
+    producer.close()
+
+
+def read_all(bootstrap, topic):
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    end = consumer.end_offsets(tps)
+    out = []
+    while any(consumer.position(tp) < end[tp] for tp in tps):
+        for tp, recs in consumer.poll(timeout_ms=500).items():
+            out += [(tp.partition, r.offset, r.value) for r in recs]
+    consumer.close()
+    return sorted(out), {tp.partition: end[tp] for tp in tps}
+
+
+def wait_applied(client, bootstrap, imp_topic, ev_topic, timeout=90.0):
+    """Until Redis holds both topics' last offsets as applied."""
+    _, imp_end = read_all(bootstrap, imp_topic)
+    _, ev_end = read_all(bootstrap, ev_topic)
+    want = {keys.impressions_field(p): n - 1 for p, n in imp_end.items() if n}
+    want |= {keys.events_field(p): n - 1 for p, n in ev_end.items() if n}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stored = client.hmget(keys.OFFSETS, list(want))
+        if all(v is not None and int(v) == want[f] for f, v in zip(want, stored, strict=True)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not applied in {timeout}s: want {want}, have {stored}")
+
+
+def offline(bootstrap, imp_topic, ev_topic, window_ms=30 * MIN):
+    return offline_join(read_all(bootstrap, imp_topic)[0], read_all(bootstrap, ev_topic)[0], window_ms)
+
+
+def test_counters_equal_the_offline_join_and_the_hand_count(
+    kafka_bootstrap, fresh_topic, redis_url, redis_client
+):
+    imp_topic, ev_topic = fresh_topic(3), fresh_topic(3)
+    config = AttributionConfig(
+        bootstrap=kafka_bootstrap,
+        redis=redis_url,
+        group=f"attr-{imp_topic}",
+        impressions_topic=imp_topic,
+        events_topic=ev_topic,
+        lateness_s=1.0,
+        max_wait_s=60.0,  # no event is released by waiting: only the impressions' watermark does
+        metrics_port=0,
+        session_timeout_ms=6_000,
+    )
+    metrics = AttributionMetrics()
+    consumer = AttributionConsumer(config, metrics)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        # u2's add-to-cart arrives before the impression it belongs to: held until impressions pass its ts.
+        publish(
+            kafka_bootstrap,
+            ev_topic,
+            [("u2", event("e5", "u2", "y", "add_to_cart", T + 20_000).to_json_bytes())],
+        )
+        deadline = time.monotonic() + 60
+        while metrics.held._value.get() < 1:
+            assert time.monotonic() < deadline, "the event was never held"
+            time.sleep(0.1)
+        publish(
+            kafka_bootstrap,
+            imp_topic,
+            [
+                ("u1", impression("r1", "u1", ["a", "b", "c"], T)),
+                ("u2", impression("r3", "u2", ["x", "y"], T + 10_000)),
+                ("u1", impression("r2", "u1", ["c", "a"], T + MIN, arm="B", shadow=["a", "c"])),
+                ("u1", b"{not an impression"),
+                ("u2", impression("r4", "u2", ["z"], T + 40 * MIN)),  # moves u2's watermark on
+                ("u1", impression("r5", "u1", ["q"], T + 50 * MIN)),  # and u1's
+            ],
+        )
+        publish(
+            kafka_bootstrap,
+            ev_topic,
+            [
+                ("u1", event("e1", "u1", "a", "purchase", T + 2 * MIN, price=10.0).to_json_bytes()),  # r2, B
+                ("u1", event("e2", "u1", "b", "add_to_cart", T + 2 * MIN).to_json_bytes()),  # r1, A
+                ("u1", event("e3", "u1", "a", "view", T + 200_000, request_id="r1").to_json_bytes()),  # r1
+                ("u2", event("e4", "u2", "x", "purchase", T + 10_000 + 31 * MIN).to_json_bytes()),  # too late
+                ("u1", event("e6", "u1", "a", "purchase", T + 3 * MIN, request_id="nope").to_json_bytes()),
+            ],
+        )
+        wait_applied(redis_client, kafka_bootstrap, imp_topic, ev_topic)
+    finally:
+        consumer.stop()
+        thread.join(30)
+    online = read_arm_metrics(redis_client)
+    assert online == offline(kafka_bootstrap, imp_topic, ev_topic)
+    arms = {arm: m["totals"] for arm, m in online["default"].items()}
+    assert arms == {
+        "A": {
+            "impressions": 4,
+            "add_to_cart": 2,
+            "rr_micros_add_to_cart": 1_000_000,
+            "view": 1,
+            "rr_micros_view": 1_000_000,
+        },
+        "B": {
+            "impressions": 1,
+            "purchase": 1,
+            "rr_micros_purchase": 500_000,
+            "revenue_micros": 20_000_000,
+            "priced": 1,
+        },
+        "shadow:s1": {
+            "impressions": 1,
+            "purchase": 1,
+            "rr_micros_purchase": 1_000_000,
+            "live_rr_micros_purchase": 500_000,
+        },
+    }
+    assert online["default"]["A"]["buckets"][T // MIN] == {
+        "impressions": 2,
+        "add_to_cart": 1,
+        "rr_micros_add_to_cart": 500_000,
+    }
+    assert metrics.unattributed.labels("no_impression")._value.get() == 1
+    assert metrics.unattributed.labels("unknown_request_id")._value.get() == 1
+    assert metrics.invalid.labels(imp_topic)._value.get() == 1
+
+
+def _traffic(seed, n_users=40, n_imps=1500):
+    """Impressions in ts order and events following them (some with request_id, some past the
+    window, some for items never shown), each event published a little before or after."""
+    rng = random.Random(seed)
+    imps, events = [], []
+    for k in range(n_imps):
+        user, ts = f"u{rng.randrange(n_users)}", T + k * 3_000
+        items = rng.sample([f"i{j}" for j in range(30)], 8)
+        arm = rng.choice("AB")
+        imps.append(
+            (ts, user, impression(f"r{k}", user, items, ts, arm, shadow=items[::-1] if arm == "A" else None))
+        )
+        for j in range(rng.choice((0, 1, 1, 2))):
+            kind = rng.choice(("view", "add_to_cart", "purchase"))
+            item = rng.choice(items) if rng.random() < 0.9 else "i-unseen"
+            later = rng.choice((1_000, 60_000, 20 * MIN, 40 * MIN))
+            rid = f"r{k}" if rng.random() < 0.3 else None
+            e = event(f"e{k}-{j}", user, item, kind, ts + later, rid, price=rng.choice((None, 3.5)))
+            events.append((ts + later + rng.randrange(-30_000, 30_000), user, e.to_json_bytes()))
+    return imps, sorted(events)
+
+
+def _start(config_args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "recstack.cli", "attribute", *config_args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_sigkill_and_restart_still_equal_the_offline_join(
+    kafka_bootstrap, fresh_topic, redis_url, redis_client
+):
+    imp_topic, ev_topic = fresh_topic(3), fresh_topic(3)
+    imps, events = _traffic(seed=16)
+    half_i, half_e = len(imps) // 2, len(events) // 2
+    publish(kafka_bootstrap, imp_topic, [(u, v) for _, u, v in imps[:half_i]])
+    publish(kafka_bootstrap, ev_topic, [(u, v) for _, u, v in events[:half_e]])
+    args = [
+        f"--bootstrap={kafka_bootstrap}",
+        f"--redis={redis_url}",
+        f"--group=attr-{imp_topic}",
+        f"--impressions-topic={imp_topic}",
+        f"--events-topic={ev_topic}",
+        "--max-batch=40",  # many small batches: the kill lands between two of them
+        "--max-wait=5s",
+        "--lateness=1s",
+        "--metrics-port=0",
+        "--session-timeout-ms=6000",
+    ]
+    first = _start(args)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(int(v) > 100 for v in redis_client.hvals(keys.OFFSETS) or [b"0"]):
+            assert first.poll() is None, first.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        publish(kafka_bootstrap, ev_topic, [(u, v) for _, u, v in events[half_e:]])  # events first
+        second = _start(args)
+        try:
+            publish(kafka_bootstrap, imp_topic, [(u, v) for _, u, v in imps[half_i:]])
+            wait_applied(redis_client, kafka_bootstrap, imp_topic, ev_topic, timeout=120)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(30) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    online = read_arm_metrics(redis_client)
+    expected = offline(kafka_bootstrap, imp_topic, ev_topic)
+    assert online == expected
+    totals = expected["default"]
+    assert totals["A"]["totals"]["impressions"] + totals["B"]["totals"]["impressions"] == len(imps)
+    assert sum(t["totals"].get("purchase", 0) for t in totals.values()) > 50  # something was attributed
