@@ -52,7 +52,7 @@ from services.attribution.rule import (
     parse_impression,
 )
 from services.stream.fence import TAKE_PARTITIONS
-from services.stream.kafka_side import RebalanceListener
+from services.stream.kafka_side import RebalanceListener, group_member_options
 from services.stream.state import Stopping, retry_redis
 
 log = logging.getLogger(__name__)
@@ -151,18 +151,9 @@ class AttributionConsumer:
     def _connect(self) -> None:
         cfg = self.config
         self._consumer = KafkaConsumer(
-            bootstrap_servers=cfg.bootstrap,
-            group_id=cfg.group,
-            client_id=cfg.client_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=cfg.max_batch,
-            session_timeout_ms=cfg.session_timeout_ms,
-            heartbeat_interval_ms=max(1_000, cfg.session_timeout_ms // 3),
+            **group_member_options(cfg),
             # Partition p of both topics to one member: its users' impressions and events meet there.
             partition_assignment_strategy=(RangePartitionAssignor,),
-            check_crcs=False,
-            **cfg.kafka_security.client_options(),
         )
         counts = {
             t: self._consumer.partitions_for_topic(t) for t in (cfg.impressions_topic, cfg.events_topic)

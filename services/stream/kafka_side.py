@@ -28,6 +28,26 @@ _METADATA_RECHECK_S = 5.0
 _JOIN_STUCK_S = 30.0
 
 
+def group_member_options(cfg: Any) -> dict[str, Any]:
+    """KafkaConsumer options of a group member whose offsets that matter live in Redis (the stream
+    and attribution consumers): no auto-commit, positions set from Redis on assignment. ``cfg``
+    has bootstrap, group, client_id, max_batch, session_timeout_ms and kafka_security."""
+    return {
+        "bootstrap_servers": cfg.bootstrap,
+        "group_id": cfg.group,
+        "client_id": cfg.client_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": cfg.max_batch,
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "heartbeat_interval_ms": max(1_000, cfg.session_timeout_ms // 3),
+        # CRC32C in pure Python costs ~40 us per record (a 7x slowdown); the broker verifies CRCs
+        # when records are written and TCP protects them in transit.
+        "check_crcs": False,
+        **cfg.kafka_security.client_options(),
+    }
+
+
 class RebalanceListener(AsyncConsumerRebalanceListener):
     """Hands rebalances to ``owner._on_assigned`` / ``owner._on_revoked`` (shared with the
     attribution consumer, :mod:`services.attribution.consumer`)."""
@@ -128,21 +148,10 @@ class KafkaSide(ApplyPipeline):
         while True:
             try:
                 self._consumer = KafkaConsumer(
-                    bootstrap_servers=cfg.bootstrap,
-                    group_id=cfg.group,
-                    client_id=cfg.client_id,
-                    enable_auto_commit=False,
-                    auto_offset_reset="earliest",
-                    max_poll_records=cfg.max_batch,
-                    session_timeout_ms=cfg.session_timeout_ms,
-                    heartbeat_interval_ms=max(1_000, cfg.session_timeout_ms // 3),
+                    **group_member_options(cfg),
                     max_partition_fetch_bytes=4 * 1024 * 1024,
                     metadata_max_age_ms=30_000,  # partitions added to the topic are seen within 30 s
                     fetch_max_bytes=64 * 1024 * 1024,
-                    # CRC32C in pure Python costs ~40 us per record (a 7x slowdown); the broker
-                    # verifies CRCs when records are written and TCP protects them in transit.
-                    check_crcs=False,
-                    **cfg.kafka_security.client_options(),
                 )
                 if self._dead_letters is None:
                     producer = deadletter.make_producer(cfg)

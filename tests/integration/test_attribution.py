@@ -21,7 +21,7 @@ from services.attribution.config import AttributionConfig
 from services.attribution.consumer import AttributionConsumer
 from services.attribution.metrics import AttributionMetrics
 from services.attribution.rule import offline_join
-from services.attribution.store import read_arm_metrics
+from services.attribution.store import rates, read_arm_metrics
 
 T = 1_700_000_000_000
 MIN = 60_000
@@ -174,6 +174,10 @@ def test_counters_equal_the_offline_join_and_the_hand_count(
     assert metrics.unattributed.labels("no_impression")._value.get() == 1
     assert metrics.unattributed.labels("unknown_request_id")._value.get() == 1
     assert metrics.invalid.labels(imp_topic)._value.get() == 1
+    # The per-user state is bounded and expires.
+    assert redis_client.llen(keys.user_key("u1")) == 3
+    assert 0 < redis_client.pttl(keys.user_key("u1")) <= config.state_ttl_s * 1000
+    assert rates(arms["B"])["purchase_rate"] == 1.0 and rates(arms["B"])["revenue_per_impression"] == 20.0
 
 
 def _traffic(seed, n_users=40, n_imps=1500):
