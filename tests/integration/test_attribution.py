@@ -84,21 +84,26 @@ def offline(bootstrap, imp_topic, ev_topic, window_ms=30 * MIN):
     return offline_join(read_all(bootstrap, imp_topic)[0], read_all(bootstrap, ev_topic)[0], window_ms)
 
 
-def test_counters_equal_the_offline_join_and_the_hand_count(
-    kafka_bootstrap, fresh_topic, redis_url, redis_client
-):
-    imp_topic, ev_topic = fresh_topic(3), fresh_topic(3)
-    config = AttributionConfig(
-        bootstrap=kafka_bootstrap,
+def _config(bootstrap, redis_url, imp_topic, ev_topic, **more):
+    return AttributionConfig(
+        bootstrap=bootstrap,
         redis=redis_url,
         group=f"attr-{imp_topic}",
         impressions_topic=imp_topic,
         events_topic=ev_topic,
         lateness_s=1.0,
-        max_wait_s=60.0,  # no event is released by waiting: only the impressions' watermark does
         metrics_port=0,
         session_timeout_ms=6_000,
+        **more,
     )
+
+
+def test_counters_equal_the_offline_join_and_the_hand_count(
+    kafka_bootstrap, fresh_topic, redis_url, redis_client
+):
+    imp_topic, ev_topic = fresh_topic(3), fresh_topic(3)
+    config = _config(kafka_bootstrap, redis_url, imp_topic, ev_topic, max_wait_s=60.0)
+    # max_wait 60 s: no event is released by waiting, only by the impressions' watermark
     metrics = AttributionMetrics()
     consumer = AttributionConsumer(config, metrics)
     thread = threading.Thread(target=consumer.run, daemon=True)
@@ -257,3 +262,39 @@ def test_sigkill_and_restart_still_equal_the_offline_join(
     totals = expected["default"]
     assert totals["A"]["totals"]["impressions"] + totals["B"]["totals"]["impressions"] == len(imps)
     assert sum(t["totals"].get("purchase", 0) for t in totals.values()) > 50  # something was attributed
+
+
+def test_writes_lost_by_redis_are_applied_again(kafka_bootstrap, fresh_topic, redis_url, redis_client):
+    """Redis comes back with older data (a restart from an old AOF or RDB file): offsets and
+    counters went back together; the consumer sees its offsets behind and reads that range again."""
+    imp_topic, ev_topic = fresh_topic(2), fresh_topic(2)
+    imps, events = _traffic(seed=7, n_users=10, n_imps=300)
+    metrics = AttributionMetrics()
+    consumer = AttributionConsumer(
+        _config(kafka_bootstrap, redis_url, imp_topic, ev_topic, max_wait_s=2.0), metrics
+    )
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        publish(kafka_bootstrap, imp_topic, [(u, v) for _, u, v in imps[:150]])
+        publish(kafka_bootstrap, ev_topic, [(u, v) for ts, u, v in events if ts < imps[150][0]])
+        wait_applied(redis_client, kafka_bootstrap, imp_topic, ev_topic)
+        snapshot = {
+            k: (redis_client.dump(k), redis_client.pttl(k)) for k in redis_client.scan_iter(keys.PREFIX + "*")
+        }
+        publish(kafka_bootstrap, imp_topic, [(u, v) for _, u, v in imps[150:]])
+        publish(kafka_bootstrap, ev_topic, [(u, v) for ts, u, v in events if ts >= imps[150][0]])
+        wait_applied(redis_client, kafka_bootstrap, imp_topic, ev_topic)
+        before = read_arm_metrics(redis_client)
+        pipe = redis_client.pipeline(transaction=True)
+        pipe.delete(*redis_client.scan_iter(keys.PREFIX + "*"))
+        for key, (value, ttl) in snapshot.items():
+            pipe.restore(key, max(ttl, 0), value)
+        pipe.execute()
+        assert read_arm_metrics(redis_client) != before  # writes lost
+        wait_applied(redis_client, kafka_bootstrap, imp_topic, ev_topic)
+    finally:
+        consumer.stop()
+        thread.join(30)
+    assert metrics.fence_rewinds._value.get() >= 1
+    assert read_arm_metrics(redis_client) == before == offline(kafka_bootstrap, imp_topic, ev_topic)
