@@ -1,5 +1,6 @@
 """Reading the per-arm online metrics back from Redis (``recstack experiment report`` uses this),
-and turning totals into the rates the docs name."""
+turning totals into the rates the docs name, and the offline join of the raw topics as they
+stand in Kafka (the chaos check compares the two)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 from typing import Any
 
 from services.attribution import keys
-from services.attribution.rule import MICROS, ArmMetrics
+from services.attribution.rule import MICROS, ArmMetrics, offline_join
 
 
 def read_arm_metrics(client: Any, experiment: str | None = None) -> ArmMetrics:
@@ -44,3 +45,33 @@ def rates(totals: dict[str, int]) -> dict[str, float]:
     out["revenue"] = totals.get("revenue_micros", 0) / MICROS
     out["revenue_per_impression"] = out["revenue"] / n if n else 0.0
     return out
+
+
+def topic_records(bootstrap: str, topic: str, **client_options: Any) -> list[tuple[int, int, bytes | None]]:
+    """Every record of ``topic`` up to its end offsets now, as ``(partition, offset, value)``."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, **client_options)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        out = []
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            for tp, recs in consumer.poll(timeout_ms=500).items():
+                out += [(tp.partition, r.offset, r.value) for r in recs if r.offset < end[tp]]
+        return sorted(out)
+    finally:
+        consumer.close()
+
+
+def offline_join_topics(
+    bootstrap: str, impressions_topic: str, events_topic: str, window_ms: int, **client_options: Any
+) -> ArmMetrics:
+    """:func:`~services.attribution.rule.offline_join` of the two topics as they stand."""
+    return offline_join(
+        topic_records(bootstrap, impressions_topic, **client_options),
+        topic_records(bootstrap, events_topic, **client_options),
+        window_ms,
+    )

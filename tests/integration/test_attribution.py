@@ -13,15 +13,14 @@ import sys
 import threading
 import time
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 
 from recstack.events import Event
 from services.attribution import keys
 from services.attribution.config import AttributionConfig
 from services.attribution.consumer import AttributionConsumer
 from services.attribution.metrics import AttributionMetrics
-from services.attribution.rule import offline_join
-from services.attribution.store import rates, read_arm_metrics
+from services.attribution.store import offline_join_topics, rates, read_arm_metrics, topic_records
 
 T = 1_700_000_000_000
 MIN = 60_000
@@ -51,26 +50,10 @@ def publish(bootstrap, topic, records):
     producer.close()
 
 
-def read_all(bootstrap, topic):
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    end = consumer.end_offsets(tps)
-    out = []
-    while any(consumer.position(tp) < end[tp] for tp in tps):
-        for tp, recs in consumer.poll(timeout_ms=500).items():
-            out += [(tp.partition, r.offset, r.value) for r in recs]
-    consumer.close()
-    return sorted(out), {tp.partition: end[tp] for tp in tps}
-
-
 def wait_applied(client, bootstrap, imp_topic, ev_topic, timeout=90.0):
     """Until Redis holds both topics' last offsets as applied."""
-    _, imp_end = read_all(bootstrap, imp_topic)
-    _, ev_end = read_all(bootstrap, ev_topic)
-    want = {keys.impressions_field(p): n - 1 for p, n in imp_end.items() if n}
-    want |= {keys.events_field(p): n - 1 for p, n in ev_end.items() if n}
+    want = {keys.impressions_field(p): o for p, o, _ in topic_records(bootstrap, imp_topic)}
+    want |= {keys.events_field(p): o for p, o, _ in topic_records(bootstrap, ev_topic)}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stored = client.hmget(keys.OFFSETS, list(want))
@@ -81,7 +64,7 @@ def wait_applied(client, bootstrap, imp_topic, ev_topic, timeout=90.0):
 
 
 def offline(bootstrap, imp_topic, ev_topic, window_ms=30 * MIN):
-    return offline_join(read_all(bootstrap, imp_topic)[0], read_all(bootstrap, ev_topic)[0], window_ms)
+    return offline_join_topics(bootstrap, imp_topic, ev_topic, window_ms)
 
 
 def _config(bootstrap, redis_url, imp_topic, ev_topic, **more):
