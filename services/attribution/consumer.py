@@ -271,8 +271,8 @@ class AttributionConsumer:
                     break
                 self.metrics.released_by_wait.inc()
             events.append((offset, event))
-        if not part.imps and not events:
-            return None
+        if not part.imps and not events and part.imp_read == part.imp_applied:
+            return None  # (invalid impressions alone still move the offset past them)
         batch = Batch(p, list(part.imps), part.imp_read, events, watermark)
         for imp in batch.imps:
             batch.credits += impression_credits(imp)
