@@ -283,3 +283,59 @@ def test_writes_lost_by_redis_are_applied_again(kafka_bootstrap, fresh_topic, re
         thread.join(30)
     assert metrics.fence_rewinds._value.get() >= 1
     assert read_arm_metrics(redis_client) == before == offline(kafka_bootstrap, imp_topic, ev_topic)
+
+
+def _in_thread(config):
+    metrics = AttributionMetrics()
+    consumer = AttributionConsumer(config, metrics)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    return consumer, thread, metrics
+
+
+def test_a_stale_owner_is_refused_and_a_second_member_shares_the_work(
+    kafka_bootstrap, fresh_topic, redis_url, redis_client
+):
+    """Partition tokens: once another consumer has taken the partitions (here: their tokens
+    replaced), the old owner's batches are refused and change nothing. Then two members split
+    the partitions (partition p of both topics to one member) and the totals equal the offline join."""
+    imp_topic, ev_topic = fresh_topic(4), fresh_topic(4)
+    imps, events = _traffic(seed=3, n_users=12, n_imps=200)
+    config = _config(kafka_bootstrap, redis_url, imp_topic, ev_topic, max_wait_s=2.0)
+    first, first_thread, first_metrics = _in_thread(config)
+    second = None
+    try:
+        publish(kafka_bootstrap, imp_topic, [(u, v) for _, u, v in imps[:100]])
+        publish(kafka_bootstrap, ev_topic, [(u, v) for ts, u, v in events if ts < imps[100][0]])
+        wait_applied(redis_client, kafka_bootstrap, imp_topic, ev_topic)
+        owners = redis_client.hgetall(keys.OWNERS)
+        redis_client.hset(keys.OWNERS, mapping={f: b"someone-else" for f in owners})
+        before = (read_arm_metrics(redis_client), redis_client.hgetall(keys.OFFSETS))
+        publish(kafka_bootstrap, imp_topic, [(u, v) for _, u, v in imps[100:]])
+        stored = {k.decode(): int(v) for k, v in before[1].items()}
+        fed = {p for p, o, _ in topic_records(kafka_bootstrap, imp_topic) if o > stored.get(f"imp:{p}", -1)}
+        assert fed
+        deadline = time.monotonic() + 30
+        while fed & first._parts.keys():  # each fed partition's next batch is refused: it leaves them
+            assert time.monotonic() < deadline, "the stale owner kept writing"
+            time.sleep(0.1)
+        assert (read_arm_metrics(redis_client), redis_client.hgetall(keys.OFFSETS)) == before
+        first.stop()
+        first_thread.join(30)
+        # A fresh group of two members takes over (their tokens replace the stale ones).
+        first, first_thread, first_metrics = _in_thread(config)
+        second = _in_thread(config)
+        deadline = time.monotonic() + 60
+        while not (first._parts and second[0]._parts):  # both members hold partitions of both topics
+            assert time.monotonic() < deadline, "the second member never got partitions"
+            time.sleep(0.1)
+        assert not first._parts.keys() & second[0]._parts.keys()
+        publish(kafka_bootstrap, ev_topic, [(u, v) for ts, u, v in events if ts >= imps[100][0]])
+        wait_applied(redis_client, kafka_bootstrap, imp_topic, ev_topic)
+    finally:
+        for consumer, thread in ((first, first_thread), (second[0], second[1]) if second else (None, None)):
+            if consumer is not None:
+                consumer.stop()
+                thread.join(30)
+    assert read_arm_metrics(redis_client) == offline(kafka_bootstrap, imp_topic, ev_topic)
+    assert set(redis_client.hvals(keys.OWNERS)) != {b"someone-else"}
