@@ -131,3 +131,20 @@ def test_offline_join_counts_per_arm_and_minute():
         "add_to_cart": 1,
         "rr_micros_add_to_cart": 1_000_000,
     }
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"window_s": 0}, "--window"),
+        ({"state_ttl_s": 60}, "--state-ttl"),
+        ({"events_topic": "rank-impressions"}, "--events-topic"),
+        ({"redis": "redis+cluster://127.0.0.1:7000"}, "not a cluster"),
+    ],
+)
+def test_config_refuses_naming_the_flag(change, named):
+    from recstack.errors import UserError
+    from services.attribution.config import AttributionConfig
+
+    with pytest.raises(UserError, match=named):
+        AttributionConfig(**change)
