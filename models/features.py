@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-# The stream consumer keeps this many distinct recent items per user (CONTRACT section 4).
+# The stream consumer keeps this many distinct recent items per user (docs/CONTRACT.md section 4).
 RECENT_ITEMS = 50
 EVENT_TYPE_INDEX = {"view": 0, "add_to_cart": 1, "purchase": 2}
 # ``trending`` is a time-decayed weighted event count, updated on each event of the item as

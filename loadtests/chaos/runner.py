@@ -51,7 +51,7 @@ SESSION_TIMEOUT_MS = 6_000  # the broker's minimum: a stopped consumer's partiti
 LOG_ROLL_S = 2.0
 DRAIN_TIMEOUT_S = 120.0
 SERVING_TIMEOUT_S = 120.0
-# Statuses a ranking client may see while a dependency misbehaves (CONTRACT.md section 5): the
+# Statuses a ranking client may see while a dependency misbehaves (docs/CONTRACT.md section 5): the
 # server sheds (RESOURCE_EXHAUSTED) or the call's deadline passes; everything else is a failure.
 ALLOWED_CODES = frozenset({"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
 _REPLAYED = "recstack_stream_events_replayed_total"

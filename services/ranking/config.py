@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Contract limits (CONTRACT.md section 5 and section 3's id rule).
+# Contract limits (docs/CONTRACT.md section 5 and section 3's id rule).
 MAX_ID_LENGTH = 128
 DEFAULT_MAX_CANDIDATES = 1_000
 AUTH_TOKEN_ENV = "RECSTACK_AUTH_TOKEN"
