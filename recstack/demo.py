@@ -233,9 +233,10 @@ GRPCURL_RANK = ["-plaintext", "-d", '{"user_id":"17850","item_ids":["85123A","71
 
 def _grpcurl_check(target: str) -> None:
     """Call Rank with the pinned grpcurl (infra/tools.sh builds it once) as the README shows."""
-    grpcurl = subprocess.run(
-        [str(REPO / "infra" / "tools.sh"), "--grpcurl"], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    found = subprocess.run([str(REPO / "infra" / "tools.sh"), "--grpcurl"], stdout=subprocess.PIPE, text=True)
+    if found.returncode != 0:  # tools.sh said why on standard error
+        raise UserError("grpcurl could not be installed (infra/tools.sh --grpcurl)")
+    grpcurl = found.stdout.strip()
     args = [grpcurl, *GRPCURL_RANK, target, "recstack.v1.RankingService/Rank"]
     print("    $ " + shlex.join(args), flush=True)
     result = subprocess.run(args, capture_output=True, text=True, timeout=60)
