@@ -22,7 +22,7 @@ def test_every_contract_reference_points_at_docs_contract_and_an_existing_sectio
     assert sections == {"1", "2", "3", "4", "5", "6"}
     cited = 0
     for path in _tracked_text_files():
-        if path == CONTRACT:
+        if path in (CONTRACT, Path(__file__).resolve()):  # this file names it in code
             continue
         text = path.read_text(errors="replace")
         for match in re.finditer(r"(\S*)CONTRACT\.md(\)?)(?: sections? (\d)(?: and (\d))?)?", text):
