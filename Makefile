@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@$(VENV_PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	@touch $@
 
-tools: ## install the tools the tests use: openssl, promtool, kustomize (once; then a no-op)
+tools: ## install the tools the tests use: openssl, promtool, kustomize, grpcurl (once; then a no-op)
 	@infra/tools.sh
 
 lock: ## re-pin constraints.txt (the lock file) after changing pyproject.toml

@@ -5,10 +5,12 @@ The forms, all from the same published int8 version, all called through ``Ranker
 (the whole model call a server batch makes: packing, routing, one forward, unpacking):
 
 * ``aoti``: the version's AOTInductor package (``model.pt2``, :mod:`models.aoti`), what is served;
-* ``torchscript``: the traced, frozen per-path graphs of :mod:`models.compiled` (served before);
-* ``onnxruntime``: the same one-graph function (:class:`models.aoti.ServedCascade`) exported to
-  ONNX with torch's TorchScript-based exporter (dynamic requests, candidates, history and head)
-  and run by ONNX Runtime on one intra-op thread.
+* ``torchscript``: the traced, frozen per-path graphs of :mod:`models.compiled` (served before,
+  now the fallback).
+
+ONNX Runtime forms (the whole graph exported, fp32 and int8, and the eager model with an ONNX
+Runtime int8 MLP) were measured here too; they lost to ``aoti`` in every line, and the ONNX
+Runtime path was retired (docs/MODEL.md, "Served form", keeps their figures).
 
 Requests are warm users (``--history`` recent items, default 30) with ``--candidates`` (100)
 candidates each, routed as at no load (they take the cascade; ``--path full`` etc. forces one
@@ -27,11 +29,7 @@ timing, each form's scores are compared with the first form's on every request c
         --json artifacts/bench/forms.json
     .venv/bin/python benchmarks/cold_forward_bench.py --model DIR --forms aoti,torchscript --repeats 200
 
-``--forms ...,onnxruntime-int8,eager-onnxruntime-int8`` adds the exported graph with ONNX
-Runtime's dynamic int8 quantization of the interaction MLP, and the eager model with the ONNX
-Runtime int8 MLP of ``models/onnx_mlp.py`` (int8 activations: their scores are held to 0.25, not 1e-4).
-
-The default (3 forms x 5 request counts x 3 gaps, 40 rounds) takes about 40 s on a shared 2-core
+The default (2 forms x 5 request counts x 3 gaps, 40 rounds) takes about 30 s on a shared 2-core
 machine (the sleeps alone are 0.75 s a round); the process exits 1 when a form's scores disagree.
 """
 
@@ -41,7 +39,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,23 +50,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-FORMS = ("aoti", "torchscript", "onnxruntime")
-# Opt-in, int8 activations (quantized per call, so their scores differ from the fp32-arithmetic
-# forms by design): the exported graph with ONNX Runtime's dynamic int8 quantization of the
-# interaction MLP; and the eager model whose MLP runs on ONNX Runtime int8 (models/onnx_mlp.py,
-# what ``--dense-runtime onnxruntime-int8`` serves).
-EXTRA_FORMS = ("onnxruntime-int8", "eager-onnxruntime-int8")
+FORMS = ("aoti", "torchscript")
 REQUESTS = (1, 2, 4, 8, 32)
 GAPS_MS = (0.0, 10.0, 40.0)
 IDLE_KINDS = ("sleep", "spin", "thrash")
 PATHS = ("routed", "light", "cascade", "full")
-AGREEMENT_TOLERANCE = 1e-4
-# A sanity bound only (0.17 seen from onnx_mlp.py's int8 MLP): int8 quality is judged by NDCG.
-INT8_ACTIVATION_TOLERANCE = 0.25
-
-
-def tolerance(form: str) -> float:
-    return INT8_ACTIVATION_TOLERANCE if form.endswith("-int8") else AGREEMENT_TOLERANCE
+AGREEMENT_TOLERANCE = 1e-4  # every form computes in fp32 from the same dequantized weights
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -118,9 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--forms",
-        type=_choices(FORMS + EXTRA_FORMS),
+        type=_choices(FORMS),
         default=FORMS,
-        help=f"comma-separated (default: {','.join(FORMS)}; also: {','.join(EXTRA_FORMS)})",
+        help=f"comma-separated (default: {','.join(FORMS)})",
     )
     parser.add_argument(
         "--requests", type=_int_list, default=REQUESTS, help="request counts per call (default: 1,2,4,8,32)"
@@ -191,87 +177,7 @@ def markdown_table(rows: list[dict[str, Any]], forms: Sequence[str]) -> str:
 
 
 # -- the forms ----------------------------------------------------------------------------------
-class OrtGraph:
-    """An ONNX Runtime session called like the compiled graph: six tensors -> the score tensor."""
-
-    NAMES = ("hist", "user", "cand", "item", "head", "head_slots")
-
-    def __init__(self, path: Path) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self._run = self._session.run
-
-    def __call__(self, *inputs: Any) -> Any:
-        import torch
-
-        feed = {name: t.numpy() for name, t in zip(self.NAMES, inputs, strict=True)}
-        return torch.from_numpy(self._run(None, feed)[0])
-
-
-def export_onnx(model: Any, path: Path) -> dict[str, Any]:
-    """Export the served one-graph function to ONNX with torch's TorchScript-based exporter."""
-    import warnings
-
-    import torch
-
-    from models import aoti
-    from models.model import RankBatch
-
-    class Traceable(aoti.ServedCascade):
-        # The same graph without the export-only size hint (torch._check on a size), which the
-        # tracer sees as a tensor and rejects.
-        def forward(self, hist, user, cand, item, head, head_slots):  # type: ignore[override]
-            return self.model.cascade_top(RankBatch(hist, user, cand, item), head, head_slots.shape[0])
-
-    axes = {
-        "hist": {0: "requests", 1: "history"},
-        "user": {0: "requests"},
-        "cand": {0: "requests", 1: "candidates"},
-        "item": {0: "requests", 1: "candidates"},
-        "head": {0: "requests"},
-        "head_slots": {0: "head"},
-        "scores": {0: "requests", 1: "candidates"},
-    }
-    started = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-        torch.onnx.export(
-            Traceable(model).eval(),
-            aoti._example(model),
-            str(path),
-            dynamo=False,
-            input_names=list(OrtGraph.NAMES),
-            output_names=["scores"],
-            dynamic_axes=axes,
-            opset_version=17,
-        )
-    return {"export_seconds": round(time.perf_counter() - started, 2), "bytes": path.stat().st_size}
-
-
-def quantize_onnx(source: Path, target: Path) -> Path:
-    """ONNX Runtime's dynamic int8 quantization of the interaction MLP's MatMuls (weights per
-    output column), as ``models/onnx_mlp.py`` does for the MLP alone. Quantizing every MatMul
-    (the attention's and the user pooling's too) moved scores by up to 1.5."""
-    import logging
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process is for conv nets
-    mlp = [n.name for n in onnx.load(str(source)).graph.node if n.name.startswith("/mlp/")]
-    quantize_dynamic(
-        str(source), str(target), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=mlp
-    )
-    return target
-
-
-def load_forms(version: Path, forms: Sequence[str], workdir: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def load_forms(version: Path, forms: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """-> ({form: warmed-up Ranker}, {form: why it is not there})."""
     from models.artifacts import load_version
 
@@ -279,24 +185,9 @@ def load_forms(version: Path, forms: Sequence[str], workdir: Path) -> tuple[dict
     problems: dict[str, str] = {}
     for form in forms:
         try:
-            if form.startswith("onnxruntime"):
-                # Same weights as the package: int8 dequantized, per-item tables prepared.
-                ranker = load_version(version, dense_runtime="fp32")
-                onnx_path = workdir / "served.onnx"
-                if not onnx_path.is_file():
-                    info = export_onnx(ranker.model, onnx_path)
-                    print(f"  onnx: exported in {info['export_seconds']} s, {info['bytes'] / 1e6:.1f} MB")
-                if form == "onnxruntime-int8":
-                    onnx_path = quantize_onnx(onnx_path, workdir / "served.int8.onnx")
-                ranker.served = OrtGraph(onnx_path)
-            elif form == "eager-onnxruntime-int8":
-                ranker = load_version(version, dense_runtime="onnxruntime-int8")
-                if type(ranker.model.mlp).__name__ != "OnnxInteractionMLP":
-                    raise RuntimeError("the ONNX Runtime int8 MLP did not load (see the log)")
-            else:
-                ranker = load_version(version, dense_runtime=form)
-                if ranker.form != form:
-                    raise RuntimeError(f"the version loads as {ranker.form}, not {form} (see the log)")
+            ranker = load_version(version, dense_runtime=form)
+            if ranker.form != form:
+                raise RuntimeError(f"the version loads as {ranker.form}, not {form} (see the log)")
             ranker.warmup()
             rankers[form] = ranker
         except Exception as exc:  # one form failing must not hide the others' figures
@@ -413,21 +304,19 @@ def compare_forms(version: Path, args: argparse.Namespace) -> dict[str, Any]:
     from models.latency import synthetic_requests
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="forms-") as tmp:
-        rankers, problems = load_forms(version, args.forms, Path(tmp))
-        if not rankers:
-            raise RuntimeError(f"no form could be loaded: {problems}")
-        first = next(iter(rankers.values()))
-        inputs = {
-            b: synthetic_requests(first, b, args.candidates, seed=b, history=args.history)
-            for b in args.requests
-        }
-        agree = agreement(rankers, inputs)
-        loads = [os.getloadavg()[0]]
-        started = time.perf_counter()
-        force = None if args.path == "routed" else args.path
-        rows = measure(rankers, inputs, args.gaps_ms, args.idle_kinds, args.repeats, loads, force)
-        seconds = time.perf_counter() - started
+    rankers, problems = load_forms(version, args.forms)
+    if not rankers:
+        raise RuntimeError(f"no form could be loaded: {problems}")
+    first = next(iter(rankers.values()))
+    inputs = {
+        b: synthetic_requests(first, b, args.candidates, seed=b, history=args.history) for b in args.requests
+    }
+    agree = agreement(rankers, inputs)
+    loads = [os.getloadavg()[0]]
+    started = time.perf_counter()
+    force = None if args.path == "routed" else args.path
+    rows = measure(rankers, inputs, args.gaps_ms, args.idle_kinds, args.repeats, loads, force)
+    seconds = time.perf_counter() - started
     return {
         "version": version.name,
         "model_path": str(version),
@@ -462,10 +351,10 @@ def report(results: dict[str, Any]) -> str:
         + ", ".join(f"{b}: {'/'.join(p)}" for b, p in agree["paths"].items()),
     ]
     for form, diff in agree["max_abs_diff"].items():
-        verdict = "agree" if diff <= tolerance(form) else "DISAGREE"
+        verdict = "agree" if diff <= AGREEMENT_TOLERANCE else "DISAGREE"
         lines.append(
             f"max |score difference| {form} vs {agree['reference']}: {diff:.2e} "
-            f"({verdict} within {tolerance(form):g})"
+            f"({verdict} within {AGREEMENT_TOLERANCE:g})"
         )
     for form, why in results["not_measured"].items():
         lines.append(f"{form}: not measured: {why}")
@@ -485,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
         print(f"written: {args.json}")
-    disagree = [f for f, d in results["agreement"]["max_abs_diff"].items() if d > tolerance(f)]
+    disagree = [f for f, d in results["agreement"]["max_abs_diff"].items() if d > AGREEMENT_TOLERANCE]
     return 1 if disagree else 0
 
 

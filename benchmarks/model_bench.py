@@ -4,17 +4,17 @@ Three parts, all on one torch thread (the ranking server's setting) and interlea
 busy machine slows every variant alike; figures are the median of many repetitions:
 
 1. **Dense runtimes**: the full path's interaction MLP (its largest GEMMs) at the row counts the
-   server's batches produce (1 .. 128 requests x 100 candidates): torch eager fp32, torch
-   ``quantize_dynamic`` int8, ONNX Runtime fp32 and ONNX Runtime int8 (``DynamicQuantizeMatMul``).
-   The ONNX graphs are written by a small protobuf encoder below (the ``onnx`` package is not a
-   dependency), with the trained weights; outputs are checked against torch.
+   server's batches produce (1 .. 128 requests x 100 candidates): torch eager fp32 and torch
+   ``quantize_dynamic`` int8, with the trained weights; the int8 output is checked against fp32.
+   (ONNX Runtime was measured here too until the served-forms comparison retired it: docs/MODEL.md,
+   "Served form".)
 2. **Embedding lookups**: gathering 100-candidate rows from an fp32 table vs an int8 table with
    per-row scales, for the trained catalogue and for a 1M-item one (where memory traffic matters).
 3. **Per path** (light, full, cascade) ``Ranker.rank_batch`` latency at 1, 8, 32, 128 requests of
    100 candidates: fp32 artifact vs served int8 artifact.
 4. **Routing**: the served int8 model routed at no load vs always-full.
 5. **Served forms** (needs a published version, ``--model``): the AOTInductor package vs the
-   TorchScript graphs vs ONNX Runtime running the whole exported graph, at 1, 2, 4, 8, 32 warm
+   TorchScript graphs, at 1, 2, 4, 8, 32 warm
    requests, back to back and after 10 / 40 ms idle (``benchmarks/cold_forward_bench.py``, which
    runs this part alone with more options).
 
@@ -42,8 +42,6 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-
-from models.onnx_mlp import mlp_graph  # noqa: E402
 
 BATCHES = (1, 8, 32, 128)
 PARTS = ("dense", "embeddings", "paths", "routing", "forms")
@@ -89,8 +87,6 @@ def load_or_make(model_dir: str | None):
 
 
 def bench_dense(fp32_model, reps: int) -> list[dict]:
-    import onnxruntime as ort
-
     mlp = fp32_model.mlp
     layers = [
         m
@@ -109,37 +105,17 @@ def bench_dense(fp32_model, reps: int) -> list[dict]:
             seq.append(nn.ReLU())
     eager = nn.Sequential(*seq).eval()
     dynamic = torch.ao.quantization.quantize_dynamic(eager, {nn.Linear}, dtype=torch.qint8)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    weights = [m.weight.detach().float().numpy() for m in layers]
-    biases = [m.bias.detach().float().numpy() for m in layers]
-    sessions = {
-        name: ort.InferenceSession(
-            mlp_graph(weights, biases, int8, extra=False), opts, providers=["CPUExecutionProvider"]
-        )
-        for name, int8 in (("ort_fp32", False), ("ort_int8", True))
-    }
     rows_out = []
     for b in BATCHES:
         n = b * CANDIDATES
         x = torch.randn(n, layers[0].in_features)
-        xn = x.numpy()
         with torch.inference_mode():
             ref = eager(x).numpy()
-            errors = {
-                "torch_int8": float(np.abs(dynamic(x).numpy() - ref).max()),
-                "ort_fp32": float(np.abs(sessions["ort_fp32"].run(None, {"x": xn})[0] - ref).max()),
-                "ort_int8": float(np.abs(sessions["ort_int8"].run(None, {"x": xn})[0] - ref).max()),
-            }
-
+            errors = {"torch_int8": float(np.abs(dynamic(x).numpy() - ref).max())}
             fns = {
                 "torch_fp32": lambda m=eager, x=x: m(x),
                 "torch_int8": lambda m=dynamic, x=x: m(x),
             }
-            for name, sess in sessions.items():
-                fns[name] = lambda s=sess, xn=xn: s.run(None, {"x": xn})
             ms = interleaved(fns, reps=max(5, reps // b), min_seconds=0.3)
         rows_out.append({"requests": b, "rows": n, "ms": ms, "max_abs_error_vs_fp32": errors})
     return rows_out
@@ -179,7 +155,6 @@ def bench_embeddings(fp32_ranker, reps: int) -> list[dict]:
 PATH_VARIANTS = {  # name -> (quantized, int8 dense runtime)
     "fp32": (False, None),
     "int8_torch_dense": (True, "fp32"),
-    "int8_ort_dense": (True, "onnxruntime-int8"),
 }
 
 
@@ -287,16 +262,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dense(results: dict, fp32, reps: int) -> None:
     results["dense"] = bench_dense(fp32.model, reps)
     print("1. interaction MLP (the full path's GEMMs), ms per call")
-    print(
-        "| requests x 100 | rows | torch fp32 | torch int8 (dynamic) | ORT fp32 | ORT int8 "
-        "| max abs error ORT int8 |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("| requests x 100 | rows | torch fp32 | torch int8 (dynamic) | max abs error torch int8 |")
+    print("|---|---|---|---|---|")
     for r in results["dense"]:
         ms = r["ms"]
         print(
             f"| {r['requests']} | {r['rows']:,} | {ms['torch_fp32']:.3f} | {ms['torch_int8']:.3f} | "
-            f"{ms['ort_fp32']:.3f} | {ms['ort_int8']:.3f} | {r['max_abs_error_vs_fp32']['ort_int8']:.4f} |"
+            f"{r['max_abs_error_vs_fp32']['torch_int8']:.4f} |"
         )
 
 
@@ -315,14 +287,13 @@ def _embeddings(results: dict, fp32, reps: int) -> None:
 def _paths(results: dict, folder: Path, reps: int) -> None:
     results["paths"] = bench_paths(folder, reps)
     print("\n3. Ranker.rank_batch per path, ms per call (100 candidates per request)")
-    print("| path | requests | fp32 | int8, torch fp32 dense | int8, ORT int8 dense | best int8 / fp32 |")
-    print("|---|---|---|---|---|---|")
+    print("| path | requests | fp32 | int8, fp32 dense | int8 / fp32 |")
+    print("|---|---|---|---|---|")
     for r in results["paths"]:
         ms = r["ms"]
-        best = min(ms["int8_torch_dense"], ms["int8_ort_dense"])
         print(
             f"| {r['path']} | {r['requests']} | {ms['fp32']:.3f} | {ms['int8_torch_dense']:.3f} | "
-            f"{ms['int8_ort_dense']:.3f} | {best / ms['fp32']:.2f} |"
+            f"{ms['int8_torch_dense'] / ms['fp32']:.2f} |"
         )
 
 

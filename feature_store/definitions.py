@@ -1,4 +1,4 @@
-"""Feast definitions of the recstack feature repository (CONTRACT.md section 4).
+"""Feast definitions of the recstack feature repository (docs/CONTRACT.md section 4).
 
 ``feast apply`` executes this file (the other modules of the folder are listed in
 ``.feastignore``), and :mod:`feature_store.store` applies the same objects in code. Names and
@@ -25,13 +25,13 @@ user = Entity(
     name="user",
     join_keys=["user_id"],
     value_type=ValueType.STRING,
-    description="A storefront user (CONTRACT.md section 3, user_id)",
+    description="A storefront user (docs/CONTRACT.md section 3, user_id)",
 )
 item = Entity(
     name="item",
     join_keys=["item_id"],
     value_type=ValueType.STRING,
-    description="A catalogue item (CONTRACT.md section 3, item_id)",
+    description="A catalogue item (docs/CONTRACT.md section 3, item_id)",
 )
 
 user_activity_push = PushSource(

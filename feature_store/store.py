@@ -5,6 +5,12 @@ The configuration is built in code rather than read from ``feature_store.yaml`` 
 index included. The file registry lives outside the package, in ``RECSTACK_FEAST_DIR``
 (default ``.run/feast`` under the working directory), and is (re)applied from
 :mod:`feature_store.definitions` whenever it is missing or differs from them.
+
+``python -m feature_store.store`` (run by ``make up``) applies the same definitions to the
+registry that ``feature_store.yaml`` names (``.run/feast/registry.db``, the file ``open_store``
+uses from the repository root), so that ``FeatureStore(repo_path="feature_store")`` reads the
+stream's features with no ``feast apply`` by hand. Feast's ``FEAST_FS_YAML_FILE_PATH`` points
+it at another configuration file.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,17 +126,55 @@ def open_store(redis_url: str, directory: str | Path | None = None) -> FeatureSt
         offline_store={"type": "file"},
         entity_key_serialization_version=3,
     )
-    with _locked(root):
-        store = FeatureStore(repo_path=str(REPO_DIR), config=config)
-        if not _registry_is_current(store):
-            store.apply(
-                [
-                    definitions.project,
-                    *definitions.ENTITIES,
-                    definitions.user_activity_push,
-                    definitions.item_popularity_push,
-                    *definitions.FEATURE_VIEWS,
-                ]
-            )
-            store.refresh_registry()
+    store = FeatureStore(repo_path=str(REPO_DIR), config=config)
+    ensure_applied(store, root)
     return store
+
+
+def ensure_applied(store: FeatureStore, lock_dir: Path) -> bool:
+    """Apply :mod:`feature_store.definitions` to ``store``'s registry unless it already holds them,
+    under a file lock in ``lock_dir``. Returns whether it applied. A partial apply: nothing is
+    deleted from the registry or the online store, so running it again is harmless."""
+    from feature_store import definitions
+
+    with _locked(lock_dir):
+        if _registry_is_current(store):
+            return False
+        store.apply(
+            [
+                definitions.project,
+                *definitions.ENTITIES,
+                definitions.user_activity_push,
+                definitions.item_popularity_push,
+                *definitions.FEATURE_VIEWS,
+            ]
+        )
+        store.refresh_registry()
+        return True
+
+
+def registry_path(store: FeatureStore) -> Path:
+    """The registry file of ``store``: a relative path in the YAML is relative to the repo folder."""
+    path = Path(store.config.registry.path)
+    return path if path.is_absolute() else (Path(store.repo_path) / path).resolve()
+
+
+def main() -> int:
+    """Apply the definitions to the registry of ``feature_store.yaml`` (``make up`` runs this)."""
+    started = time.monotonic()
+    from feast import FeatureStore
+
+    # Exactly what a Feast user opens: the YAML of this folder, or $FEAST_FS_YAML_FILE_PATH.
+    store = FeatureStore(repo_path=str(REPO_DIR))
+    registry = registry_path(store)
+    applied = ensure_applied(store, registry.parent)
+    took = time.monotonic() - started
+    print(
+        f"Feast registry {registry}: {'applied' if applied else 'already current'} in {took:.1f} s",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

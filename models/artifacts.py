@@ -1,4 +1,4 @@
-"""Versioned model artifacts (CONTRACT section 6): write atomically, list, verify and load.
+"""Versioned model artifacts (docs/CONTRACT.md section 6): write atomically, list, verify and load.
 
 A version is a folder ``<models_dir>/<version>/`` (versions sort by name: ``vYYYYMMDD-HHMMSS``); the
 folder name is the version's one identity (served, compared and reported), whatever ``config.json``
@@ -40,7 +40,12 @@ import torch
 
 from models.inference import Ranker
 from models.model import RankerConfig, TwoPathRanker
-from models.quantize import SERVED_DENSE_RUNTIME, build_int8_model, quantize_state_dict
+from models.quantize import (
+    RETIRED_DENSE_RUNTIMES,
+    SERVED_DENSE_RUNTIME,
+    build_int8_model,
+    quantize_state_dict,
+)
 from models.router import PathRouter, RouterConfig
 from models.vocab import FIRST_ITEM_ROW, ItemVocab
 from recstack.catalogue import is_recommendable
@@ -330,13 +335,8 @@ def load_model(
         if quantized:
             qstate = load_state(folder / WEIGHTS_INT8, device)
             runtime = dense_runtime or config.get("int8_dense_runtime", "fp32")
-            if runtime.startswith("onnxruntime") and (device != "cpu" or not _onnxruntime_available()):
-                log.warning(
-                    "%s: int8 dense runtime %s unavailable here (device %s); using fp32 dense layers",
-                    folder,
-                    runtime,
-                    device,
-                )
+            if runtime in RETIRED_DENSE_RUNTIMES:
+                log.warning("%s: int8 dense runtime %s was retired; using fp32 dense layers", folder, runtime)
                 runtime = "fp32"
             model = build_int8_model(model_config, qstate, runtime)
         else:
@@ -362,14 +362,6 @@ def _recommendable(folder: Path, item_ids: list[str], stored: np.ndarray | None)
             f"(one per row), got {stored.dtype} {stored.shape}"
         )
     return stored[FIRST_ITEM_ROW:] & definition
-
-
-def _onnxruntime_available() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def load_version(

@@ -15,8 +15,8 @@ and history slots. Two things are constants of a trace and therefore part of its
 * a non-empty history axis: batches are always packed with at least one history slot (an
   empty slot is padding, which every path masks).
 
-Only a model whose modules are all torch can be traced; a model with the ONNX Runtime MLP keeps
-running eagerly (:meth:`CompiledPaths.supported`).
+Only a model with the plain interaction MLP is traced; one whose MLP is ``torch.ao`` dynamic int8
+(``--dense-runtime torch-dynamic``, kept for comparison) runs eagerly (:meth:`CompiledPaths.supported`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class CompiledPaths:
 
     @staticmethod
     def supported(model: TwoPathRanker) -> bool:
-        """Every module is plain torch (the ONNX Runtime MLP, for one, cannot be traced)."""
+        """The interaction MLP is the plain one (not ``torch.ao`` dynamic int8, which runs eagerly)."""
         return isinstance(model.mlp, InteractionMLP)
 
     @property

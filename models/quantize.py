@@ -10,9 +10,10 @@ figures in docs/MODEL.md), one torch thread, 100-12,800 candidate rows per forwa
   request was 2x slower than fp32 gathers for a cache-resident table. Catalogues whose table would
   pass 256 MB keep the int8 table at run time (:class:`~models.model.Int8ItemEmbedding`), where the
   smaller memory traffic wins;
-* interaction MLP: ONNX Runtime int8 (:mod:`models.onnx_mlp`), 1.3-4.5x faster than torch fp32 for
-  those GEMMs; ``torch.ao`` dynamic int8 was slower than fp32 below ~3,000 rows;
-* everything else (attention over the history, small projections): fp32 torch.
+* every dense layer: the int8 weights dequantized once at load (weight-only int8, fp32 arithmetic),
+  run as the version's compiled graph (``aoti``, else ``torchscript``). ``torch.ao`` dynamic int8
+  was slower than fp32 below ~3,000 rows; ONNX Runtime int8 lost to the compiled graph at every
+  batch size and idle gap measured and was retired (docs/MODEL.md, "Served form").
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ SSUFFIX = ".scale"
 # version's AOTInductor graph (models.aoti), compiled when it was published; where the version has
 # none that runs on this machine, as "torchscript": the same weights, every path a traced
 # TorchScript graph (models.compiled). The other runtimes run the paths eagerly.
-DENSE_RUNTIMES = ("fp32", "torch-dynamic", "onnxruntime-int8", "onnxruntime-fp32", "torchscript", "aoti")
+DENSE_RUNTIMES = ("fp32", "torch-dynamic", "torchscript", "aoti")
+# Runtimes of earlier releases that a published version may still name (int8_dense_runtime):
+# loading one runs its dense layers in fp32 instead (the weights are the same).
+RETIRED_DENSE_RUNTIMES = ("onnxruntime-int8", "onnxruntime-fp32")
 # What a new version is served with: fastest at equal quality in benchmarks/model_bench.py
 # (docs/MODEL.md, "Served form").
 SERVED_DENSE_RUNTIME = "aoti"
@@ -107,12 +111,6 @@ def with_dense_runtime(model: TwoPathRanker, dense_runtime: str) -> TwoPathRanke
         raise ValueError(f"dense_runtime must be one of {DENSE_RUNTIMES}, got {dense_runtime!r}")
     if dense_runtime == "torch-dynamic":
         model.mlp = TorchDynamicMLP(model.mlp)  # type: ignore[assignment]  # same interface
-    elif dense_runtime.startswith("onnxruntime"):
-        from models.onnx_mlp import OnnxInteractionMLP
-
-        model.mlp = OnnxInteractionMLP(  # type: ignore[assignment]  # same interface
-            model.mlp, int8=dense_runtime == "onnxruntime-int8"
-        )
     return model
 
 

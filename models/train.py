@@ -141,39 +141,6 @@ class TrainStep(nn.Module):
         return loss_light, loss_full
 
 
-class AdamW:
-    """Adam with decoupled weight decay, written out: ``torch.optim`` pulls in the torch compiler
-    stack on first use, which costs seconds per process where bytecode is not cached."""
-
-    def __init__(
-        self, params, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-    ) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = 0
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        step_size = lr / (1 - b1**self.t)
-        bias2 = 1 - b2**self.t
-        for p, m, v in zip(self.params, self.m, self.v, strict=True):
-            if p.grad is None:
-                continue
-            if self.weight_decay:
-                p.mul_(1 - lr * self.weight_decay)
-            m.mul_(b1).add_(p.grad, alpha=1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.addcdiv_(m, (v / bias2).sqrt_().add_(self.eps), value=-step_size)
-
-
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:
     """Linear warm-up over the first 5% of steps, then cosine decay to zero."""
     warmup = max(1, total // 20)
@@ -294,7 +261,16 @@ def fit(
     if world > 1:
         step_module = nn.parallel.DistributedDataParallel(step_module)
         # Every rank starts from rank 0's initial weights (DDP broadcasts them on wrap).
-    optimizer = AdamW(model.parameters(), weight_decay=config.weight_decay)
+    # Decoupled weight decay scaled by the learning rate (p *= 1 - lr * wd), betas (0.9, 0.999),
+    # eps 1e-8 outside the bias-corrected square root: the update the hand-written class made.
+    # torch's default weight_decay is 1e-2, so it is always passed.
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=config.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=config.weight_decay,
+    )
     maker = _BatchMaker(data, config)
     n_ctx = len(data.contexts)
     per_rank = n_ctx // world
@@ -317,7 +293,9 @@ def fit(
             loss = loss_light + config.full_loss_weight * loss_full
             optimizer.zero_grad()
             loss.backward()
-            optimizer.step(learning_rate(config, len(history.step_loss), total))
+            for group in optimizer.param_groups:  # the schedule sets every step's rate
+                group["lr"] = learning_rate(config, len(history.step_loss), total)
+            optimizer.step()
             with torch.no_grad():
                 assert isinstance(model.items, ItemEmbedding)
                 model.items.weight[0].zero_()  # padding row stays empty

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import uuid
 from pathlib import Path
 
 from recstack.errors import UserError
+from services.ranking.config import RankingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RECSTACK = [sys.executable, "-m", "recstack.cli"]
@@ -147,6 +149,11 @@ def _pct(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__)
     parser.add_argument("--out", default=os.environ.get("RECSTACK_DEMO_OUT", "artifacts/demo"))
+    # Where a plain `recstack serve` looks (its --models default, also RECSTACK_MODELS): the demo's
+    # model is the one a new user serves next. Each run adds a version; the newest is served.
+    parser.add_argument(
+        "--models", default=os.environ.get("RECSTACK_MODELS", str(RankingConfig().models_dir))
+    )
     parser.add_argument("--bootstrap", default=os.environ.get("RECSTACK_BOOTSTRAP", "127.0.0.1:9092"))
     parser.add_argument("--redis", default=os.environ.get("RECSTACK_REDIS", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("RECSTACK_PORT", "50051")))
@@ -157,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     events_dir = out / "events"
-    models_dir = out / "models"
+    models_dir = (REPO / args.models).resolve()
     stack = Stack(out, args.keep)
     started = time.monotonic()
     stream_args = ["stream", "--bootstrap", args.bootstrap, "--redis", args.redis, "--group", "recstack-demo",
@@ -209,9 +216,34 @@ def main(argv: list[str] | None = None) -> int:
         _run(bench_args(models_dir, args.redis, bench_out))
 
         _report(out, models_dir, bench_out, fresh, time.monotonic() - started)
+
+        _step("the README's next step: grpcurl against the server")
+        _grpcurl_check(target)
     finally:
         stack.stop()
     return 0
+
+
+# README.md, "Next steps": the same call, checked here on the demo's server.
+GRPCURL_RANK = ["-plaintext", "-d", '{"user_id":"17850","item_ids":["85123A","71053","84406B"]}']
+
+
+def _grpcurl_check(target: str) -> None:
+    """Call Rank with the pinned grpcurl (infra/tools.sh builds it once) as the README shows."""
+    found = subprocess.run([str(REPO / "infra" / "tools.sh"), "--grpcurl"], stdout=subprocess.PIPE, text=True)
+    if found.returncode != 0:  # tools.sh said why on standard error
+        raise UserError("grpcurl could not be installed (infra/tools.sh --grpcurl)")
+    grpcurl = found.stdout.strip()
+    args = [grpcurl, *GRPCURL_RANK, target, "recstack.v1.RankingService/Rank"]
+    print("    $ " + shlex.join(args), flush=True)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise UserError(f"grpcurl Rank failed (exit {result.returncode}): {result.stderr.strip()}")
+    answer = json.loads(result.stdout)
+    if len(answer.get("items", [])) != 3 or not answer.get("model_version"):
+        raise UserError(f"grpcurl Rank returned no ranking: {result.stdout}")
+    # grpcurl leaves out fields at their default value: a score of exactly 0.0 has no "score".
+    print("    " + " ".join(f"{i['item_id']}={i.get('score', 0.0):.3f}" for i in answer["items"]), flush=True)
 
 
 def bench_args(models_dir: Path, redis_url: str, bench_out: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""The storefront event of CONTRACT.md section 3: its typed form, its validation and its JSON form.
+"""The storefront event of docs/CONTRACT.md section 3: its typed form, its validation and its JSON form.
 
 Everything that reads events (the stream consumer, the event-log readers of training) parses
 them here, so the rules are written once. A broken event raises :class:`InvalidEvent` whose

@@ -22,7 +22,7 @@ from loadtests.chaos.truth import Acked
 from recstack.client import EventPublisher, PublishError
 from recstack.events import Event
 
-# Records the consumer must send to the dead-letter topic, one per rule of CONTRACT.md section 3.
+# Records the consumer must send to the dead-letter topic, one per rule of docs/CONTRACT.md section 3.
 MALFORMED: tuple[bytes | None, ...] = (
     b"{not json",
     b"[1, 2]",

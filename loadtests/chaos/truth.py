@@ -3,7 +3,7 @@
 Kafka acknowledges each published event with its partition and offset. Replaying the acknowledged
 events in offset order (one user's events share a partition, so that is the order the stream
 applies them in), skipping every event id seen before, gives each user's and item's features as
-CONTRACT.md section 4 defines them. :func:`compare` then tells events lost (a count below the
+docs/CONTRACT.md section 4 defines them. :func:`compare` then tells events lost (a count below the
 truth) from events applied twice (a count above it) and any other difference.
 """
 

@@ -75,7 +75,7 @@ _GROUPS: dict[str, list[_Flag]] = {
         ("--device", "device", str, "torch device: cpu, or cuda where a GPU exists"),
         ("--dense-runtime", "dense_runtime", _dense_runtime,
          "how the int8 model runs: aoti (the version's compiled graph, else torchscript), torchscript, "
-         "onnxruntime-int8, fp32, ..."),
+         "fp32, torch-dynamic"),
         ("--naive", "naive", None,
          "the baseline: no batching, Feast reads per call, fp32, always the full path"),
         ("--model-poll-interval-s", "model_poll_interval_s", non_negative_float,

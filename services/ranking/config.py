@@ -15,7 +15,7 @@ from pathlib import Path
 
 from recstack.kafka import KafkaSecurity
 
-# Contract limits (CONTRACT.md section 5 and section 3's id rule).
+# Contract limits (docs/CONTRACT.md section 5 and section 3's id rule).
 MAX_ID_LENGTH = 128
 DEFAULT_MAX_CANDIDATES = 1_000
 AUTH_TOKEN_ENV = "RECSTACK_AUTH_TOKEN"

@@ -1,4 +1,4 @@
-"""Publish events to Kafka: key = user_id, value = the event's JSON (CONTRACT.md section 3)."""
+"""Publish events to Kafka: key = user_id, value = the event's JSON (docs/CONTRACT.md section 3)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ class StreamConfig:
     dlq_topic: str = "user-events.dlq"
     # Parquet event log for retraining; "" turns it off (offsets are then committed per batch).
     event_log: str = "artifacts/events"
-    # A second event with the same event_id within this window has no effect (CONTRACT.md section 3).
+    # A second event with the same event_id within this window has no effect (docs/CONTRACT.md section 3).
     dedup_window_s: int = 86_400
     trending_half_life_s: float = field(default_factory=lambda: spec.TRENDING_HALF_LIFE_S)
     # Seconds an event's ts may be ahead of the consumer's clock; later ones are dead letters.

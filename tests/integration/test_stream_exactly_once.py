@@ -1,4 +1,4 @@
-"""Every valid event is applied exactly once, whatever happens (CONTRACT.md section 4).
+"""Every valid event is applied exactly once, whatever happens (docs/CONTRACT.md section 4).
 
 Against the real broker and Redis: events are published to a fresh topic, consumed by
 ``recstack stream`` consumers, and the features read back through Feast's own

@@ -161,3 +161,15 @@ def test_failed_publication_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         publish_version(tmp_path, m, vocab, np.zeros((len(vocab), 4), np.float32), {}, extra_files=explode)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_retired_dense_runtime_loads_with_fp32_dense_layers(tmp_path, caplog):
+    """Versions of earlier releases may name the retired ONNX Runtime int8 runtime: they still load,
+    their dense layers in fp32 from the same int8 weights, with a warning that says so."""
+    folder = publish(tmp_path)
+    with caplog.at_level("WARNING", logger=artifacts.__name__):
+        retired = load_version(folder, dense_runtime="onnxruntime-int8")
+    assert "onnxruntime-int8 was retired; using fp32 dense layers" in caplog.text
+    fp32_dense = load_version(folder, dense_runtime="fp32")
+    for a, b in zip(retired.rank_batch(requests()), fp32_dense.rank_batch(requests()), strict=True):
+        np.testing.assert_array_equal(a.scores, b.scores)

@@ -1,4 +1,4 @@
-"""The event contract (CONTRACT.md section 3): property tests of validation and of the batch parser.
+"""The event contract (docs/CONTRACT.md section 3): property tests of validation and of the batch parser.
 
 Every valid event is accepted as it is; every malformed shape is rejected with a reason that
 names the offending field; ``parse_events`` gives exactly what ``parse_event`` gives per value.

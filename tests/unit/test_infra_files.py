@@ -1,4 +1,4 @@
-"""The files that install, start and ship the stack agree with the contract (docs/CONTRACT) and each other.
+"""The files that install, start and ship the stack agree with the contract (docs/CONTRACT.md) and each other.
 
 Static checks only: docker-compose.yml against ports, topics and RECSTACK_* variables; the
 lock file against pyproject.toml; the scripts behind `make` and `.ci/run`.

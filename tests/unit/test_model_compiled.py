@@ -79,12 +79,12 @@ def test_ranker_compiled_and_eager_rank_alike(model) -> None:
             np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4, atol=1e-5)
 
 
-def test_a_model_with_the_onnx_mlp_is_not_traced(model) -> None:
-    from models.onnx_mlp import OnnxInteractionMLP
+def test_a_model_with_the_dynamic_int8_mlp_is_not_traced(model) -> None:
+    from models.quantize import TorchDynamicMLP
 
-    onnx_model = TwoPathRanker(model.config).eval()
-    onnx_model.load_state_dict(model.state_dict())
-    onnx_model.mlp = OnnxInteractionMLP(onnx_model.mlp, int8=True)
-    assert not CompiledPaths.supported(onnx_model)
-    ranker = Ranker(onnx_model, ItemVocab([f"i{k}" for k in range(60)]), {}, "v", PathRouter(), compiled=True)
+    dynamic = TwoPathRanker(model.config).eval()
+    dynamic.load_state_dict(model.state_dict())
+    dynamic.mlp = TorchDynamicMLP(dynamic.mlp)
+    assert not CompiledPaths.supported(dynamic)
+    ranker = Ranker(dynamic, ItemVocab([f"i{k}" for k in range(60)]), {}, "v", PathRouter(), compiled=True)
     assert ranker.compiled is None
