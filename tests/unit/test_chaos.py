@@ -151,7 +151,7 @@ def test_the_registry_holds_exactly_the_faults_the_docs_name_each_with_its_spec_
     from loadtests.chaos.faults.base import NEEDS, Fault, FaultSpec
 
     documented = _faults_the_docs_name()
-    assert len(documented) == 11 and len(set(documented)) == 11
+    assert len(documented) == 12 and len(set(documented)) == 12
     registered = faults.registered()
     assert [f.spec.name for f in registered] == documented == list(FAULT_NAMES)
     assert len({f.order for f in registered}) == len(registered)
@@ -166,7 +166,9 @@ def test_the_registry_holds_exactly_the_faults_the_docs_name_each_with_its_spec_
         if fault.check is not Fault.check:
             assert inspect.getsourcefile(fault.check) == inspect.getsourcefile(fault), spec.name
         assert set(fault.needs) <= set(NEEDS), spec.name
-    with pytest.raises(KeyError, match="unknown fault 'disk-melt'; known: consumer-kill, consumer-hang"):
+    with pytest.raises(
+        KeyError, match="unknown fault 'disk-melt'; known: consumer-kill, attribution-kill, consumer-hang"
+    ):
         faults.get("disk-melt")
 
 
