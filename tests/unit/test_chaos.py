@@ -380,3 +380,33 @@ def test_a_build_thread_passes_its_priority_to_the_threads_it_starts():
     finally:
         worker.done.set()  # type: ignore[attr-defined]
         worker.join(10)
+
+
+def test_the_experiment_arm_copy_sorts_before_the_run_model_and_labelled_metrics_are_summed(monkeypatch):
+    import io
+
+    from loadtests.chaos import experiment
+    from models.artifacts import _VERSION_RE
+
+    assert experiment.older_name("v20240101-000000") == "v20231231-235959"
+    assert experiment.older_name("v20261207-031500-2") == "v20261207-031459"
+    assert _VERSION_RE.match(experiment.older_name("v20240101-000000"))
+    assert experiment.older_name("v20240101-000000") < "v20240101-000000"
+
+    text = (
+        "# HELP recstack_ranking_path_total x\n"
+        'recstack_ranking_path_total{path="light"} 3.0\n'
+        'recstack_ranking_path_total{path="full"} 4.0\n'
+        "recstack_ranking_path_totals 100.0\n"
+        "recstack_impressions_failed_total 2.0\n"
+    )
+    monkeypatch.setattr(experiment.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(text.encode()))
+    assert experiment.scrape_total(1, "recstack_ranking_path_total") == 7.0
+    assert experiment.scrape_total(1, "recstack_impressions_failed_total") == 2.0
+    assert experiment.scrape_total(1, "recstack_impressions_dropped_total") == 0.0
+
+    def refused(*a, **k):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(experiment.urllib.request, "urlopen", refused)
+    assert experiment.scrape_total(1, "recstack_ranking_path_total") is None
