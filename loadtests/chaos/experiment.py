@@ -41,6 +41,8 @@ ATTRIBUTION_SESSION_TIMEOUT_MS = 6_000
 # offline join would. The checks keep impressions flowing while they wait (see _tick), so the
 # watermark, not this wait, releases the last events.
 ATTRIBUTION_MAX_WAIT_S = 120
+# Marks a database whose attribution keys a chaos run wrote (the next run may delete them).
+CHAOS_MARK = "recstack:attr:chaos-run"
 RELEASED_BY_WAIT = "recstack_attribution_released_by_wait_total"
 CATCH_UP_TIMEOUT_S = 120.0
 PREFIX_LEN = 16  # hex characters of a request id drawn once per server process
@@ -84,7 +86,8 @@ class ExperimentStack:
     @property
     def redis_url(self) -> str:
         cfg = self.run.cfg
-        return f"redis://127.0.0.1:{cfg.redis_port}/{cfg.attribution_db}"
+        db = cfg.redis_db if cfg.attribution_db is None else cfg.attribution_db
+        return f"redis://127.0.0.1:{cfg.redis_port}/{db}"
 
     def server_args(self) -> list[str]:
         return ["--kafka-bootstrap", self.run.cfg.bootstrap, "--impressions-topic", self.topic]
@@ -93,14 +96,24 @@ class ExperimentStack:
 
     def clear_attribution_state(self) -> None:
         """The attribution keys of the run's attribution database start empty: their offsets are
-        per partition (one attribution group per database), and an earlier run's would skip records."""
+        per partition (one attribution group per database), and an earlier run's would skip records.
+        Only keys an earlier chaos run left (it marks the database) are deleted: a database holding
+        another attribution group's keys is refused, naming the flag to choose another one."""
         import redis
 
         from services.attribution import keys
 
         client = redis.Redis.from_url(self.redis_url)
         try:
-            stale = list(client.scan_iter(match=keys.PREFIX + "*", count=1000))
+            stale = [
+                k for k in client.scan_iter(match=keys.PREFIX + "*", count=1000) if k != CHAOS_MARK.encode()
+            ]
+            if stale and not client.exists(CHAOS_MARK):
+                raise RuntimeError(
+                    f"{self.redis_url} holds attribution keys ({keys.PREFIX}*) "
+                    "that no chaos run wrote: choose an empty database with --attribution-redis-db"
+                )
+            client.set(CHAOS_MARK, self.run.run_id)
             for i in range(0, len(stale), 500):
                 client.delete(*stale[i : i + 500])
         finally:

@@ -70,7 +70,7 @@ class ChaosConfig:
     kafka_port: int = 9092
     redis_port: int = 6379
     redis_db: int = 0
-    attribution_db: int = 15  # the attribution consumers' database (its recstack:attr:* keys are cleared)
+    attribution_db: int | None = None  # the attribution consumers' database (None: redis_db)
     models: Path | None = None
     event_rate: float = 400.0
     rank_rate: float = 40.0
