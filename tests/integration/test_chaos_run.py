@@ -86,6 +86,8 @@ def test_short_chaos_run_loses_nothing(kafka_bootstrap, redis_url, redis_db, tmp
         checks = {c["name"]: c for c in fault["checks"]}
         for name in EXPERIMENT_INVARIANTS:
             assert checks[name]["ok"], (fault["name"], checks[name])
+    kill_checks = {c["name"]: c for c in faults["attribution-kill"]["checks"]}
+    assert kill_checks["the killed attribution consumer held partitions"]["ok"]
     assert data["meta"]["followup_events"] > 0 and set(data["meta"]["arms"]) == {"A", "B"}
     assert data["meta"]["events_sent"]["malformed"] > 0 and data["meta"]["events_sent"]["duplicates"] > 0
     text = (out / "reliability.md").read_text()

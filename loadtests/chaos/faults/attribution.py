@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 from loadtests.chaos.faults import register
-from loadtests.chaos.faults.base import EXPERIMENT_CHECKS, STREAM_CHECKS, Fault, FaultSpec
+from loadtests.chaos.faults.base import EXPERIMENT_CHECKS, STREAM_CHECKS, Fault, FaultSpec, last_assignment
 
 
 @register
@@ -21,6 +21,11 @@ class AttributionKill(Fault):
 
     def inject(self) -> None:
         victim = self.run.exp.consumers[0]
+        # Mid-stream: it held partitions (its log's last assignment, as for the stream consumers).
+        held = last_assignment(victim.log_text())
+        self.result.check(
+            "the killed attribution consumer held partitions", held, "its last assignment was not empty"
+        )
         victim.signal(signal.SIGKILL)
         code = victim.wait(10)
         self.result.figures["killed_exit"] = code
