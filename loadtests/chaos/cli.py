@@ -61,6 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              help="port of the local Redis that infra/ starts (and restarts)")  # fmt: skip
     add_flag(parser, "--redis-db", default=0, type=non_negative_int, metavar="N",
              help="Redis database of the features (keys carry the run's id; nothing is flushed)")  # fmt: skip
+    add_flag(parser, "--attribution-redis-db", default=None, type=non_negative_int, metavar="N",
+             help="Redis database of the run's attribution consumers (default: --redis-db); one "
+                  "attribution group per database: keys a chaos run left there are deleted, others "
+                  "refused")  # fmt: skip
     add_flag(parser, "--models", default=None, type=Path, metavar="DIR",
              help="serve a copy of the newest model version in DIR, not a newly trained one")  # fmt: skip
     add_flag(parser, "--train-events", default=20_000, type=positive_int, metavar="N",
@@ -108,6 +112,7 @@ def _run(args: argparse.Namespace) -> int:
         kafka_port=args.kafka_port,
         redis_port=args.redis_port,
         redis_db=args.redis_db,
+        attribution_db=args.attribution_redis_db,
         models=args.models,
         event_rate=args.event_rate,
         rank_rate=args.rank_rate,

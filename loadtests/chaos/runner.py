@@ -26,6 +26,7 @@ from typing import Any
 
 from loadtests.chaos import faults
 from loadtests.chaos import report as rep
+from loadtests.chaos.experiment import ExperimentStack
 from loadtests.chaos.faults.base import (
     LOG_ROLL_S,
     SERVING_TIMEOUT_S,
@@ -69,6 +70,7 @@ class ChaosConfig:
     kafka_port: int = 9092
     redis_port: int = 6379
     redis_db: int = 0
+    attribution_db: int | None = None  # the attribution consumers' database (None: redis_db)
     models: Path | None = None
     event_rate: float = 400.0
     rank_rate: float = 40.0
@@ -109,6 +111,8 @@ class ChaosRun:
         self.consumer_metrics: list[int] = []
         self.servers: list[Service] = []
         self.server_ports: list[int] = []
+        self.server_metrics: list[int] = []
+        self.exp = ExperimentStack(self)  # impressions, the A/B experiment, attribution consumers
         self.traffic: EventTraffic | None = None
         self.state: StreamState | None = None
         self.letters: DeadLetters | None = None
@@ -164,6 +168,8 @@ class ChaosRun:
             "servers": len(self.server_ports),
             "consumers": len(self.consumers),
             "model_version": self.model_version,
+            "arms": self.exp.arms,
+            "followup_events": None if self.traffic is None else self.traffic.followup_events,
             "events_sent": None if self.traffic is None else self.traffic.stats.__dict__,
         }
         return rep.write_report(self.out, self.results, meta, self.points)
@@ -175,7 +181,8 @@ class ChaosRun:
         self.say(f"starting Kafka (port {cfg.kafka_port}) and Redis (port {cfg.redis_port}) with infra/up.sh")
         self.infra.up()
         self.deprioritize_broker()
-        self.infra.create_topics(cfg.bootstrap, {self.topic: 6, self.dlq: 6})
+        self.infra.create_topics(cfg.bootstrap, {self.topic: 6, self.dlq: 6, self.exp.topic: 6})
+        self.exp.clear_attribution_state()
         if any("disk" in faults.get(f.name).needs for f in cfg.faults):
             self.disk.mount()
         else:
@@ -185,12 +192,14 @@ class ChaosRun:
                 f"event log on an ordinary folder ({self.disk.why_not}): the disk faults will be skipped"
             )
         self._start_consumers()  # they start up while the model trains
+        self.exp.start_consumers()
         self._model()
+        self.exp.start_experiment()
         self._start_servers()
 
         self.traffic = EventTraffic(
             cfg.bootstrap, self.topic, self.run_id, cfg.event_rate, cfg.dup_share, cfg.bad_share,
-            priority=cfg.background_priority,
+            priority=cfg.background_priority, followup=self.exp.followup,
         )  # fmt: skip
         self.state = StreamState(cfg.redis_url, cfg.bootstrap, self.topic, self.group)
         self.letters = DeadLetters(cfg.bootstrap, self.dlq)
@@ -264,14 +273,15 @@ class ChaosRun:
     def _start_servers(self) -> None:
         cfg = self.cfg
         for i in (1, 2):
-            port = free_port()
+            port, metrics_port = free_port(), free_port()
             args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--models", str(self.models),
-                    "--redis", cfg.redis_url, "--metrics-port", "0", "--model-poll-interval-s", "1",
-                    "--grace-period-s", "5"]  # fmt: skip
+                    "--redis", cfg.redis_url, "--metrics-port", str(metrics_port), "--model-poll-interval-s",
+                    "1", "--grace-period-s", "5", *self.exp.server_args()]  # fmt: skip
             service = Service(f"serve-{i}", args, self.logs / f"serve-{i}.log")
             service.start()
             self.servers.append(service)
             self.server_ports.append(port)
+            self.server_metrics.append(metrics_port)
         for service, port in zip(self.servers, self.server_ports, strict=True):
             if not wait_serving(port, SERVING_TIMEOUT_S):
                 raise RuntimeError(
@@ -385,6 +395,8 @@ class ChaosRun:
         if injected:
             fault.check(record)
         self._stream_checks(window)
+        if fault_type.checks_experiment or not self.remaining:
+            self.exp.check(result)  # impressions and attribution: after the faults on their path, and last
         origin = self.origin
         result.times = {
             "start": round(window.start - origin, 2),
@@ -496,13 +508,15 @@ class ChaosRun:
         for service in [*self.servers, *self.consumers]:
             with contextlib.suppress(Exception):
                 service.stop()
+        with contextlib.suppress(Exception):
+            self.exp.stop()
         for closer in (self.letters, self.state):
             if closer is not None:
                 with contextlib.suppress(Exception):
                     closer.close()
         self.disk.unmount()
         with contextlib.suppress(Exception):
-            _delete_topics(self.cfg.bootstrap, [self.topic, self.dlq])
+            _delete_topics(self.cfg.bootstrap, [self.topic, self.dlq, self.exp.topic])
         self._restore_broker()
         self.infra.down()
 

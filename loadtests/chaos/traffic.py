@@ -64,6 +64,8 @@ class EventTraffic:
         n_items: int = 300,
         seed: int = 0,
         priority: str = "normal",
+        followup: Callable[[str, list[str]], tuple[str, list[str]] | None] | None = None,
+        followup_every: int = 40,
     ) -> None:
         self.topic = topic
         self.run_id = run_id
@@ -76,6 +78,12 @@ class EventTraffic:
         self._item_p = popularity / popularity.sum()
         self._rng = np.random.default_rng(seed)
         self._priority = priority
+        # Every followup_every-th event, a ranked call for its user (followup: the answer's
+        # request id and items) and an action on a shown item: with the request id every other
+        # time, else credited by user, item and time window (both attribution paths).
+        self._followup = followup
+        self._followup_every = followup_every
+        self.followup_events = 0
         # Built on a thread at the traffic's priority: the producer's I/O thread inherits it.
         # EventPublisher's idempotent acks=all producer; its errors are counted here (_on_error).
         self._producer = on_thread_at(priority, lambda: EventPublisher(
@@ -181,6 +189,29 @@ class EventTraffic:
             bad = MALFORMED[int(rng.integers(len(MALFORMED)))]
             self._send(user.encode(), bad, None)
             self.stats.malformed += 1
+        if self._followup is not None and self._seq % self._followup_every == 0:
+            self._send_followup(user)
+
+    def _send_followup(self, user: str) -> None:
+        rng = self._rng
+        candidates = [self.items[int(k)] for k in rng.choice(len(self.items), 20, replace=False)]
+        answer = self._followup(user, candidates)
+        if answer is None or not answer[1]:
+            return  # the call failed (a server away): no action follows
+        request_id, shown = answer
+        with_id = self.followup_events % 2 == 0
+        self.followup_events += 1
+        event = Event(
+            event_id=f"{self.run_id}-f{self._seq}",
+            user_id=user,
+            item_id=shown[min(len(shown) - 1, int(rng.integers(3)))],
+            event_type=("add_to_cart", "purchase")[int(rng.integers(2))],
+            ts_ms=int(time.time() * 1000),
+            price=round(float(rng.uniform(1, 50)), 2),
+            request_id=request_id if with_id else None,
+        )
+        self._send(user.encode(), event.to_json_bytes(), event)
+        self.stats.valid += 1
 
     def _send(self, key: bytes, value: bytes | None, event: Event | None) -> None:
         # A valid event goes through the publisher's contract check; a malformed record is

@@ -151,7 +151,7 @@ def test_the_registry_holds_exactly_the_faults_the_docs_name_each_with_its_spec_
     from loadtests.chaos.faults.base import NEEDS, Fault, FaultSpec
 
     documented = _faults_the_docs_name()
-    assert len(documented) == 11 and len(set(documented)) == 11
+    assert len(documented) == 12 and len(set(documented)) == 12
     registered = faults.registered()
     assert [f.spec.name for f in registered] == documented == list(FAULT_NAMES)
     assert len({f.order for f in registered}) == len(registered)
@@ -166,7 +166,9 @@ def test_the_registry_holds_exactly_the_faults_the_docs_name_each_with_its_spec_
         if fault.check is not Fault.check:
             assert inspect.getsourcefile(fault.check) == inspect.getsourcefile(fault), spec.name
         assert set(fault.needs) <= set(NEEDS), spec.name
-    with pytest.raises(KeyError, match="unknown fault 'disk-melt'; known: consumer-kill, consumer-hang"):
+    with pytest.raises(
+        KeyError, match="unknown fault 'disk-melt'; known: consumer-kill, attribution-kill, consumer-hang"
+    ):
         faults.get("disk-melt")
 
 
@@ -378,3 +380,33 @@ def test_a_build_thread_passes_its_priority_to_the_threads_it_starts():
     finally:
         worker.done.set()  # type: ignore[attr-defined]
         worker.join(10)
+
+
+def test_the_experiment_arm_copy_sorts_before_the_run_model_and_labelled_metrics_are_summed(monkeypatch):
+    import io
+
+    from loadtests.chaos import experiment
+    from models.artifacts import _VERSION_RE
+
+    assert experiment.older_name("v20240101-000000") == "v20231231-235959"
+    assert experiment.older_name("v20261207-031500-2") == "v20261207-031459"
+    assert _VERSION_RE.match(experiment.older_name("v20240101-000000"))
+    assert experiment.older_name("v20240101-000000") < "v20240101-000000"
+
+    text = (
+        "# HELP recstack_ranking_path_total x\n"
+        'recstack_ranking_path_total{path="light"} 3.0\n'
+        'recstack_ranking_path_total{path="full"} 4.0\n'
+        "recstack_ranking_path_totals 100.0\n"
+        "recstack_impressions_failed_total 2.0\n"
+    )
+    monkeypatch.setattr(experiment.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(text.encode()))
+    assert experiment.scrape_total(1, "recstack_ranking_path_total") == 7.0
+    assert experiment.scrape_total(1, "recstack_impressions_failed_total") == 2.0
+    assert experiment.scrape_total(1, "recstack_impressions_dropped_total") == 0.0
+
+    def refused(*a, **k):
+        raise OSError("connection refused")
+
+    monkeypatch.setattr(experiment.urllib.request, "urlopen", refused)
+    assert experiment.scrape_total(1, "recstack_ranking_path_total") is None

@@ -28,6 +28,7 @@ SERVING_TIMEOUT_S = 120.0  # a ranking server's start-up, up to SERVING
 ALLOWED_CODES = frozenset({"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
 # The stream's output is checked after every fault; the table's "what was checked" says so.
 STREAM_CHECKS = "features = truth (none lost or applied twice), DLQ = malformed sent"
+EXPERIMENT_CHECKS = "impressions published or counted dropped/failed, per-arm attributions = offline join"
 # What a fault may need from the stack; without it the fault is skipped, with the reason.
 NEEDS = ("kafka", "redis", "disk")  # a broker / Redis started by infra/ (pid file), the tmpfs log disk
 
@@ -82,6 +83,8 @@ class Fault:
     order: ClassVar[int]  # place in the run: faults run in ascending order
     needs: ClassVar[tuple[str, ...]] = ()  # any of NEEDS; without one the fault is skipped
     also_allowed: ClassVar[frozenset[str]] = frozenset()  # ranking statuses allowed on top of ALLOWED_CODES
+    # Also check impressions and attribution after this fault (they are always checked after the last).
+    checks_experiment: ClassVar[bool] = False
 
     def __init__(self, run: ChaosRun, window: Window) -> None:
         self.run = run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from loadtests.chaos.faults import register
-from loadtests.chaos.faults.base import STREAM_CHECKS, Fault, FaultSpec
+from loadtests.chaos.faults.base import EXPERIMENT_CHECKS, STREAM_CHECKS, Fault, FaultSpec
 
 
 @register
@@ -13,11 +13,12 @@ class BrokerRestart(Fault):
     spec = FaultSpec(
         "broker-restart",
         "Kafka broker restarted (infra/kafka.sh restart)",
-        f"{STREAM_CHECKS}; no publish lost; ranking errors only as allowed",
+        f"{STREAM_CHECKS}; no publish lost; ranking errors only as allowed; {EXPERIMENT_CHECKS}",
         hold_s=15.0,
     )
     order = 30
     needs = ("kafka",)
+    checks_experiment = True
 
     def inject(self) -> None:
         started = time.monotonic()
