@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Start the local Kafka broker and Redis server (`make up`), create the topics, say where the logs are.
+# Start the local Kafka broker and Redis server (`make up`), create the topics (rank-impressions with
+# as many partitions as user-events: the attribution consumer joins them per partition), say where the logs are.
 # Idempotent: whatever is already running from an earlier `make up` is left as it is.
 COMPONENT=up
 # shellcheck source=infra/lib.sh

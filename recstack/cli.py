@@ -19,6 +19,7 @@ from recstack.logs import LOG_FORMAT_ENV, add_log_flags, configure
 # module path -> it exposes register(subparsers) adding one or more subcommands
 _SUBCOMMAND_MODULES = (
     "services.stream.cli",
+    "services.attribution.cli",
     "services.replay.cli",
     "models.cli",
     "services.ranking.cli",

@@ -60,6 +60,9 @@ class Event:
     quantity: int = 1
     category: str | None = None
     session_id: str | None = None
+    # The ranking answer this event followed (RankResponse.request_id), when the storefront knows
+    # it: the attribution consumer credits that impression (docs/EXPERIMENTS.md).
+    request_id: str | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         """The contract's JSON object (``ts`` as epoch ms), optional fields only when set."""
@@ -78,6 +81,8 @@ class Event:
             out["category"] = self.category
         if self.session_id is not None:
             out["session_id"] = self.session_id
+        if self.request_id is not None:
+            out["request_id"] = self.request_id
         return out
 
     def to_json_bytes(self) -> bytes:
@@ -97,6 +102,7 @@ _new_object = object.__new__
     _set_quantity,
     _set_category,
     _set_session_id,
+    _set_request_id,
 ) = (getattr(Event, name).__set__ for name in Event.__slots__)
 
 
@@ -110,6 +116,7 @@ def _make_event(
     quantity: int,
     category: str | None,
     session_id: str | None,
+    request_id: str | None = None,
 ) -> Event:
     event = _new_object(Event)
     _set_event_id(event, event_id)
@@ -121,6 +128,7 @@ def _make_event(
     _set_quantity(event, quantity)
     _set_category(event, category)
     _set_session_id(event, session_id)
+    _set_request_id(event, request_id)
     return event
 
 
@@ -251,7 +259,14 @@ def _validate_plain(obj: dict[str, Any]) -> Event | None:
         type(session_id) is not str or len(session_id) > MAX_ID_LENGTH or not _is_text(session_id)
     ):
         return None
-    return _make_event(event_id, user_id, item_id, event_type, ts, price, quantity, category, session_id)
+    request_id = get("request_id")
+    if request_id is not None and (
+        type(request_id) is not str or len(request_id) > MAX_ID_LENGTH or not _is_text(request_id)
+    ):
+        return None
+    return _make_event(
+        event_id, user_id, item_id, event_type, ts, price, quantity, category, session_id, request_id
+    )
 
 
 def _validate_checked(obj: Any) -> Event:
@@ -286,7 +301,10 @@ def _validate_checked(obj: Any) -> Event:
         raise InvalidEvent("quantity", f"out of range: {quantity}")
     category = _optional_str(obj, "category")
     session_id = _optional_str(obj, "session_id")
-    return _make_event(event_id, user_id, item_id, event_type, ts_ms, price, quantity, category, session_id)
+    request_id = _optional_str(obj, "request_id")
+    return _make_event(
+        event_id, user_id, item_id, event_type, ts_ms, price, quantity, category, session_id, request_id
+    )
 
 
 def parse_event(raw: bytes | str) -> Event:

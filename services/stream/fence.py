@@ -39,9 +39,11 @@ _FENCE_CHECK_S = 5.0
 # parallel) after every Redis error and this often, when reading thousands of keys costs little.
 _SLOT_FENCE_CHECK_S = 30.0
 
-# The event log's scripts (KEYS and ARGV are described in each file), read once at import.
+# The event log's scripts (KEYS and ARGV are described in each file), read once at import. Taking
+# partitions (a fresh owner token per field, the offsets as they then stand) is shared with the
+# attribution consumer (services.attribution.consumer), whose batches check the same tokens.
 _LUA = Path(__file__).with_name("lua")
-_TAKE_LOG = (_LUA / "take_log.lua").read_text()
+TAKE_PARTITIONS = (_LUA / "take_log.lua").read_text()
 _COMMIT_ROLL = (_LUA / "commit_roll.lua").read_text()
 _RETAKE_LOG = (_LUA / "retake_log.lua").read_text()
 
@@ -62,7 +64,7 @@ class EventLogFence(ConsumerState):
 
     def __init__(self, config: StreamConfig, metrics: StreamMetrics | None = None) -> None:
         super().__init__(config, metrics)
-        self._take_log = self._redis.register_script(_TAKE_LOG)
+        self._take_log = self._redis.register_script(TAKE_PARTITIONS)
         self._commit_roll = self._redis.register_script(_COMMIT_ROLL)
         self._retake_log = self._redis.register_script(_RETAKE_LOG)
         self._logged_key = logged_key(config.topic)

@@ -28,10 +28,33 @@ _METADATA_RECHECK_S = 5.0
 _JOIN_STUCK_S = 30.0
 
 
-class _Listener(AsyncConsumerRebalanceListener):
+def group_member_options(cfg: Any) -> dict[str, Any]:
+    """KafkaConsumer options of a group member whose offsets that matter live in Redis (the stream
+    and attribution consumers): no auto-commit, positions set from Redis on assignment. ``cfg``
+    has bootstrap, group, client_id, max_batch, session_timeout_ms and kafka_security."""
+    return {
+        "bootstrap_servers": cfg.bootstrap,
+        "group_id": cfg.group,
+        "client_id": cfg.client_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_records": cfg.max_batch,
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "heartbeat_interval_ms": max(1_000, cfg.session_timeout_ms // 3),
+        # CRC32C in pure Python costs ~40 us per record (a 7x slowdown); the broker verifies CRCs
+        # when records are written and TCP protects them in transit.
+        "check_crcs": False,
+        **cfg.kafka_security.client_options(),
+    }
+
+
+class RebalanceListener(AsyncConsumerRebalanceListener):
+    """Hands rebalances to ``owner._on_assigned`` / ``owner._on_revoked`` (shared with the
+    attribution consumer, :mod:`services.attribution.consumer`)."""
+
     # kafka-python runs these on its IO thread while the main thread waits inside poll(), so the
     # consumer's state is not touched concurrently. Blocking Kafka calls are not allowed here.
-    def __init__(self, owner: KafkaSide) -> None:
+    def __init__(self, owner: Any) -> None:
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -86,7 +109,7 @@ class KafkaSide(ApplyPipeline):
             self._consumer.partitions_for_topic(self.config.topic)
         except KafkaError as exc:
             log.warning("no metadata for %s yet (%s)", self.config.topic, exc)
-        self._consumer.subscribe([self.config.topic], listener=_Listener(self))
+        self._consumer.subscribe([self.config.topic], listener=RebalanceListener(self))
         self._metadata_checked = self._unassigned_since = time.monotonic()
 
     def _while_unassigned(self) -> None:
@@ -125,21 +148,10 @@ class KafkaSide(ApplyPipeline):
         while True:
             try:
                 self._consumer = KafkaConsumer(
-                    bootstrap_servers=cfg.bootstrap,
-                    group_id=cfg.group,
-                    client_id=cfg.client_id,
-                    enable_auto_commit=False,
-                    auto_offset_reset="earliest",
-                    max_poll_records=cfg.max_batch,
-                    session_timeout_ms=cfg.session_timeout_ms,
-                    heartbeat_interval_ms=max(1_000, cfg.session_timeout_ms // 3),
+                    **group_member_options(cfg),
                     max_partition_fetch_bytes=4 * 1024 * 1024,
                     metadata_max_age_ms=30_000,  # partitions added to the topic are seen within 30 s
                     fetch_max_bytes=64 * 1024 * 1024,
-                    # CRC32C in pure Python costs ~40 us per record (a 7x slowdown); the broker
-                    # verifies CRCs when records are written and TCP protects them in transit.
-                    check_crcs=False,
-                    **cfg.kafka_security.client_options(),
                 )
                 if self._dead_letters is None:
                     producer = deadletter.make_producer(cfg)

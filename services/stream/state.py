@@ -92,14 +92,24 @@ class ConsumerState:
 
     def _with_retries(self, call):
         """``call()`` until Redis answers, backing off; :class:`Stopping` if asked to stop meanwhile."""
-        delay = BACKOFF_START_S
-        while True:
-            try:
-                return call()
-            except (redis.RedisError, RedisClusterException, OSError) as exc:
-                self.metrics.redis_retries.inc()
-                self._fences_suspect = True
-                log.warning("Redis call failed (%s); retrying in %.1fs", exc, delay)
-                if self._stop.wait(delay):
-                    raise Stopping from exc
-                delay = min(delay * 2, BACKOFF_MAX_S)
+        return retry_redis(call, self._stop, self._redis_failed)
+
+    def _redis_failed(self) -> None:
+        self.metrics.redis_retries.inc()
+        self._fences_suspect = True
+
+
+def retry_redis(call, stop: threading.Event, on_failure=None):
+    """``call()`` until Redis answers, backing off (``on_failure()`` after each error);
+    :class:`Stopping` if ``stop`` is set meanwhile. Shared with the attribution consumer."""
+    delay = BACKOFF_START_S
+    while True:
+        try:
+            return call()
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
+            if on_failure is not None:
+                on_failure()
+            log.warning("Redis call failed (%s); retrying in %.1fs", exc, delay)
+            if stop.wait(delay):
+                raise Stopping from exc
+            delay = min(delay * 2, BACKOFF_MAX_S)

@@ -79,11 +79,13 @@ def declared_metrics(registry: CollectorRegistry) -> dict[str, frozenset[str] | 
 
 @pytest.fixture(scope="module")
 def declared() -> dict[str, frozenset[str] | None]:
+    from services.attribution.metrics import AttributionMetrics
     from services.ranking.metrics import RankingMetrics
     from services.stream.metrics import StreamMetrics
 
     found = declared_metrics(RankingMetrics(CollectorRegistry()).registry)
     found.update(declared_metrics(StreamMetrics(CollectorRegistry()).registry))
+    found.update(declared_metrics(AttributionMetrics(CollectorRegistry()).registry))
     return found
 
 
