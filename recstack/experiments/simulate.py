@@ -309,6 +309,19 @@ class Simulation:
                 revenue=float(self.values["revenue"][i]),
             )
 
+    def impression_values(
+        self, experiment: str, versions: Mapping[str, str] | None = None
+    ) -> Iterator[bytes]:
+        """The impressions as the ranking server publishes them to ``rank-impressions`` (its own
+        encoder), with each arm's model version (default: the arm's name)."""
+        from services.ranking.impressions import impression_json
+
+        for r in self.records():
+            version = (versions or {}).get(r.arm, r.arm)
+            yield impression_json(
+                (r.request_id, r.user_id, r.arm, version, list(r.items), r.ts_ms, experiment)
+            )
+
     def events(self) -> Iterator[Event]:
         """The users' events in the contract's form (``session_id`` = the impression's request id)."""
         frame = _events_frame(
