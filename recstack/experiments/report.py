@@ -222,7 +222,7 @@ def arm_stats(joined: Joined, experiment: str) -> dict[str, ArmStats]:
             continue
         stats = arms.get(imp.arm) or arms.setdefault(imp.arm, ArmStats())
         stats.add(imp.user_id, o.added_to_cart, o.purchased, o.reciprocal_rank, o.revenue_micros / MICROS)
-    return arms
+    return dict(sorted(arms.items()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,10 +371,10 @@ class ExperimentReport:
 
 
 def choose_pair(arms: dict[str, ArmStats], order: Iterable[str] = ()) -> tuple[str, str]:
-    """The two live arms compared: in the experiment's order when known, else the two with most
-    impressions (ties by name)."""
+    """The two live arms compared: in the experiment's order when known (the state in Redis),
+    else by name."""
     known = [a for a in order if a in arms]
-    rest = sorted((a for a in arms if a not in known), key=lambda a: (-arms[a].impressions, a))
+    rest = sorted(a for a in arms if a not in known)
     names = known + rest
     if len(names) < 2:
         raise UserError(

@@ -1,6 +1,7 @@
 """``recstack experiment report``'s pure parts: the join into per-impression outcomes, the per-user
 aggregation (cluster-robust), the comparison with the consumer's totals, the verdict on simulated
-A/B and A/A data, the plot, and the errors. Kafka and Redis: tests/integration/test_experiment_report.py."""
+A/B and A/A data, the plot, and the errors. Kafka and Redis:
+tests/integration/test_experiments_report_kafka.py."""
 
 from __future__ import annotations
 

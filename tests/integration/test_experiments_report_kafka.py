@@ -30,10 +30,17 @@ T = 1_800_000_000_000  # the hand case, days after the simulation's start
 MIN = 60_000
 
 
-def _publish(bootstrap, topic, records):
+def _publish(bootstrap, topic, records, partitions=0):
+    """Keyed by user, as the servers and the storefront publish. ``partitions``: then one impression
+    a day later on each partition, so the consumer's impression watermark passes every event and
+    releases it (no event waits for --max-wait, which a backlog read would outrun)."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
     for value in records:
         producer.send(topic, key=json.loads(value)["user_id"].encode(), value=value)
+    for p in range(partitions):
+        tail = {"request_id": f"tail-{p}", "user_id": "tail", "experiment": "tail", "arm": "T"}
+        tail |= {"ts": T + 86_400_000, "items": []}
+        producer.send(topic, key=b"tail", value=json.dumps(tail).encode(), partition=p)
     producer.flush()
     producer.close()
 
@@ -93,6 +100,7 @@ def test_report_from_the_topics_names_the_winner_and_agrees_with_the_consumer(
         kafka_bootstrap,
         imp_topic,
         [*sim.impression_values("ab", {"A": "v-trained", "B": "v-pop"}), *hand_imps],
+        partitions=3,
     )
     _publish(kafka_bootstrap, ev_topic, [*(e.to_json_bytes() for e in sim.events()), *hand_events])
 
@@ -102,7 +110,7 @@ def test_report_from_the_topics_names_the_winner_and_agrees_with_the_consumer(
         group=f"attr-{imp_topic}",
         impressions_topic=imp_topic,
         events_topic=ev_topic,
-        max_wait_s=1.0,
+        max_wait_s=120.0,  # events are released by the impressions' watermark only
         metrics_port=0,
         session_timeout_ms=6_000,
     )
