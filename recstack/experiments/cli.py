@@ -173,7 +173,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from recstack.experiments.report import run
     from recstack.kafka import kafka_security_from_args
 
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # kafka-python logs every refused connection; an unreachable broker is reported once, below.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
     rep = run(
         args.bootstrap,
         experiment=args.experiment,
@@ -264,35 +265,27 @@ def _register_report(sub: argparse._SubParsersAction) -> None:
         description=(
             "Read rank-impressions and user-events from the start, credit events to impressions with "
             "the attribution rule, and print per arm: impressions, users, add-to-cart and purchase "
-            "rates, MRR and revenue per impression with 99%% intervals (users as clusters), the "
+            "rates, MRR and revenue per impression with 99% intervals (users as clusters), the "
             "sequential test between the two live arms and a verdict; the shadow's MRR against the "
             "live lists'; and the attribution consumer's totals from Redis next to them. Writes a "
             "PNG plot over time to --out."
         ),
     )
-    rep.add_argument("--experiment", help="the experiment (default: the running or last one in Redis)")
+    add_flag(
+        rep, "--experiment", metavar="NAME", help="the experiment (default: the running or last one in Redis)"
+    )
     add_flag(rep, "--bootstrap", type=host_port, default="127.0.0.1:9092", metavar="HOST:PORT",
              help="Kafka bootstrap server")  # fmt: skip
-    rep.add_argument("--impressions-topic", default="rank-impressions", help="the servers' impressions topic")
-    rep.add_argument("--events-topic", default="user-events", help="the storefront events topic")
-    rep.add_argument(
-        "--window",
-        type=duration_s,
-        default=1800.0,
-        metavar="DURATION",
-        help="attribution window in event time, as the consumer's --window (default 30m)",
-    )
-    rep.add_argument(
-        "--metric",
-        default="purchase",
-        choices=("purchase", "add_to_cart", "mrr", "revenue"),
-        help="the metric the verdict is on (default purchase)",
-    )
-    rep.add_argument("--out", help="folder of the plot (default artifacts/experiments/NAME/)")
-    rep.add_argument(
-        "--no-redis", action="store_true", help="do not read the experiment state or consumer totals"
-    )
-    rep.add_argument("--quiet", action="store_true", help="no progress lines while reading the topics")
+    add_flag(rep, "--impressions-topic", default="rank-impressions", help="the servers' impressions topic")
+    add_flag(rep, "--events-topic", default="user-events", help="the storefront events topic")
+    add_flag(rep, "--window", type=duration_s, default=1800.0, metavar="DURATION",
+             help="attribution window in event time, as the consumer's --window (30m)")  # fmt: skip
+    add_flag(rep, "--metric", default="purchase", choices=["purchase", "add_to_cart", "mrr", "revenue"],
+             help="the metric the verdict is on")  # fmt: skip
+    add_flag(rep, "--out", metavar="DIR", help="folder of the plot (default artifacts/experiments/NAME/)")
+    add_flag(rep, "--no-redis", type=None, default=False,
+             help="read neither the experiment state nor the consumer's totals")  # fmt: skip
+    add_flag(rep, "--quiet", type=None, default=False, help="no progress lines while reading the topics")
     _common(rep, models=False)
     add_kafka_security_flags(rep)
     rep.set_defaults(handler=cmd_report)

@@ -93,6 +93,7 @@ def read_topic(bootstrap: str, topic: str, progress: bool = True, **client_optio
             bootstrap_servers=bootstrap.split(","),
             enable_auto_commit=False,
             request_timeout_ms=15_000,
+            bootstrap_timeout_ms=10_000,  # an unreachable broker is reported in 10 s, not 30
             **client_options,
         )
     except KafkaError as exc:
