@@ -181,3 +181,18 @@ def test_a_a_says_no_difference_yet(world):
     assert rep.verdict.startswith("no difference yet — about ")
     assert rep.verdict.endswith(" more impressions needed")
     assert not math.isinf(rep.stats.decision.p_value) and rep.stats.decision.p_value > 0.01
+
+
+def test_progress_is_shown_for_large_topics_only():
+    import io
+
+    out = io.StringIO()
+    meter = R.Progress("rank-impressions", 120_000, out, every_s=0.0)
+    meter.advance(30_000)
+    meter.finish()
+    assert out.getvalue().splitlines()[0] == "reading rank-impressions: 30,000 / 120,000 records (25%)"
+    small = io.StringIO()
+    meter = R.Progress("user-events", 1_000, small, every_s=0.0)
+    meter.advance(1_000)
+    meter.finish()
+    assert small.getvalue() == ""
