@@ -23,6 +23,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,7 @@ class Joined:
 def join(impressions: Iterable[Record], events: Iterable[Record], window_ms: int) -> Joined:
     """Credit every valid event to its impression by the attribution rule (all impressions of the
     user, as the offline join: no per-user bound) and record each impression's outcome."""
-    from recstack.events import EVENT_TYPES, parse_event
+    from recstack.events import EVENT_TYPES, InvalidEvent, parse_events
 
     out = Joined()
     by_user: dict[str, list[Impression]] = defaultdict(list)
@@ -176,22 +177,27 @@ def join(impressions: Iterable[Record], events: Iterable[Record], window_ms: int
         out.outcomes.append(Outcome())
         by_user[imp.user_id].append(imp)
         add_credits(out.metrics, impression_credits(imp))
-    for _, _, value in events:
-        try:
-            event = parse_event(value)  # type: ignore[arg-type]
-        except ValueError:
-            continue
-        if event.event_type not in EVENT_TYPES:
-            continue
-        out.events += 1
-        imp = attribute(event, by_user.get(event.user_id, ()), window_ms)
-        if imp is None:
-            continue
-        out.attributed += 1
-        credits = event_credits(event, imp)
-        add_credits(out.metrics, credits)
-        _record(out.outcomes[index[id(imp)]], event.event_type, imp, credits)
+    records = iter(events)
+    # Parsed in batches (recstack.events.parse_events: the same verdicts as parse_event, faster).
+    while chunk := [value for _, _, value in islice(records, 5_000)]:
+        for event in parse_events(chunk):
+            if isinstance(event, InvalidEvent) or event.event_type not in EVENT_TYPES:
+                continue
+            _credit(out, event, by_user, index, window_ms)
     return out
+
+
+def _credit(
+    out: Joined, event: Any, by_user: dict[str, list[Impression]], index: dict[int, int], window_ms: int
+) -> None:
+    out.events += 1
+    imp = attribute(event, by_user.get(event.user_id, ()), window_ms)
+    if imp is None:
+        return
+    out.attributed += 1
+    credits = event_credits(event, imp)
+    add_credits(out.metrics, credits)
+    _record(out.outcomes[index[id(imp)]], event.event_type, imp, credits)
 
 
 def _record(
