@@ -70,7 +70,7 @@ def _hand():
     return [s.encode() for s in imps], [s.encode() for s in events]
 
 
-def _wait_applied(client, bootstrap, imp_topic, ev_topic, timeout=120.0):
+def _wait_applied(client, bootstrap, imp_topic, ev_topic, timeout=240.0):
     want = {keys.impressions_field(p): o for p, o, _ in topic_records(bootstrap, imp_topic)}
     want |= {keys.events_field(p): o for p, o, _ in topic_records(bootstrap, ev_topic)}
     deadline = time.monotonic() + timeout
