@@ -167,6 +167,30 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import logging
+
+    from recstack.experiments.report import run
+    from recstack.kafka import kafka_security_from_args
+
+    # kafka-python logs every refused connection; an unreachable broker is reported once, below.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    rep = run(
+        args.bootstrap,
+        experiment=args.experiment,
+        redis_client=None if args.no_redis else (lambda: _client(args)),
+        impressions_topic=args.impressions_topic,
+        events_topic=args.events_topic,
+        window_ms=int(args.window * 1000),
+        metric=args.metric,
+        out_dir=Path(args.out) if args.out else None,
+        progress=not args.quiet,
+        kafka_options=kafka_security_from_args(args).client_options(),
+    )
+    print(rep.text())
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, *, models: bool) -> None:
     add_flag(p, "--redis", type=redis_url, default="redis://127.0.0.1:6379/0",
              help="Redis the ranking servers read (their --redis)")  # fmt: skip
@@ -180,7 +204,7 @@ def _common(p: argparse.ArgumentParser, *, models: bool) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "experiment",
-        help="A/B and shadow experiments between model versions: start, status, promote, stop",
+        help="A/B and shadow experiments between model versions: start, status, report, promote, stop",
         description=(
             "Run an experiment between model versions; docs/EXPERIMENTS.md walks through one. "
             "--redis, its password flags and --models also read RECSTACK_REDIS, "
@@ -227,3 +251,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stop = sub.add_parser("stop", help="end the experiment: every request back to the default version")
     _common(stop, models=False)
     stop.set_defaults(handler=cmd_stop)
+
+    _register_report(sub)
+
+
+def _register_report(sub: argparse._SubParsersAction) -> None:
+    from recstack.flags import duration_s, host_port
+    from recstack.kafka import add_kafka_security_flags
+
+    rep = sub.add_parser(
+        "report",
+        help="per-arm rates with intervals, the test between the arms, a plot and a verdict",
+        description=(
+            "Read rank-impressions and user-events from the start, credit events to impressions with "
+            "the attribution rule, and print per arm: impressions, users, add-to-cart and purchase "
+            "rates, MRR and revenue per impression with 99% intervals (users as clusters), the "
+            "sequential test between the two live arms and a verdict; the shadow's MRR against the "
+            "live lists'; and the attribution consumer's totals from Redis next to them. Writes a "
+            "PNG plot over time to --out."
+        ),
+    )
+    add_flag(
+        rep, "--experiment", metavar="NAME", help="the experiment (default: the running or last one in Redis)"
+    )
+    add_flag(rep, "--bootstrap", type=host_port, default="127.0.0.1:9092", metavar="HOST:PORT",
+             help="Kafka bootstrap server")  # fmt: skip
+    add_flag(rep, "--impressions-topic", default="rank-impressions", help="the servers' impressions topic")
+    add_flag(rep, "--events-topic", default="user-events", help="the storefront events topic")
+    add_flag(rep, "--window", type=duration_s, default=1800.0, metavar="DURATION",
+             help="attribution window in event time, as the consumer's --window (30m)")  # fmt: skip
+    add_flag(rep, "--metric", default="purchase", choices=["purchase", "add_to_cart", "mrr", "revenue"],
+             help="the metric the verdict is on")  # fmt: skip
+    add_flag(rep, "--out", metavar="DIR", help="folder of the plot (default artifacts/experiments/NAME/)")
+    add_flag(rep, "--no-redis", type=None, default=False,
+             help="read neither the experiment state nor the consumer's totals")  # fmt: skip
+    add_flag(rep, "--quiet", type=None, default=False, help="no progress lines while reading the topics")
+    _common(rep, models=False)
+    add_kafka_security_flags(rep)
+    rep.set_defaults(handler=cmd_report)

@@ -309,6 +309,24 @@ class Simulation:
                 revenue=float(self.values["revenue"][i]),
             )
 
+    def impression_values(
+        self,
+        experiment: str,
+        versions: Mapping[str, str] | None = None,
+        shadow: tuple[str, Ranker] | None = None,
+    ) -> Iterator[bytes]:
+        """The impressions as the ranking server publishes them to ``rank-impressions`` (its own
+        encoder), with each arm's model version (default: the arm's name) and, given ``shadow``
+        = (version, ranker), that ranker's list of every impression as a shadow's."""
+        from services.ranking.impressions import impression_json
+
+        for r in self.records():
+            version = (versions or {}).get(r.arm, r.arm)
+            shown: tuple = (r.request_id, r.user_id, r.arm, version, list(r.items), r.ts_ms, experiment)
+            if shadow is not None:
+                shown += ((shadow[0], list(shadow[1](r.user_id))[: len(r.items)]),)
+            yield impression_json(shown)
+
     def events(self) -> Iterator[Event]:
         """The users' events in the contract's form (``session_id`` = the impression's request id)."""
         frame = _events_frame(

@@ -193,6 +193,7 @@ class BatchEngine:
         n_degraded = 0
         publisher = self._impressions
         shown: list[tuple] | None = [] if publisher is not None else None
+        experiment = "" if routing is None else routing.experiment.name  # one string per batch
         for i, (q, c, out, bad) in enumerate(zip(queries, candidates, outputs, degraded, strict=True)):
             request_id = new_request_id()
             arm = "" if arms is None else arms[i]
@@ -202,7 +203,7 @@ class BatchEngine:
             else:
                 body, ids = encode_ranked(c, out.scores, q.top_k, out.path, version, bad, request_id, arm)
                 responses.append(body)
-                shown.append((request_id, q.user_id, arm, version, ids, now_ms))
+                shown.append((request_id, q.user_id, arm, version, ids, now_ms, experiment))
             paths[out.path].inc()
             n_degraded += bad
         if n_degraded:

@@ -14,7 +14,8 @@ buffer fills and drops, counted.
 
 The record (docs/EXPERIMENTS.md, "Contract changes")::
 
-    {"request_id": "…32 hex…", "user_id": "u1", "arm": "A", "model_version": "v20240102-000000",
+    {"request_id": "…32 hex…", "user_id": "u1", "experiment": "ab", "arm": "A",
+     "model_version": "v20240102-000000",   # "experiment" only while one runs
      "items": [{"item_id": "i9", "position": 1}, ...], "ts": 1767225600000,
      "shadow": {"version": "v20240103-000000", "items": [...]}}   # only when a shadow scored it
 """
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOPIC = "rank-impressions"
 _FAILED_METRIC = "recstack_impressions_failed_total"
-# (request_id, user_id, arm, model_version, item ids best first, ts ms[, (shadow version, ids)])
+# (request_id, user_id, arm, model_version, item ids best first, ts ms, experiment name or "",
+#  [(shadow version, ids)])
 Shown = tuple
 
 
@@ -47,14 +49,16 @@ def _items_json(ids: list[str]) -> str:
 
 
 def impression_json(shown: Shown) -> bytes:
-    request_id, user_id, arm, version, ids, ts = shown[:6]
+    request_id, user_id, arm, version, ids, ts, experiment = shown[:7]
     dumps = json.dumps
     shadow = ""
-    if len(shown) > 6:
-        shadow_version, shadow_ids = shown[6]
+    if len(shown) > 7:
+        shadow_version, shadow_ids = shown[7]
         shadow = f',"shadow":{{"version":{dumps(shadow_version)},"items":[{_items_json(shadow_ids)}]}}'
+    # No experiment: no field (the attribution consumer counts those under "default").
+    exp = f'"experiment":{dumps(experiment)},' if experiment else ""
     return (
-        f'{{"request_id":{dumps(request_id)},"user_id":{dumps(user_id)},"arm":{dumps(arm)},'
+        f'{{"request_id":{dumps(request_id)},"user_id":{dumps(user_id)},{exp}"arm":{dumps(arm)},'
         f'"model_version":{dumps(version)},"items":[{_items_json(ids)}],"ts":{int(ts)}{shadow}}}'
     ).encode()
 

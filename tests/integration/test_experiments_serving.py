@@ -116,8 +116,9 @@ def test_experiment_start_promote_and_stop_on_a_real_server(
         shadowed = 0
         for request_id, (user, response) in answers.items():
             imp = impressions[request_id]
-            assert (imp["user_id"], imp["arm"], imp["model_version"]) == (
+            assert (imp["user_id"], imp["experiment"], imp["arm"], imp["model_version"]) == (
                 user,
+                "ab",
                 response.arm,
                 response.model_version,
             )

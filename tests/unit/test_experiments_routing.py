@@ -134,8 +134,8 @@ class _StuckProducer:
         pass
 
 
-def _shown(k: int) -> tuple:
-    return (f"{k:032x}", f"user-{k}", "A", "v1", ["i1", "i2"], 1_700_000_000_000)
+def _shown(k: int, experiment: str = "ab") -> tuple:
+    return (f"{k:032x}", f"user-{k}", "A", "v1", ["i1", "i2"], 1_700_000_000_000, experiment)
 
 
 def test_a_full_buffer_drops_and_counts_without_delaying_the_caller():
@@ -182,6 +182,7 @@ def test_impression_record_schema():
     assert record == {
         "request_id": f"{7:032x}",
         "user_id": "user-7",
+        "experiment": "ab",
         "arm": "A",
         "model_version": "v1",
         "items": [{"item_id": "i1", "position": 1}, {"item_id": "i2", "position": 2}],
@@ -192,6 +193,10 @@ def test_impression_record_schema():
         },
     }
     assert "shadow" not in json.loads(impression_json(_shown(1)))
+    # Without an experiment (arm ""), no experiment field: the attribution consumer counts such
+    # impressions under the experiment "default".
+    plain = json.loads(impression_json(("r1", "u1", "", "v1", ["i1"], 1_700_000_000_000, "")))
+    assert "experiment" not in plain and plain["arm"] == ""
 
 
 def test_serve_takes_the_impression_flags_and_the_kafka_security_group(monkeypatch):
