@@ -36,7 +36,7 @@ def _records(n: int, seed: int = 1) -> tuple[list[tuple[bytes, bytes]], list[tup
         items = [f"i{j}" for j in rng.sample(range(500), 10)]
         arm = "A" if k % 2 else "B"
         value = {"request_id": f"r{k}", "user_id": user, "arm": arm, "model_version": arm, "ts": ts}
-        value["items"] = [{"item_id": it, "position": p, "score": 0.0} for p, it in enumerate(items)]
+        value["items"] = [{"item_id": it, "position": p, "score": 0.0} for p, it in enumerate(items, 1)]
         if arm == "A":
             value["shadow"] = {"version": "s", "items": value["items"][::-1]}
         imps.append((user.encode(), json.dumps(value).encode()))

@@ -38,7 +38,8 @@ class InvalidImpression(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Impression:
-    """One served list: positions are 0-based; ``offset`` orders impressions with equal ``ts``."""
+    """One served list: positions are 1-based (1 = shown first, as the ranking server writes them);
+    ``offset`` orders impressions with equal ``ts``."""
 
     request_id: str
     user_id: str
@@ -91,9 +92,9 @@ def _positions(items: Any, name: str) -> dict[str, int]:
         if not isinstance(entry, dict):
             raise InvalidImpression(f"{name}[{k}]: must be an object")
         item_id = _text(entry, "item_id")
-        position = entry.get("position", k)
-        if type(position) is not int or position < 0:
-            raise InvalidImpression(f"{name}[{k}].position: must be an integer >= 0, got {position!r:.40}")
+        position = entry.get("position", k + 1)
+        if type(position) is not int or position < 1:
+            raise InvalidImpression(f"{name}[{k}].position: must be an integer >= 1, got {position!r:.40}")
         out.setdefault(item_id, position)  # type: ignore[arg-type]
     return out
 
@@ -165,7 +166,7 @@ def impression_credits(imp: Impression) -> list[Credit]:
 
 def _rr_micros(positions: Mapping[str, int] | None, item_id: str) -> int:
     position = (positions or {}).get(item_id)
-    return 0 if position is None else round(MICROS / (position + 1))
+    return 0 if position is None else round(MICROS / position)
 
 
 def event_credits(event: Event, imp: Impression) -> list[Credit]:

@@ -28,11 +28,11 @@ MIN = 60_000
 
 def impression(rid, user, items, ts, arm="A", shadow=None):
     value = {"request_id": rid, "user_id": user, "arm": arm, "model_version": f"v-{arm}", "ts": ts}
-    value["items"] = [{"item_id": it, "position": k, "score": 1.0 / (k + 1)} for k, it in enumerate(items)]
+    value["items"] = [{"item_id": it, "position": k, "score": 1.0 / k} for k, it in enumerate(items, 1)]
     if shadow:
         value["shadow"] = {
             "version": "s1",
-            "items": [{"item_id": it, "position": k} for k, it in enumerate(shadow)],
+            "items": [{"item_id": it, "position": k} for k, it in enumerate(shadow, 1)],
         }
     return json.dumps(value).encode()
 

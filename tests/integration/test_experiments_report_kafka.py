@@ -49,7 +49,7 @@ def _hand():
     def imp(rid, user, items, ts, arm):
         value = {"request_id": rid, "user_id": user, "experiment": "hand", "arm": arm, "model_version": "v"}
         return json.dumps(
-            value | {"ts": ts, "items": [{"item_id": i, "position": k} for k, i in enumerate(items)]}
+            value | {"ts": ts, "items": [{"item_id": i, "position": k} for k, i in enumerate(items, 1)]}
         )
 
     def ev(eid, user, item, kind, ts, price=None):

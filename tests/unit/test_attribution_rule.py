@@ -22,11 +22,11 @@ WINDOW = 30 * MIN
 
 def imp(rid, user, items, ts, arm="A", offset=0, shadow=None):
     value = {"request_id": rid, "user_id": user, "arm": arm, "model_version": "v1", "ts": ts}
-    value["items"] = [{"item_id": it, "position": k, "score": 1.0} for k, it in enumerate(items)]
+    value["items"] = [{"item_id": it, "position": k, "score": 1.0} for k, it in enumerate(items, 1)]
     if shadow:
         value["shadow"] = {
             "version": "s1",
-            "items": [{"item_id": it, "position": k} for k, it in enumerate(shadow)],
+            "items": [{"item_id": it, "position": k} for k, it in enumerate(shadow, 1)],
         }
     return parse_impression(json.dumps(value), offset)
 
@@ -100,7 +100,7 @@ def test_invalid_impressions_are_named():
                     "user_id": "u",
                     "arm": "A",
                     "ts": 1,
-                    "items": [{"item_id": "a", "position": -1}],
+                    "items": [{"item_id": "a", "position": 0}],
                 }
             )
         )

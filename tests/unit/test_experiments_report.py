@@ -26,11 +26,11 @@ WINDOW = 30 * MIN
 def imp(rid, user, items, ts, arm, experiment="hand", shadow=None):
     # Positions 0-based, as services/attribution/rule.py reads them (1 / (position + 1)).
     value = {"request_id": rid, "user_id": user, "experiment": experiment, "arm": arm, "model_version": "v"}
-    value |= {"ts": ts, "items": [{"item_id": it, "position": k} for k, it in enumerate(items)]}
+    value |= {"ts": ts, "items": [{"item_id": it, "position": k} for k, it in enumerate(items, 1)]}
     if shadow:
         value["shadow"] = {
             "version": "s1",
-            "items": [{"item_id": it, "position": k} for k, it in enumerate(shadow)],
+            "items": [{"item_id": it, "position": k} for k, it in enumerate(shadow, 1)],
         }
     return json.dumps(value).encode()
 

@@ -199,6 +199,22 @@ def test_impression_record_schema():
     assert "experiment" not in plain and plain["arm"] == ""
 
 
+def test_the_attribution_rule_reads_the_servers_impressions_as_written():
+    """The server writes 1-based positions; the attribution rule must read the same numbers: the
+    first item shown has reciprocal rank 1 (a rule reading them as 0-based would give 1/2)."""
+    from recstack.events import Event
+    from services.attribution.rule import event_credits, parse_impression
+
+    imp = parse_impression(impression_json((*_shown(7), ("v2", ["i2", "i1"]))))
+    assert imp.items == {"i1": 1, "i2": 2} and imp.shadow_items == {"i2": 1, "i1": 2}
+    event = Event(
+        event_id="e1", user_id="user-7", item_id="i1", event_type="purchase", ts_ms=1_700_000_000_001
+    )
+    credits = {(arm, name): value for _, arm, _, name, value in event_credits(event, imp)}
+    assert credits[("A", "rr_micros_purchase")] == 1_000_000
+    assert credits[("shadow:v2", "rr_micros_purchase")] == 500_000
+
+
 def test_serve_takes_the_impression_flags_and_the_kafka_security_group(monkeypatch):
     import argparse
 
