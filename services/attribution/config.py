@@ -24,7 +24,7 @@ class AttributionConfig:
     # Impressions of one partition may arrive this much out of ts order: an event waits until the
     # impressions read reach its ts plus this (or until max_wait_s has passed on the clock).
     lateness_s: float = 5.0
-    max_wait_s: float = 10.0
+    max_wait_s: float = 120.0
     # Impressions kept per user (newest first) and how long their list lives after the last one.
     max_per_user: int = 100
     state_ttl_s: float = 3_600.0
