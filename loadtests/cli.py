@@ -457,6 +457,13 @@ def _bench(args: argparse.Namespace) -> int:
         and not Path(cfg.models).is_dir()
     ):
         raise UserError(f"--models {cfg.models} is not a folder: train a model first (see docs/LOADTESTS.md)")
+    if cfg.experiments or cfg.experiment_ladder:  # before any server: a long run must not fail at its end
+        from loadtests.experiment_bench import ExperimentBenchError, check_topic
+
+        try:
+            check_topic(cfg.kafka_bootstrap, cfg.impressions_topic)
+        except ExperimentBenchError as exc:
+            raise UserError(str(exc)) from None
     specs = server_specs(cfg)
     for name, command in commands.items():
         if command:

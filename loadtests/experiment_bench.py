@@ -474,12 +474,39 @@ class LadderExperiment:
         self.writer.clear()
 
 
+def check_topic(bootstrap: str, topic: str) -> None:
+    """The impressions topic must exist: the servers would count every impression as failed."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    from recstack.kafka import kafka_security_from_env
+
+    try:
+        consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap,
+            request_timeout_ms=15_000,
+            **kafka_security_from_env().client_options(),
+        )
+        try:
+            topics = consumer.topics()
+        finally:
+            consumer.close()
+    except KafkaError as exc:
+        raise ExperimentBenchError(f"--kafka-bootstrap {bootstrap}: cannot list topics: {exc}") from None
+    if topic not in topics:
+        raise ExperimentBenchError(
+            f"--impressions-topic {topic}: no such topic on {bootstrap} (infra/up.sh creates "
+            "rank-impressions; or create one and name it)"
+        )
+
+
 def run(cfg: Any, requests: list[bytes], results: dict[str, Any]) -> None:
     """The ``--experiment-ladder`` server (``results["servers"]["real-ab"]``) and the
     ``--experiments`` rounds (``results["experiments"]``), after the plain servers."""
     from loadtests.saturation import bench_server, real_server_steps
 
     try:
+        check_topic(cfg.kafka_bootstrap, cfg.impressions_topic)
         versions = prepare_versions(cfg.models, cfg.out, cfg.experiment_versions)
     except (ExperimentBenchError, OSError) as exc:
         log.error("experiments: %s", exc)
