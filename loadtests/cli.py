@@ -378,6 +378,14 @@ def _add_experiment_flags(parser: argparse.ArgumentParser) -> None:
         type=fraction,
         help="the rounds' offered rate, as a share of the real server's SLO rate",
     )
+    add_flag(
+        parser,
+        "--experiment-rate",
+        default=0.0,
+        type=non_negative_float,
+        help="the rounds' offered rate in calls/s, instead of --experiment-rate-fraction of the SLO rate "
+        "(for a machine where the ladder finds none); 0: from the ladder",
+    )
 
 
 def bench_config(args: argparse.Namespace) -> Any:
@@ -431,6 +439,7 @@ def bench_config(args: argparse.Namespace) -> Any:
         experiment_rounds=args.experiment_rounds,
         experiment_min_calls=args.experiment_min_calls,
         experiment_rate_fraction=args.experiment_rate_fraction,
+        experiment_rate=args.experiment_rate,
     )
     if (cfg.experiments or cfg.experiment_ladder) and not cfg.kafka_bootstrap:
         raise UserError(

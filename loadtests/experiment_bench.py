@@ -374,7 +374,7 @@ def verdict(states: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def bench_rounds(
-    cfg: Any, requests: list[bytes], slo_rate: float, versions: tuple[Path, dict[str, str]]
+    cfg: Any, requests: list[bytes], slo_rate: float | None, versions: tuple[Path, dict[str, str]]
 ) -> dict[str, Any]:
     """Start the experiment server, run :func:`run_rounds` at ``cfg.experiment_rate_fraction`` of
     ``slo_rate``, stop it and clear the experiment. Failures are recorded, never raised."""
@@ -384,12 +384,14 @@ def bench_rounds(
     from loadtests.servers import ServerFailed
 
     models, arm_versions = versions
-    rate = cfg.experiment_rate_fraction * slo_rate
+    given = bool(cfg.experiment_rate)
+    rate = cfg.experiment_rate if given else cfg.experiment_rate_fraction * (slo_rate or 0.0)
     result: dict[str, Any] = {
         "status": "ok",
         "error": None,
         "slo_rate": slo_rate,
-        "rate_fraction": cfg.experiment_rate_fraction,
+        "rate_given": given,
+        "rate_fraction": None if given else cfg.experiment_rate_fraction,
         "versions": arm_versions,
         "models": str(models),
         "impressions_topic": cfg.impressions_topic,
@@ -539,13 +541,15 @@ def run(cfg: Any, requests: list[bytes], results: dict[str, Any]) -> None:
             results["servers"]["real-ab"]["versions"] = versions[1]
     if cfg.experiments:
         real = results["servers"].get("real") or {}
-        if real.get("status") != "ok" or not real.get("slo_rate"):
+        slo_rate = real.get("slo_rate") if real.get("status") == "ok" else None
+        if not slo_rate and not cfg.experiment_rate:
             results["experiments"] = {
                 "status": "failed",
-                "error": "the real server has no SLO rate in this run: nothing to take 50% of",
+                "error": "the real server has no SLO rate in this run: nothing to take "
+                f"{100 * cfg.experiment_rate_fraction:g}% of (--experiment-rate sets the rounds' rate)",
             }
             return
-        results["experiments"] = bench_rounds(cfg, requests, real["slo_rate"], versions)
+        results["experiments"] = bench_rounds(cfg, requests, slo_rate, versions)
 
 
 # --- the report ----------------------------------------------------------------------------------
@@ -572,9 +576,13 @@ def render(results: dict[str, Any]) -> list[str]:
     if exp.get("status") != "ok":
         return [*lines, f"The rounds failed: {' '.join(str(exp.get('error')).split())}", ""]
     versions = exp.get("versions", {})
+    if exp.get("rate_given"):
+        basis = f"as given; its max rate at the SLO in this run: {_f(exp.get('slo_rate'), 1)}/s"
+    else:
+        share = 100 * (exp.get("rate_fraction") or 0.5)
+        basis = f"{share:g}% of its max rate at the SLO, {_f(exp.get('slo_rate'), 1)}/s"
     lines += [
-        f"The real server at {_f(exp.get('rate'), 1)}/s ({100 * exp.get('rate_fraction', 0.5):g}% of its "
-        f"max rate at the SLO, {_f(exp.get('slo_rate'), 1)}/s), impressions on (topic "
+        f"The real server at {_f(exp.get('rate'), 1)}/s ({basis}), impressions on (topic "
         f"`{exp.get('impressions_topic')}`), one process for every state; {exp.get('rounds')} rounds of "
         f"each state of {exp.get('calls_per_round')} calls, in the order {' '.join(exp.get('order', []))}. "
         f"A/B: A = {versions.get('A')}, B = {versions.get('B')}, 50/50; shadow: C = {versions.get('C')}. "

@@ -139,6 +139,7 @@ class BenchConfig:
     experiment_rounds: int = 2
     experiment_min_calls: int = 500
     experiment_rate_fraction: float = 0.5
+    experiment_rate: float = 0.0  # > 0: the rounds' rate, instead of the fraction of the SLO rate
 
 
 # --- stepping ------------------------------------------------------------------------------------

@@ -166,6 +166,10 @@ def test_report_says_when_the_rounds_failed(tmp_path: Path) -> None:
     results["experiments"] = {"status": "failed", "error": "experiment 'x' is running\nin db 0"}
     summary = report.render_summary(results)
     assert "The rounds failed: experiment 'x' is running in db 0" in summary
+    results["experiments"] = {"status": "ok", "rate_given": True, "slo_rate": None, **_rounds(CostlyShadow())}
+    assert "The real server at 100.0/s (as given; its max rate at the SLO in this run: -/s)" in (
+        report.render_summary(results)
+    )
 
 
 def _fast():  # type: ignore[no-untyped-def]
@@ -184,6 +188,9 @@ def test_flags_default_off_and_need_kafka_and_the_real_server() -> None:
         )
     )  # fmt: skip
     assert cfg.experiments and cfg.experiment_ladder and cfg.experiment_rounds == 3
+    assert (cfg.experiment_rate_fraction, cfg.experiment_rate, cfg.impressions_topic) == (
+        0.5, 0.0, "rank-impressions",
+    )  # fmt: skip
     assert cfg.experiment_versions == ("v20240101-000000", "v20240102-000000")
     with pytest.raises(UserError, match="--kafka-bootstrap"):
         bench_config(_parser().parse_args(["bench", "--experiments"]))
