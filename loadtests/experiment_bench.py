@@ -356,6 +356,13 @@ def verdict(states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         d_p99 = None if p99 is None or p99_base is None else round(p99 - p99_base, 3)
         d_cpu = None if not cpu or not cpu_base else round(cpu / cpu_base - 1.0, 4)
         out[state] = {"p99_delta_ms": d_p99, "cpu_delta": d_cpu}
+    # The rounds' p99 within one state differ by this much: a p99 difference below it is noise.
+    spreads = []
+    for state in STATES:
+        p99s = [p for p in (states.get(state) or {}).get("round_p99_ms", []) if p is not None]
+        if len(p99s) > 1:
+            spreads.append(max(p99s) - min(p99s))
+    out["round_p99_spread_ms"] = round(max(spreads), 3) if spreads else None
     shadow = out["shadow"]
     shadow["p99_met"] = (
         None if shadow["p99_delta_ms"] is None else shadow["p99_delta_ms"] <= SHADOW_P99_TARGET_MS
@@ -623,4 +630,12 @@ def render(results: dict[str, Any]) -> list[str]:
         f"CPU {_pct(shadow.get('cpu_delta_vs_ab'))} | | |",
         "",
     ]
+    spread = verdict.get("round_p99_spread_ms")
+    if spread is not None and spread > verdict.get("p99_target_ms", SHADOW_P99_TARGET_MS):
+        lines += [
+            f"**Warning:** one state's rounds differ by up to {spread:.2f} ms in p99, more than the "
+            f"{verdict.get('p99_target_ms', SHADOW_P99_TARGET_MS):g} ms the target allows: the p99 verdict "
+            "is within the noise of this run (a busy machine?). Re-run on a quiet machine.",
+            "",
+        ]
     return lines

@@ -124,6 +124,21 @@ def test_verdict_meets_the_targets_within_1_ms_and_10_percent() -> None:
     assert bad["shadow"]["p99_met"] is False and bad["shadow"]["cpu_met"] is False
     missing = eb.verdict({"none": state(4.0, 2.0), "ab": {}, "shadow": {}})
     assert missing["shadow"]["p99_met"] is None and missing["shadow"]["cpu_met"] is None
+    assert ok["round_p99_spread_ms"] is None  # no rounds given
+
+
+def test_a_p99_verdict_within_the_rounds_noise_is_flagged(tmp_path: Path) -> None:
+    results = _synthetic_results(tmp_path)
+    rounds = _rounds(CostlyShadow())
+    rounds["states"]["ab"]["round_p99_ms"] = [20.0, 560.0]  # a busy machine: rounds 540 ms apart
+    rounds["verdict"] = eb.verdict(rounds["states"])
+    assert rounds["verdict"]["round_p99_spread_ms"] == pytest.approx(540.0)
+    results["experiments"] = {"status": "ok", "slo_rate": 200.0, "rate_fraction": 0.5, **rounds}
+    assert "rounds differ by up to 540.00 ms in p99" in report.render_summary(results)
+    quiet = _rounds(CostlyShadow())
+    assert quiet["verdict"]["round_p99_spread_ms"] < 1.0
+    results["experiments"] = {"status": "ok", "slo_rate": 200.0, "rate_fraction": 0.5, **quiet}
+    assert "Warning" not in report.render_summary(results).split("## Experiments")[1]
 
 
 def test_report_shows_the_rounds_the_verdict_and_the_experiment_ladder(tmp_path: Path) -> None:
