@@ -312,8 +312,80 @@ def _register_bench(subparsers: Any) -> None:
     add_flag(
         parser, "--request-pool", default=2000, type=positive_int, help="distinct prepared Rank requests"
     )
+    _add_experiment_flags(parser)
     _add_generator_flags(parser)
     parser.set_defaults(handler=_bench)
+
+
+def version_list(text: str) -> tuple[str, ...]:
+    """``vA,vB[,vC]`` -> the versions of arms A, B and the shadow."""
+    versions = tuple(part.strip() for part in text.split(",") if part.strip())
+    if len(versions) not in (2, 3):
+        raise argparse.ArgumentTypeError(
+            f"expected two or three versions such as vA,vB[,vShadow], got {text!r}"
+        )
+    return versions
+
+
+def _add_experiment_flags(parser: argparse.ArgumentParser) -> None:
+    """What experiments cost (docs/LOADTESTS.md, 'Experiments'); off by default."""
+    add_flag(
+        parser,
+        "--experiments",
+        type=None,
+        default=False,
+        help="after the servers, run the real server at --experiment-rate-fraction of its SLO rate in "
+        "interleaved rounds: no experiment, an A/B experiment, A/B plus a shadow arm (needs "
+        "--kafka-bootstrap and the real server)",
+    )
+    add_flag(
+        parser,
+        "--experiment-ladder",
+        type=None,
+        default=False,
+        help="also run the real server's whole ladder with the A/B experiment on (real-ab in the report)",
+    )
+    add_flag(
+        parser,
+        "--kafka-bootstrap",
+        default="",
+        help="Kafka for the experiment servers' impressions, HOST:PORT",
+    )
+    add_flag(
+        parser,
+        "--impressions-topic",
+        default="rank-impressions",
+        help="topic the experiment servers publish impressions to (it must exist)",
+    )
+    add_flag(
+        parser,
+        "--experiment-versions",
+        default=(),
+        type=version_list,
+        help="versions of --models for arms A,B[,shadow] (default: two copies of the served version in "
+        "a private folder of --out)",
+    )
+    add_flag(
+        parser, "--experiment-rounds", default=2, type=positive_int, help="rounds of each experiment state"
+    )
+    add_flag(
+        parser, "--experiment-min-calls", default=500, type=positive_int, help="calls per round at least"
+    )
+    add_flag(
+        parser,
+        "--experiment-rate-fraction",
+        default=0.5,
+        type=fraction,
+        help="the rounds' offered rate, as a share of the real server's SLO rate",
+    )
+    add_flag(
+        parser,
+        "--experiment-rate",
+        default=0.0,
+        type=non_negative_float,
+        help="the rounds' offered rate in calls/s, instead of --experiment-rate-fraction of the SLO rate "
+        "(for a machine where the ladder finds none); 0: from the ladder",
+    )
 
 
 def bench_config(args: argparse.Namespace) -> Any:
@@ -359,7 +431,26 @@ def bench_config(args: argparse.Namespace) -> Any:
         quick=args.quick,
         search=search,
         generator=_generator_config(args),
+        experiments=args.experiments,
+        experiment_ladder=args.experiment_ladder,
+        kafka_bootstrap=args.kafka_bootstrap,
+        impressions_topic=args.impressions_topic,
+        experiment_versions=tuple(args.experiment_versions),
+        experiment_rounds=args.experiment_rounds,
+        experiment_min_calls=args.experiment_min_calls,
+        experiment_rate_fraction=args.experiment_rate_fraction,
+        experiment_rate=args.experiment_rate,
     )
+    if (cfg.experiments or cfg.experiment_ladder) and not cfg.kafka_bootstrap:
+        raise UserError(
+            "recstack bench: --experiments and --experiment-ladder need --kafka-bootstrap (impressions on)"
+        )
+    if (cfg.experiments or cfg.experiment_ladder) and "real" not in cfg.servers:
+        raise UserError(
+            "recstack bench: --experiments and --experiment-ladder need the real server in --servers"
+        )
+    if cfg.experiment_rate_fraction <= 0:
+        raise UserError("recstack bench: --experiment-rate-fraction must be above 0")
     return cfg
 
 
@@ -375,6 +466,13 @@ def _bench(args: argparse.Namespace) -> int:
         and not Path(cfg.models).is_dir()
     ):
         raise UserError(f"--models {cfg.models} is not a folder: train a model first (see docs/LOADTESTS.md)")
+    if cfg.experiments or cfg.experiment_ladder:  # before any server: a long run must not fail at its end
+        from loadtests.experiment_bench import ExperimentBenchError, check_topic
+
+        try:
+            check_topic(cfg.kafka_bootstrap, cfg.impressions_topic)
+        except ExperimentBenchError as exc:
+            raise UserError(str(exc)) from None
     specs = server_specs(cfg)
     for name, command in commands.items():
         if command:
@@ -382,6 +480,8 @@ def _bench(args: argparse.Namespace) -> int:
     results = run_bench(cfg, specs=specs)
     print((cfg.out / "summary.md").read_text())
     failed = [name for name, server in results["servers"].items() if server.get("status") != "ok"]
+    if (results.get("experiments") or {}).get("status") == "failed":
+        failed.append("the experiment rounds")
     if failed:
         print(f"recstack bench: could not measure {', '.join(failed)} (see summary.md)")
         return 1

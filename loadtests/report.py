@@ -121,6 +121,9 @@ def render_summary(results: dict[str, Any]) -> str:
         )
     lines += _targets(results, slo)
     lines += _cpu_table(servers)
+    from loadtests import experiment_bench
+
+    lines += experiment_bench.render(results)
     lines += ["## Steps", ""]
     for name, server in servers.items():
         if server.get("status") != "ok":
@@ -223,6 +226,7 @@ def _targets(results: dict[str, Any], slo: float) -> list[str]:
             f"| real-w2 / echo (one echo process), max rate at p99 <= {slo:g} ms | "
             f"{_num(comparison.get('real_w2_over_echo_slo_rate'))} | - | - |"
         )
+    lines += _experiment_ladder_targets(results, slo)
     confirm = real.get("target")
     if confirm:
         p99 = confirm["latency_ms"].get("p99")
@@ -269,6 +273,53 @@ def _targets(results: dict[str, Any], slo: float) -> list[str]:
             verdict = f"Overload: errors other than RESOURCE_EXHAUSTED were seen ({error_counts(overload)})."
         lines += ["", verdict]
     return [*lines, ""]
+
+
+def _experiment_ladder_targets(results: dict[str, Any], slo: float) -> list[str]:
+    """The serving targets again for ``real-ab``, the real server with the A/B experiment on."""
+    ab = results.get("servers", {}).get("real-ab")
+    if not ab:
+        return []
+    if ab.get("status") != "ok":
+        return [f"| real-ab (A/B experiment on) | failed: {_one_line(ab.get('error'))} | | |"]
+    c = results.get("comparison", {})
+    tight = ab.get("tight_p99") or {}
+    rows = [
+        f"| real-ab (A/B experiment on): max rate at p99 <= {slo:g} ms (real: "
+        f"{_rate((results['servers'].get('real') or {}).get('slo_rate'))}) | "
+        f"{_rate(ab.get('slo_rate')) if ab.get('slo_rate') else _no_slo_rate(ab)} | a max rate exists "
+        f"| {'met' if ab.get('slo_rate') else 'not met'} |",
+        f"| real-ab: p99 <= {tight.get('p99_ms', 5.0):g} ms at every fixed step up to "
+        f"{tight.get('up_to', 200.0):g}/s | {_tight_text(tight)} | every step "
+        f"| {_met_flag(tight.get('held'))} |",
+        f"| real-ab / real, max rate at p99 <= {slo:g} ms "
+        f"| {_num(c.get('real_ab_over_real_slo_rate'))} | - | - |",
+        f"| real-ab / echo, max rate at p99 <= {slo:g} ms | {_num(c.get('real_ab_over_echo_slo_rate'))} "
+        f"| >= 0.6 | {_met_word(c.get('real_ab_over_echo_slo_rate'), 0.6, above=True)} |",
+        f"| real-ab / naive, peak throughput | {_num(c.get('real_ab_over_naive_peak'))} | >= 5 "
+        f"| {_met_word(c.get('real_ab_over_naive_peak'), 5.0, above=True)} |",
+    ]
+    for at in sorted(
+        (
+            k.rsplit("_", 1)[1]
+            for k in c
+            if k.startswith("real_ab_over_echo_cpu_at_") and not k.endswith("_met")
+        ),
+        key=float,
+    ):
+        value, target = c.get(f"real_ab_over_echo_cpu_at_{at}"), c.get(f"real_over_echo_cpu_at_{at}_target")
+        if target is not None:
+            rows.append(
+                f"| real-ab / echo, server CPU per call at {at}/s | {_num(value)} | <= {target:g} "
+                f"| {_met_word(value, target, above=False)} |"
+            )
+    if "real_ab_overload_only_resource_exhausted" in c:
+        only = c["real_ab_overload_only_resource_exhausted"]
+        rows.append(
+            f"| real-ab overload: errors by code | {error_counts(ab.get('overload') or {})} "
+            f"| only RESOURCE_EXHAUSTED | {'met' if only else 'not met'} |"
+        )
+    return rows
 
 
 def _cpu_table(servers: dict[str, Any]) -> list[str]:
@@ -538,6 +589,15 @@ def _plot_cpu_per_call(results: dict[str, Any], plt: Any) -> Any:
                 label = name if who == "server" else f"{name}: generator"
                 ax.plot(*zip(*pts, strict=True), style, color=palette(i % 10), markersize=4, label=label)
                 drawn = True
+    exp = results.get("experiments") or {}
+    for j, (state, marker) in enumerate((("none", "s"), ("ab", "D"), ("shadow", "*"))):
+        figures = (exp.get("states") or {}).get(state) or {}
+        if exp.get("status") == "ok" and figures.get("cpu_ms_per_call") is not None:
+            ax.plot(
+                [exp["rate"]], [figures["cpu_ms_per_call"]], marker, color=palette((7 + j) % 10),
+                markersize=8, label=f"experiment rounds: {state}",
+            )  # fmt: skip
+            drawn = True
     if not drawn:
         _no_data(ax)
     else:

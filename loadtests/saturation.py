@@ -130,6 +130,16 @@ class BenchConfig:
     quick: bool = False
     search: SearchConfig = field(default_factory=SearchConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    # What experiments cost (loadtests/experiment_bench.py); both off: the run is the plain one.
+    experiments: bool = False  # interleaved rounds: no experiment, A/B, A/B + shadow
+    experiment_ladder: bool = False  # the real server's ladder again with the A/B experiment on
+    kafka_bootstrap: str = ""
+    impressions_topic: str = "rank-impressions"
+    experiment_versions: tuple[str, ...] = ()  # A, B[, shadow]; empty: copies of the served version
+    experiment_rounds: int = 2
+    experiment_min_calls: int = 500
+    experiment_rate_fraction: float = 0.5
+    experiment_rate: float = 0.0  # > 0: the rounds' rate, instead of the fraction of the SLO rate
 
 
 # --- stepping ------------------------------------------------------------------------------------
@@ -333,8 +343,10 @@ def bench_server(
     cfg: BenchConfig,
     requests: list[bytes],
     extra_steps: Callable[[StepRunner, dict[str, Any]], None] | None = None,
+    on_start: Callable[[ServerProcess], None] | None = None,
 ) -> dict[str, Any]:
     """Start ``spec``, search its rates, run ``extra_steps`` on it, stop it. Failures are recorded.
+    ``on_start`` runs once the server is healthy, before any step (it may wait for the server).
 
     Every step also reads the CPU time of the server's process tree and of the generator's
     processes (where /proc exists), and the server's CPU while idle is read after the search."""
@@ -344,6 +356,8 @@ def bench_server(
     log.info("starting the %s server: %s", spec.name, " ".join(server.argv))
     try:
         result["startup_s"] = round(server.start(cfg.start_timeout_s), 2)
+        if on_start is not None:
+            on_start(server)
         with OpenLoopGenerator(server.address, "Rank", requests, cfg.generator) as generator:
             runner: StepRunner = generator
             metered = None
@@ -434,6 +448,10 @@ def run_bench(
             naive = results["servers"].get("naive", {})
             extra = real_server_steps(cfg, naive.get("peak_rate") if naive.get("status") == "ok" else None)
         results["servers"][name] = bench_server(spec, cfg, requests, extra)
+    if cfg.experiments or cfg.experiment_ladder:
+        from loadtests import experiment_bench
+
+        experiment_bench.run(cfg, requests, results)
     results["comparison"] = compare(results)
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results["machine"]["load_average_end"] = _load_average()
@@ -515,6 +533,21 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
         out["overload_p99_ms"] = overload["latency_ms"].get("p99")
         out["overload_errors"] = overload.get("errors", {})
         out["overload_only_resource_exhausted"] = set(overload.get("errors", {})) <= {"RESOURCE_EXHAUSTED"}
+    if "real-ab" in servers:  # the serving targets, read again with the A/B experiment on
+        ab_slo, ab_peak = figure("real-ab", "slo_rate"), figure("real-ab", "peak_rate")
+        out["real_ab_over_real_slo_rate"] = ratio(ab_slo, real_slo)
+        out["real_ab_over_echo_slo_rate"] = ratio(ab_slo, echo_slo)
+        out["real_ab_over_naive_peak"] = ratio(ab_peak, naive_peak)
+        for rate, target in CPU_TARGETS.items():
+            key = f"{rate:g}"
+            value = ratio(cpu.get("real-ab", {}).get(key), cpu.get("echo", {}).get(key))
+            out[f"real_ab_over_echo_cpu_at_{key}"] = value
+            out[f"real_ab_over_echo_cpu_at_{key}_met"] = None if value is None else value <= target
+        ab_overload = figure("real-ab", "overload")
+        if ab_overload:
+            out["real_ab_overload_only_resource_exhausted"] = set(ab_overload.get("errors", {})) <= {
+                "RESOURCE_EXHAUSTED"
+            }
     if "real-w2" in servers:
         w2_slo, w2_peak = figure("real-w2", "slo_rate"), figure("real-w2", "peak_rate")
         out["real_w2_over_real_slo_rate"] = ratio(w2_slo, real_slo)
