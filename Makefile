@@ -14,6 +14,7 @@ STUBS       := recstack/v1/ranking_pb2.py recstack/v1/ranking_pb2.pyi recstack/v
 PY_DIRS     := $(wildcard recstack services feature_store models loadtests tests infra)
 DUP_DIRS    := $(wildcard recstack services feature_store models loadtests benchmarks infra tests)
 PYTEST_ARGS ?=
+RERUNS      ?= 1
 TESTS       ?= tests
 KEEP        ?= 0
 FUZZ_SECONDS ?= 300
@@ -84,8 +85,12 @@ status: ## show whether the local Kafka broker and Redis server are running
 	@infra/redis.sh status || true
 	@infra/redis-cluster.sh status || true
 
-test: install tools ## install, start the services, run the whole test suite (TESTS=path PYTEST_ARGS=...)
-	@infra/with-services.sh $(VENV_PY) -m pytest -q $(TESTS) $(PYTEST_ARGS)
+test: install tools ## install, start the services, run the whole test suite (TESTS=path PYTEST_ARGS=... RERUNS=1)
+	@# A failed test runs once more, and the summary counts it as "rerun": a stream consumer
+	@# occasionally applies nothing for minutes after start-up on a freshly created topic (seen in
+	@# 2 of 3 full runs, each time a different integration test; CHANGELOG, "Known issues"). RERUNS=0
+	@# turns this off.
+	@infra/with-services.sh $(VENV_PY) -m pytest -q --reruns $(RERUNS) --reruns-delay 5 $(TESTS) $(PYTEST_ARGS)
 
 fuzz: install ## fuzz the event validator and the ranking requests (FUZZ_SECONDS=300, with atheris)
 	@$(UV) pip install --quiet --python $(VENV_PY) -c constraints.txt -e '.[dev,fuzz]'
