@@ -71,7 +71,12 @@ def _impression_publisher(config: RankingConfig, metrics: RankingMetrics) -> Imp
     if not config.kafka_bootstrap or not config.impressions_topic:
         return None
     return ImpressionPublisher(
-        kafka_producer_factory(config.kafka_bootstrap, config.kafka_security, config.impressions_linger_ms),
+        kafka_producer_factory(
+            config.kafka_bootstrap,
+            config.kafka_security,
+            config.impressions_linger_ms,
+            max_buffer=config.impressions_buffer,
+        ),
         config.impressions_topic,
         max_buffer=config.impressions_buffer,
         linger_ms=config.impressions_linger_ms,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -115,25 +115,27 @@ class BatchEngine:
         # .current: the running experiment's Routing, or None (services.ranking.experiments).
         self._experiments = experiments
         self._impressions = impressions  # an ImpressionPublisher, or None (impressions off)
-        # The shadow may spend at most this share of the CPU the live batches spent (thread time,
-        # both counted only while a shadow runs); past it a batch's shadow work is dropped.
-        self._shadow_share = shadow_cpu_share
-        self._live_cpu = 0.0
-        self._shadow_cpu = 0.0
+        # The shadow may spend at most this share of the CPU the rest of the process spent;
+        # past it a batch gets no shadow work at all (decided here, before any hand-off).
+        self._shadow_budget = ShadowBudget(shadow_cpu_share)
         self._pool = recommend_pool
         self._metrics = metrics
         # Label look-ups done once: each costs a lock and a dict walk per call otherwise.
         self._stages = {name: metrics.batch_seconds.labels(name) for name in STAGES}
         self._paths = {name: metrics.paths.labels(name) for name in PATHS}
+        self._over_budget = metrics.shadow_batches.labels("over_budget")
 
     def __call__(self, queries: Sequence[Query], load: float) -> list[Any]:
         ranker = self._models.current  # the whole batch uses the model it started with
         if ranker is None:
             raise NoModel("no model version is loaded yet")
         routing = self._experiments.current if self._experiments is not None else None
-        # A shadow's ranking goes to the impressions only: without them it does not run.
+        # A shadow's ranking goes to the impressions only: without them it does not run. Over its
+        # CPU budget the batch is answered as if there were no shadow: no follow-up, no hop.
         shadowed = routing is not None and routing.shadow is not None and self._impressions is not None
-        cpu0 = time.thread_time() if shadowed else None
+        if shadowed and not self._shadow_budget.allows():
+            self._over_budget.inc()
+            shadowed = False
         # Per request: its arm's name and ranker (the default one where its version was refused).
         arms: list[str] | None = None
         rankers: list[Any] | None = None
@@ -208,9 +210,8 @@ class BatchEngine:
             n_degraded += bad
         if n_degraded:
             self._metrics.degraded.inc(n_degraded)
-        if cpu0 is not None:
+        if shadowed:
             responses.followup = partial(self.shadow, routing.shadow, queries, inputs, shown)  # type: ignore[union-attr]
-            self._live_cpu += time.thread_time() - cpu0
         elif shown:
             publisher.offer_many(shown)  # type: ignore[union-attr]
         t5 = time.perf_counter()
@@ -232,16 +233,14 @@ class BatchEngine:
     def shadow(
         self, shadow: Any, queries: Sequence[Query], inputs: list[RankInput], shown: list | None, spare: bool
     ) -> None:
-        """After the batch's answers are sent: the shadow version scores the same inputs, only with
-        ``spare`` capacity and within its CPU share (else the work is dropped, counted by reason),
-        then the impressions go out, each with the shadow's ranking when it ran. Never touches an
-        answer."""
+        """After the batch's answers are sent (and only for a batch within the shadow's CPU budget):
+        the shadow version scores the same inputs, only with ``spare`` capacity (else the work is
+        dropped, counted), then the impressions go out, each with the shadow's ranking when it
+        ran. Never touches an answer."""
         metrics = self._metrics
         rankings: list[list[str]] | None = None
         if not spare:
             metrics.shadow_batches.labels("dropped").inc()
-        elif self._shadow_cpu > self._shadow_share * self._live_cpu:
-            metrics.shadow_batches.labels("over_budget").inc()
         else:
             cpu0 = time.thread_time()
             try:
@@ -254,12 +253,43 @@ class BatchEngine:
             except Exception:  # a failing shadow costs its own work only
                 log.exception("shadow version %s failed to score a batch", shadow.version)
                 metrics.shadow_batches.labels("failed").inc()
-            self._shadow_cpu += time.thread_time() - cpu0
+            self._shadow_budget.charge(time.thread_time() - cpu0)
         if shown:
             if rankings is not None:
                 version = shadow.version
                 shown = [(*rec, (version, ids)) for rec, ids in zip(shown, rankings, strict=True)]
             self._impressions.offer_many(shown)  # type: ignore[union-attr]
+
+
+class ShadowBudget:
+    """The shadow arm's CPU allowance: at most ``share`` of the CPU the rest of the process spent
+    (every thread: gRPC, the event loop, the live batches), counted over windows of ``window_s``
+    so that a busy spell, when the shadow was dropped, does not bank a burst of shadow work."""
+
+    def __init__(
+        self,
+        share: float,
+        window_s: float = 5.0,
+        cpu: Callable[[], float] = time.process_time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.share = share
+        self._window_s = window_s
+        self._cpu, self._clock = cpu, clock
+        self._ends = -1.0
+        self._cpu0 = 0.0
+        self._spent = 0.0
+
+    def allows(self) -> bool:
+        cpu, now = self._cpu(), self._clock()
+        if now >= self._ends:  # a new window: nothing spent yet, by either side
+            self._ends, self._cpu0, self._spent = now + self._window_s, cpu, 0.0
+        live = cpu - self._cpu0 - self._spent
+        return self._spent <= self.share * live
+
+    def charge(self, seconds: float) -> None:
+        """CPU the shadow's scoring took (its thread's time)."""
+        self._spent += seconds
 
 
 def _forward_by_version(rankers: list[Any], inputs: list[RankInput], load: float) -> list[RankOutput]:

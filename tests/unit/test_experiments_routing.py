@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -117,21 +118,36 @@ def test_follow_up_work_runs_with_spare_capacity_and_is_dropped_while_calls_wait
 
 
 # --------------------------------------------------------------------------- impressions
-class _StuckProducer:
-    """A producer whose sends never complete: the broker is unreachable."""
+class _FakeProducer:
+    """confluent-kafka's producer interface: ``produce`` queues up to ``capacity`` records (then
+    raises BufferError, as librdkafka does), ``poll`` reports the queued ones delivered when the
+    broker is ``up`` (failed when ``refuse`` says so), ``flush`` returns how many remain queued."""
 
-    def __init__(self) -> None:
-        self.sent = 0
+    def __init__(self, capacity: int = 1_000_000, up: bool = True, refuse=lambda value: False) -> None:
+        self.capacity, self.up, self.refuse = capacity, up, refuse
+        self.queued: list = []
+        self.sent: list[tuple[bytes, bytes]] = []
 
-    def send(self, topic, key, value):
-        self.sent += 1
-        return SimpleNamespace(add_callback=lambda f: None, add_errback=lambda f: None)
+    def produce(self, topic, value, key, on_delivery):
+        if len(self.queued) >= self.capacity:
+            raise BufferError("Local: Queue full")
+        self.queued.append((value, key, on_delivery))
+
+    def poll(self, timeout=0):
+        if not self.up:
+            return 0
+        queued, self.queued = self.queued, []
+        for value, key, callback in queued:
+            if self.refuse(value):
+                callback("KafkaError{code=MSG_SIZE_TOO_LARGE}", None)
+            else:
+                self.sent.append((key, value))
+                callback(None, None)
+        return len(queued)
 
     def flush(self, timeout=None):
-        pass
-
-    def close(self, timeout=None):
-        pass
+        self.poll()
+        return len(self.queued)
 
 
 def _shown(k: int, experiment: str = "ab") -> tuple:
@@ -143,8 +159,8 @@ def test_a_full_buffer_drops_and_counts_without_delaying_the_caller():
     connected = threading.Event()
 
     def factory():
-        connected.wait(30)  # Kafka unreachable: the sender thread is stuck connecting
-        return _StuckProducer()
+        connected.wait(30)  # the sender thread is stuck creating its producer
+        return _FakeProducer()
 
     publisher = ImpressionPublisher(factory, "t", max_buffer=100, metrics=metrics, close_timeout_s=0.1)
     publisher.start()
@@ -175,6 +191,93 @@ def test_impressions_without_a_producer_at_shutdown_are_counted_not_lost():
     publisher.stop()
     assert metrics.value("recstack_impressions_dropped_total") == 2
     assert metrics.value("recstack_impressions_failed_total") == 10
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_every_offered_impression_is_published_dropped_or_failed_exactly_once():
+    metrics = RankingMetrics()
+    producer = _FakeProducer(refuse=lambda value: b'"user-7"' in value)
+    publisher = ImpressionPublisher(lambda: producer, "t", max_buffer=100, linger_ms=1, metrics=metrics)
+    publisher.start()
+    publisher.offer_many(_shown(k) for k in range(40))
+    _wait_for(lambda: metrics.value("recstack_impressions_published_total") == 39)
+    publisher.stop()
+    assert metrics.value("recstack_impressions_published_total") == 39
+    assert metrics.value("recstack_impressions_failed_total") == 1  # the refused record
+    assert metrics.value("recstack_impressions_dropped_total") == 0
+    # Keyed by user, the record's JSON as written, in the order offered.
+    assert [key for key, _ in producer.sent][:3] == [b"user-0", b"user-1", b"user-2"]
+    assert json.loads(producer.sent[0][1])["request_id"] == f"{0:032x}"
+
+
+def test_a_broker_away_fills_the_producer_then_the_buffer_and_drops_count_the_rest():
+    metrics = RankingMetrics()
+    producer = _FakeProducer(capacity=30, up=False)
+    publisher = ImpressionPublisher(lambda: producer, "t", max_buffer=50, linger_ms=1, metrics=metrics)
+    publisher.start()
+    publisher.offer_many(_shown(k) for k in range(30))
+    _wait_for(lambda: len(producer.queued) == 30 and publisher.buffered == 0)
+    publisher.offer_many(_shown(k) for k in range(30, 100))  # the producer is full: 50 wait, 20 drop
+    time.sleep(0.05)
+    assert (len(producer.queued), publisher.buffered) == (30, 50)
+    assert metrics.value("recstack_impressions_dropped_total") == 20
+    producer.up = True  # the broker is back: everything held goes out, in order
+    _wait_for(lambda: metrics.value("recstack_impressions_published_total") == 80)
+    publisher.stop()
+    assert metrics.value("recstack_impressions_published_total") == 80
+    assert [json.loads(v)["request_id"] for _, v in producer.sent] == [f"{k:032x}" for k in range(80)]
+    assert metrics.value("recstack_impressions_failed_total") == 0
+
+
+def test_records_the_broker_never_acknowledged_by_shutdown_count_as_failed():
+    metrics = RankingMetrics()
+    producer = _FakeProducer(up=False)
+    publisher = ImpressionPublisher(
+        lambda: producer, "t", max_buffer=100, linger_ms=1, metrics=metrics, close_timeout_s=0.1
+    )
+    publisher.start()
+    publisher.offer_many(_shown(k) for k in range(25))
+    _wait_for(lambda: len(producer.queued) == 25)
+    publisher.stop()
+    assert metrics.value("recstack_impressions_failed_total") == 25
+    assert metrics.value("recstack_impressions_published_total") == 0
+
+
+def test_librdkafka_security_properties():
+    from recstack.kafka import KafkaSecurity
+    from services.ranking.impressions import librdkafka_security
+
+    assert librdkafka_security(KafkaSecurity()) == {"security.protocol": "plaintext"}
+    sasl = KafkaSecurity("SASL_PLAINTEXT", "SCRAM-SHA-512", "u", "p")
+    assert librdkafka_security(sasl) == {
+        "security.protocol": "sasl_plaintext",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "u",
+        "sasl.password": "p",
+    }
+    ca = Path(__file__)  # any existing file stands for the CA bundle
+    tls = KafkaSecurity("SSL", ssl_cafile=str(ca))
+    assert librdkafka_security(tls) == {"security.protocol": "ssl", "ssl.ca.location": str(ca)}
+
+
+def test_the_impressions_producer_is_librdkafkas_idempotent_one():
+    from recstack.kafka import KafkaSecurity
+    from services.ranking.impressions import kafka_producer_factory
+
+    # librdkafka checks the configuration when the producer is made; no broker needed for that.
+    producer = kafka_producer_factory("127.0.0.1:1", KafkaSecurity(), 5, max_buffer=7)()
+    try:
+        for _ in range(7):
+            producer.produce("t", b"{}", b"k")
+        with pytest.raises(BufferError):  # max_buffer bounds librdkafka's own queue
+            producer.produce("t", b"{}", b"k")
+    finally:
+        producer.purge()  # nothing left queued for the unreachable broker
 
 
 def test_impression_record_schema():
@@ -340,3 +443,62 @@ def test_start_names_the_arm_whose_version_is_not_in_the_models_folder(tmp_path,
         == 2
     )
     assert "arms.share: the live arms' shares must sum to 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- shadow: CPU budget
+def test_shadow_budget_is_a_share_of_the_rest_of_the_process_cpu_per_window():
+    from services.ranking.engine import ShadowBudget
+
+    clock = SimpleNamespace(cpu=0.0, now=0.0)
+    budget = ShadowBudget(0.1, window_s=5.0, cpu=lambda: clock.cpu, clock=lambda: clock.now)
+    assert budget.allows()  # nothing spent yet
+    budget.charge(0.02)
+    clock.cpu = 0.02 + 0.1  # live work 0.1 s: 10% of it is 0.01 s, the shadow spent 0.02 s
+    assert not budget.allows()
+    clock.cpu = 0.02 + 0.2  # live 0.2 s: exactly at the share
+    assert budget.allows()
+    budget.charge(0.01)
+    clock.cpu += 0.01
+    assert not budget.allows()
+    clock.now = 5.0  # a new window: what was spent before no longer counts
+    assert budget.allows()
+
+
+def test_a_batch_over_the_shadow_budget_gets_no_follow_up_and_offers_its_impressions_at_once():
+    from services.ranking.engine import BatchEngine
+    from services.ranking.experiments import Routing, ShadowModel
+    from services.ranking.lifecycle import ModelSlot
+    from services.ranking.validation import Query
+
+    class Ranker:
+        def __init__(self, version):
+            self.version, self.batches = version, 0
+
+        def rank_batch(self, inputs, load):
+            self.batches += 1
+            return [SimpleNamespace(scores=np.arange(len(x.candidates), dtype=np.float32), path="full")
+                    for x in inputs]  # fmt: skip
+
+    live, shadow = Ranker("v1"), Ranker("v2")
+    exp = new_experiment("ab", [Arm("A", "v1", 1.0), Arm("S", "v2", shadow=True)])
+    routing = Routing(exp, {"A": live, "S": shadow}, ShadowModel("S", "v2", shadow))
+    fetcher = SimpleNamespace(fetch=lambda users, items: SimpleNamespace(users={}, items={}, degraded=False))
+    offered: list = []
+    metrics = RankingMetrics()
+    engine = BatchEngine(
+        fetcher, ModelSlot(live), recommend_pool=10, metrics=metrics,
+        experiments=SimpleNamespace(current=routing), impressions=SimpleNamespace(offer_many=offered.extend),
+    )  # fmt: skip
+    queries = [Query("u1", ["i1", "i2", "i3"], 2), Query("u2", ["i4", "i5"], 0)]
+    charged: list[float] = []
+    engine._shadow_budget = SimpleNamespace(allows=lambda: True, charge=charged.append)
+    within = engine(queries, 0.0)
+    assert within.followup is not None and offered == []  # the impressions wait for the shadow
+    within.followup(True)
+    assert shadow.batches == 1 and [rec[-1][0] for rec in offered] == ["v2", "v2"]
+    assert len(charged) == 1 and charged[0] >= 0  # the shadow's scoring is charged to its budget
+    engine._shadow_budget = SimpleNamespace(allows=lambda: False, charge=charged.append)
+    over = engine(queries, 0.0)
+    assert getattr(over, "followup", None) is None  # answered as if there were no shadow
+    assert len(offered) == 4 and len(offered[-1]) == 7 and shadow.batches == 1
+    assert metrics.value("recstack_shadow_batches_total", {"outcome": "over_budget"}) == 1
