@@ -120,7 +120,8 @@ _GROUPS: dict[str, list[_Flag]] = {
         ("--experiment-poll-interval-s", "experiment_poll_interval_s", non_negative_float,
          "how often the experiment state is read from Redis"),
         ("--shadow-cpu-share", "shadow_cpu_share", non_negative_float,
-         "the shadow arm may spend at most this share of the live batches' CPU; past it it skips batches"),
+         "the shadow arm may spend at most this share of the rest of the server's CPU; past it, "
+         "batches go unscored by the shadow"),
         ("--kafka-bootstrap", "kafka_bootstrap", str,
          "Kafka brokers for impressions, HOST:PORT[,HOST:PORT]; impressions are off without it"),
         ("--impressions-topic", "impressions_topic", str, "topic of one impression per served list"),

@@ -72,21 +72,6 @@ def rank_input(user: Any, candidates: Sequence[str], stats: Any, now_ms: int) ->
     return RankInput(recent, counts, since, candidates, table)
 
 
-def encode(
-    candidates: Sequence[str],
-    scores: np.ndarray,
-    top_k: int,
-    path: str,
-    version: str,
-    degraded: bool,
-    request_id: str = "",
-    arm: str = "",
-) -> bytes:
-    """The response, serialized: the best ``top_k`` (0 = all) candidates, best first; ties keep
-    request order (:func:`services.ranking.encoding.encode_response`)."""
-    return encode_response(candidates, scores, top_k, path, version, degraded, request_id, arm)
-
-
 class BatchResults(list):
     """The batch's responses, plus the work to do once they are sent (``followup(spare)``, run by
     the batcher: shadow scoring when it has spare capacity, then the batch's impressions)."""
@@ -201,7 +186,9 @@ class BatchEngine:
             arm = "" if arms is None else arms[i]
             version = ranker.version if rankers is None else rankers[i].version
             if shown is None:
-                responses.append(encode(c, out.scores, q.top_k, out.path, version, bad, request_id, arm))
+                responses.append(
+                    encode_response(c, out.scores, q.top_k, out.path, version, bad, request_id, arm)
+                )
             else:
                 body, ids = encode_ranked(c, out.scores, q.top_k, out.path, version, bad, request_id, arm)
                 responses.append(body)

@@ -28,6 +28,7 @@ from recstack.experiments.assign import InvalidExperiment
 from recstack.experiments.state import KEY, Experiment, decode
 from services.ranking.lifecycle import ModelSlot
 from services.ranking.metrics import RankingMetrics
+from services.ranking.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _UNCHANGED = object()
@@ -224,12 +225,7 @@ class ExperimentWatcher:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="experiment-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._client is not None:
             try:

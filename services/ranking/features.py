@@ -33,6 +33,7 @@ from recstack.credentials import REDIS_PASSWORD_SETTINGS, is_auth_error
 from services.ranking.catalogue import ItemCatalogue
 from services.ranking.metrics import RankingMetrics
 from services.ranking.redis_client import ClusterPipelinedRedis, PipelinedRedis
+from services.ranking.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +151,6 @@ class FeatureFetcher:
         self.catalogue.start()
 
     async def stop(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            try:
-                await self._probe
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._probe)
         self.catalogue.stop()
         self._client.close()

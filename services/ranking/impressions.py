@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from recstack.kafka import KafkaSecurity
-
 from services.ranking.metrics import RankingMetrics
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,6 @@ def impression_json(shown: Shown) -> bytes:
         f'{{"request_id":{dumps(request_id)},"user_id":{dumps(user_id)},{exp}"arm":{dumps(arm)},'
         f'"model_version":{dumps(version)},"items":[{_items_json(ids)}],"ts":{int(ts)}{shadow}}}'
     ).encode()
-
 
 
 class ImpressionPublisher:
@@ -192,7 +190,9 @@ class ImpressionPublisher:
                 self._next_failure_log = now + 10.0
                 log.warning(
                     "impressions: %d records not delivered (counted in %s): %s",
-                    failed, _FAILED_METRIC, self._last_error,
+                    failed,
+                    _FAILED_METRIC,
+                    self._last_error,
                 )
 
     def _close(self) -> None:
@@ -202,11 +202,46 @@ class ImpressionPublisher:
             self._not_delivered += left
         if self._producer is not None:
             try:
-                # What the broker has not acknowledged by then stays in librdkafka's queue.
-                self._not_delivered += self._producer.flush(self._close_timeout_s)
+                # Delivery reports arrive inside flush() (the callbacks add to the counts), so
+                # its result is read first: what the broker has not acknowledged by then.
+                unacknowledged = self._producer.flush(self._close_timeout_s)
+                self._not_delivered += unacknowledged
             except Exception as exc:
                 log.warning("impressions: flush at shutdown failed: %s", exc)
         self._count()
+
+
+RATE_LIMIT_S = 10.0
+
+
+class _RateLimit(logging.Filter):
+    """Lets one record through per ``interval_s``; says how many it held back since the last."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._next = 0.0
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                self._held += 1
+                return False
+            self._next = now + self._interval_s
+            held, self._held = self._held, 0
+        if held:
+            record.msg = f"{record.msg} ({held} more librdkafka lines held back)"
+        return True
+
+
+def _librdkafka_log() -> logging.Logger:
+    logger = logging.getLogger(f"{__name__}.librdkafka")
+    if not any(isinstance(f, _RateLimit) for f in logger.filters):
+        logger.addFilter(_RateLimit(RATE_LIMIT_S))
+    return logger
 
 
 def librdkafka_security(security: KafkaSecurity) -> dict[str, Any]:
@@ -246,9 +281,6 @@ def kafka_producer_factory(
     def make() -> Any:
         from confluent_kafka import Producer
 
-        def broker_error(err: Any) -> None:  # librdkafka's client-wide errors (broker away ...)
-            log.warning("impressions: Kafka: %s", err)
-
         return Producer(
             {
                 "bootstrap.servers": bootstrap,
@@ -261,8 +293,9 @@ def kafka_producer_factory(
                 "compression.type": "none",
                 "queue.buffering.max.messages": max(1, int(max_buffer)),
                 "message.timeout.ms": int(delivery_timeout_ms),
-                "error_cb": broker_error,
-                "logger": log,
+                # librdkafka's own log lines (a broker away logs one per reconnect attempt),
+                # at most one per RATE_LIMIT_S.
+                "logger": _librdkafka_log(),
                 **librdkafka_security(security),
             }
         )

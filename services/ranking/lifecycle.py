@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from services.ranking.metrics import RankingMetrics
+from services.ranking.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 _NO_POINTER = object()
@@ -188,9 +189,4 @@ class ModelWatcher:
         self._task = asyncio.get_running_loop().create_task(self.run(), name="model-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 from collections.abc import Callable
 from typing import Any
+
+from services.ranking.tasks import cancel_and_wait
 
 
 class LoopLag:
@@ -52,10 +53,7 @@ class LoopLag:
         self._task = asyncio.get_running_loop().create_task(self._measure_forever(), name="loop-lag")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _measure_forever(self) -> None:
         loop = asyncio.get_running_loop()

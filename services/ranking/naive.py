@@ -19,8 +19,8 @@ from feature_store.layout import ITEM_FEATURES, USER_FEATURES
 from feature_store.values import ItemFeatures, UserFeatures
 from services.ranking.backend import ModelOwner
 from services.ranking.config import RankingConfig
-from services.ranking.encoding import new_request_id
-from services.ranking.engine import encode, item_stats_of, rank_input
+from services.ranking.encoding import encode_response, new_request_id
+from services.ranking.engine import item_stats_of, rank_input
 from services.ranking.errors import NoModel
 from services.ranking.metrics import RankingMetrics
 from services.ranking.validation import Query
@@ -111,4 +111,6 @@ class NaiveBackend(ModelOwner):
         inp = rank_input(user, candidates, stats, time.time_ns() // 1_000_000)
         (out,) = ranker.rank_batch([inp], force_path="full")
         self.metrics.paths.labels(out.path).inc()
-        return encode(candidates, out.scores, query.top_k, out.path, ranker.version, False, new_request_id())
+        return encode_response(
+            candidates, out.scores, query.top_k, out.path, ranker.version, False, new_request_id()
+        )

@@ -155,3 +155,54 @@ def test_replay_and_stream_over_scram(sasl_broker, redis_url, tmp_path):
     records = list(dlq)
     dlq.close()
     assert [r.value for r in records] == [b"{not json"]
+
+
+def test_ranking_impressions_over_scram_and_refused_without_the_password(sasl_broker, caplog):
+    """The ranking server's impressions producer (librdkafka) speaks the same SCRAM settings;
+    with a wrong password nothing is published and every impression is counted as failed."""
+    from kafka import KafkaConsumer
+
+    from recstack.kafka import KafkaSecurity
+    from services.ranking.impressions import ImpressionPublisher, kafka_producer_factory
+    from services.ranking.metrics import RankingMetrics
+
+    topic = "sasl-impressions"
+    admin = _admin(sasl_broker)
+    admin.create_topics({topic: {"num_partitions": 2}}, wait_for_metadata=True)
+    admin.close()
+
+    def publish(password: str, n: int, delivery_timeout_ms: int) -> RankingMetrics:
+        security = KafkaSecurity("SASL_PLAINTEXT", MECHANISM, USER, password)
+        metrics = RankingMetrics()
+        factory = kafka_producer_factory(sasl_broker, security, 5, delivery_timeout_ms=delivery_timeout_ms)
+        publisher = ImpressionPublisher(factory, topic, metrics=metrics, close_timeout_s=30)
+        publisher.start()
+        publisher.offer_many(
+            (f"{password[:4]}{k:028x}", f"u{k}", "A", "v1", ["i1", "i2"], 1_700_000_000_000, "")
+            for k in range(n)
+        )
+        publisher.stop()
+        return metrics
+
+    good = publish(PASSWORD, 50, 60_000)
+    assert good.value("recstack_impressions_published_total") == 50
+    bad = publish("wrong-password", 20, 5_000)
+    assert bad.value("recstack_impressions_published_total") == 0
+    assert bad.value("recstack_impressions_failed_total") == 20  # counted, never lost silently
+    assert PASSWORD not in caplog.text and "wrong-password" not in caplog.text
+
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=sasl_broker,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism=MECHANISM,
+        sasl_plain_username=USER,
+        sasl_plain_password=PASSWORD,
+    )
+    import json
+
+    ids = sorted(json.loads(r.value)["request_id"] for r in consumer)
+    consumer.close()
+    assert ids == sorted(f"{PASSWORD[:4]}{k:028x}" for k in range(50))

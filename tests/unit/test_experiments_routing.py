@@ -126,6 +126,7 @@ class _FakeProducer:
     def __init__(self, capacity: int = 1_000_000, up: bool = True, refuse=lambda value: False) -> None:
         self.capacity, self.up, self.refuse = capacity, up, refuse
         self.queued: list = []
+        self.times_out_in_flush = False
         self.sent: list[tuple[bytes, bytes]] = []
 
     def produce(self, topic, value, key, on_delivery):
@@ -147,6 +148,10 @@ class _FakeProducer:
 
     def flush(self, timeout=None):
         self.poll()
+        if self.times_out_in_flush:  # message.timeout.ms passes during flush: reported failed
+            queued, self.queued = self.queued[:-3], self.queued[-3:]
+            for _, _, callback in queued:
+                callback("KafkaError{code=_MSG_TIMED_OUT}", None)
         return len(self.queued)
 
 
@@ -243,6 +248,7 @@ def test_records_the_broker_never_acknowledged_by_shutdown_count_as_failed():
     publisher.start()
     publisher.offer_many(_shown(k) for k in range(25))
     _wait_for(lambda: len(producer.queued) == 25)
+    producer.times_out_in_flush = True  # 22 reported failed inside flush, 3 still queued after it
     publisher.stop()
     assert metrics.value("recstack_impressions_failed_total") == 25
     assert metrics.value("recstack_impressions_published_total") == 0

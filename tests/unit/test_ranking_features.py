@@ -13,7 +13,8 @@ from recstack.v1 import ranking_pb2
 from services.ranking import catalogue as catalogue_module
 from services.ranking import features as features_module
 from services.ranking.encoding import ENCODED_FIELDS, new_request_id
-from services.ranking.engine import NO_STATS, encode, item_stats_of, rank_input
+from services.ranking.encoding import encode_response as encode
+from services.ranking.engine import NO_STATS, item_stats_of, rank_input
 from services.ranking.features import FeatureFetcher
 from services.ranking.metrics import RankingMetrics
 
