@@ -171,6 +171,14 @@ class BatchedBackend(ModelOwner):
             initializer=_torch_threads,
             initargs=(config.torch_threads,),
         )
+        # The shadow's scoring runs on a thread of its own, so a call arriving meanwhile is
+        # computed at once in a batch worker instead of waiting behind it.
+        self._followups = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="rank-shadow",
+            initializer=_torch_threads,
+            initargs=(config.torch_threads,),
+        )
         self.batcher: MicroBatcher[Query, Any] = MicroBatcher(
             self.engine,
             self._workers,
@@ -184,6 +192,7 @@ class BatchedBackend(ModelOwner):
             extra_load=self._lag_load if self._max_lag_s > 0 else None,
             inline_when_idle=config.inline_when_idle,
             tracing=tracing,
+            followup_executor=self._followups,
         )
         self._recommend_cost = max(config.recommend_pool, 1)
 
@@ -225,6 +234,7 @@ class BatchedBackend(ModelOwner):
         await self.stop_models()
         await self.fetcher.stop()
         self._workers.shutdown(wait=True)
+        self._followups.shutdown(wait=True)
 
     async def serve(self, query: Query, timeout_s: float | None) -> Any:
         self.require_model()

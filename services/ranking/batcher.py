@@ -24,8 +24,11 @@ Any other batch runs in a worker thread (``compute(items, load)``), up to
 and hiredis release the GIL for most of their work.
 
 A batch's results may carry a ``followup(spare)`` (the shadow arm's scoring): it runs after the
-batch's answers are delivered, in a worker, with ``spare=True`` only when nothing is queued;
-otherwise it is called at once with ``spare=False`` (drop the optional work, count it).
+batch's answers are delivered, with ``spare=True``, only when nothing is queued and no other
+follow-up is running; otherwise it is called at once with ``spare=False`` (drop the optional
+work, count it). It runs in ``followup_executor`` (one thread of its own), never in a batch
+worker and never holding a batch slot: a call that arrives meanwhile is computed at once beside
+it instead of waiting behind it.
 
 ``load`` (0-1) is how close the batch came to being shed: the largest of its oldest request's
 wait over ``max_queue_wait``, the queue's depth over ``max_queue`` and ``extra_load()`` (the
@@ -84,11 +87,14 @@ class MicroBatcher(Generic[T, R]):
         inline_when_idle: bool = False,
         idle_gap_s: float = 0.001,
         tracing: Any = None,
+        followup_executor: Executor | None = None,
     ) -> None:
         self._compute = compute
         # A RankTracing, or None: off, and then the only trace of tracing is that None test.
         self._tracing = tracing
         self._executor = executor
+        self._followup_executor = followup_executor or executor
+        self._following = False  # a follow-up is running (at most one at a time)
         self._max_cost = max_batch_cost
         self._max_delay = max_queue_delay_s
         self._max_queue = max_queue
@@ -203,11 +209,7 @@ class MicroBatcher(Generic[T, R]):
                 self._wakeup.set()  # type: ignore[union-attr]
         followup = getattr(results, "followup", None)
         if followup is not None:
-            # After this answer: counted in flight meanwhile, so the next call batches behind it.
-            self._in_flight += 1
-            task = self._loop.create_task(self._follow(followup))  # type: ignore[union-attr]
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            self._schedule_followup(followup)
         if isinstance(result, BaseException):
             raise result
         return result
@@ -231,22 +233,29 @@ class MicroBatcher(Generic[T, R]):
             run = contextvars.copy_context().run
             return await loop.run_in_executor(self._executor, run, self._compute, items, load)
 
-    async def _follow(self, followup: Callable[[bool], None], inline: bool = True) -> None:
-        """A batch's optional follow-up work, only with spare capacity (nothing queued)."""
+    def _schedule_followup(self, followup: Callable[[bool], None]) -> None:
+        """A batch's optional follow-up work, only with spare capacity: nothing queued and no
+        follow-up running. Otherwise it is told so at once (on the loop: it only counts and
+        hands over what it must)."""
+        if self._queue or self._closing or self._following:
+            try:
+                followup(False)
+            except Exception:
+                log.exception("a batch's follow-up work failed")
+            return
+        self._following = True
+        task = self._loop.create_task(self._follow(followup))  # type: ignore[union-attr]
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _follow(self, followup: Callable[[bool], None]) -> None:
         loop = asyncio.get_running_loop()
         try:
-            if self._queue or self._closing:
-                followup(False)
-            else:
-                await loop.run_in_executor(self._executor, followup, True)
+            await loop.run_in_executor(self._followup_executor, followup, True)
         except Exception:
             log.exception("a batch's follow-up work failed")
         finally:
-            if inline:
-                self._in_flight -= 1
-                self._last_done = loop.time()
-                if self._queue:
-                    self._wakeup.set()  # type: ignore[union-attr]
+            self._following = False
 
     # --- dispatcher ----------------------------------------------------------------------------
     async def _dispatch_forever(self) -> None:
@@ -349,7 +358,7 @@ class MicroBatcher(Generic[T, R]):
                     job.future.set_result(result)
             followup = getattr(results, "followup", None)
             if followup is not None:
-                await self._follow(followup, inline=False)
+                self._schedule_followup(followup)  # runs beside the next batches, not before them
         finally:
             self._in_flight -= 1
             self._last_done = loop.time()

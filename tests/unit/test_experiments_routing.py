@@ -117,6 +117,47 @@ def test_follow_up_work_runs_with_spare_capacity_and_is_dropped_while_calls_wait
     asyncio.run(main())
 
 
+def test_a_running_follow_up_neither_delays_the_next_call_nor_runs_twice_at_once():
+    release = threading.Event()
+    started: list[str] = []
+    spare_seen: list[tuple[str, bool]] = []
+
+    def compute(items, load):
+        results = BatchResults(f"r-{x}" for x in items)
+
+        def followup(spare, batch=tuple(items)):
+            spare_seen.append((batch[0], spare))
+            if spare:
+                started.append(batch[0])
+                assert release.wait(30)  # a slow shadow pass
+
+        results.followup = followup
+        return results
+
+    async def main():
+        batcher = MicroBatcher(
+            compute, ThreadPoolExecutor(1), metrics=RankingMetrics(), max_queue_delay_s=0.0,
+            inline_when_idle=True, followup_executor=ThreadPoolExecutor(1),
+        )  # fmt: skip
+        await batcher.start()
+        assert await batcher.submit("a", 1) == "r-a"
+        for _ in range(100):
+            if started:
+                break
+            await asyncio.sleep(0.01)
+        assert started == ["a"]  # a's follow-up is running, and blocked
+        # The next calls are answered while it runs (before: they waited behind it).
+        assert await asyncio.wait_for(batcher.submit("b", 1), 5) == "r-b"
+        assert await asyncio.wait_for(batcher.submit("c", 1), 5) == "r-c"
+        release.set()
+        await batcher.stop()
+        # One follow-up at a time: b's and c's came while a's ran, and were dropped.
+        assert spare_seen[0] == ("a", True)
+        assert ("b", False) in spare_seen and ("c", False) in spare_seen and started == ["a"]
+
+    asyncio.run(main())
+
+
 # --------------------------------------------------------------------------- impressions
 class _FakeProducer:
     """confluent-kafka's producer interface: ``produce`` queues up to ``capacity`` records (then
