@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shlex
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -454,6 +455,18 @@ def bench_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (``kill``, a job's timeout) unwinds like Ctrl-C, so the ``finally`` blocks run: the
+    servers started are stopped and the bench's experiment in Redis is ended. (Python's default
+    for SIGTERM ends the process at once, leaving the experiment running for every server that
+    reads that Redis.)"""
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -473,6 +486,7 @@ def _bench(args: argparse.Namespace) -> int:
             check_topic(cfg.kafka_bootstrap, cfg.impressions_topic)
         except ExperimentBenchError as exc:
             raise UserError(str(exc)) from None
+    interrupt_on_sigterm()
     specs = server_specs(cfg)
     for name, command in commands.items():
         if command:

@@ -183,3 +183,23 @@ def test_quick_bench_measures_latency_and_cpu_of_the_echo_server(
     summary = (tmp_path / "summary.md").read_text()
     assert "indicative only" in summary and "| 40 | " in summary
     assert (tmp_path / "cpu_per_call.png").stat().st_size > 10_000
+
+
+def test_sigterm_unwinds_the_bench_like_ctrl_c_so_its_cleanup_runs():
+    import os
+    import signal
+
+    from loadtests.cli import interrupt_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    cleaned: list[str] = []
+    try:
+        interrupt_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler runs at the next bytecode
+            finally:
+                cleaned.append("servers stopped, experiment ended")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert cleaned == ["servers stopped, experiment ended"]
