@@ -15,8 +15,9 @@ load hits them alike:
 * ``ab``: an experiment splitting users 50/50 between two versions (two forward passes a batch
   when both arms are present), impressions on;
 * ``ab+shadow``: ``ab`` and a shadow version scoring the batch after it (``followup(True)``);
-* ``ab+shadow@.25``: the same within the server's default CPU share for the shadow
-  (``--shadow-cpu-share 0.25``: it skips batches once it has spent a quarter of the live CPU).
+* ``ab+shadow@.25``: the same within a CPU share for the shadow (``--shadow-cpu-share 0.25``:
+  batches go unscored once the shadow has spent a quarter of the rest of the process's CPU in
+  the current 5 s window; here the process is this benchmark).
 
     .venv/bin/python benchmarks/experiment_overhead_bench.py --models DIR_WITH_2_VERSIONS
     .venv/bin/python benchmarks/experiment_overhead_bench.py --publish /tmp/bench-models  # makes 3 small ones
