@@ -52,7 +52,7 @@ from services.attribution.rule import (
     parse_impression,
 )
 from services.stream.fence import TAKE_PARTITIONS
-from services.stream.kafka_side import RebalanceListener, group_member_options
+from services.stream.kafka_side import JoinWatch, RebalanceListener, group_member_options
 from services.stream.state import Stopping, retry_redis
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class AttributionConsumer:
         self._parts: dict[int, Part] = {}
         self._unpositioned: set[int] = set()
         self._fences_checked = time.monotonic()
+        self._join = JoinWatch()
 
     def stop(self) -> None:
         self._stop.set()
@@ -136,6 +137,19 @@ class AttributionConsumer:
             log.warning("poll failed (%s); retrying", exc)
             self._stop.wait(1.0)
             return
+        if not polled and self._join.stuck(consumer):
+            log.warning(
+                "joining group %s has not finished in %.0f s; reconnecting",
+                self.config.group,
+                self._join.stuck_s,
+            )
+            held = {tp for p in self._parts for tp in self._tps(p)}
+            if held:  # as if lost: whichever member gets them next re-reads from Redis's offsets
+                self._on_revoked(held, lost=True)
+            consumer.close(autocommit=False)
+            self._consumer = None
+            self._connect()
+            return
         self._position()
         self._take_records(polled)
         for p in sorted(self._parts):
@@ -170,6 +184,7 @@ class AttributionConsumer:
                 "keyed by user_id) so that a user's impressions and events meet in one consumer"
             )
         self._consumer.subscribe([cfg.impressions_topic, cfg.events_topic], listener=RebalanceListener(self))
+        self._join.joining()
 
     # ------------------------------------------------------------------------------ partitions
 

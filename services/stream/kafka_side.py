@@ -48,6 +48,33 @@ def group_member_options(cfg: Any) -> dict[str, Any]:
     }
 
 
+class JoinWatch:
+    """Whether a group member's join has been unfinished for longer than ``stuck_s``, read after
+    polls that returned nothing (the stream and attribution consumers start over with a new
+    client then). kafka-python 3.0 sometimes never completes a join: seen after a join that got
+    no partitions, and after a member was killed mid-rebalance, when both members had revoked
+    their partitions and neither got any back for minutes. Its ``assignment()`` keeps listing the
+    previous generation's partitions until a join completes, so only the member state tells."""
+
+    def __init__(self, stuck_s: float = _JOIN_STUCK_S) -> None:
+        self.stuck_s = stuck_s
+        self._since: float | None = None
+
+    def joining(self) -> None:
+        """A join starts now (after subscribe)."""
+        self._since = time.monotonic()
+
+    def stuck(self, consumer: Any) -> bool:
+        now = time.monotonic()
+        if consumer.group_metadata().state == MemberState.STABLE:
+            self._since = None
+            return False
+        if self._since is None:
+            self._since = now
+            return False
+        return now - self._since > self.stuck_s
+
+
 class RebalanceListener(AsyncConsumerRebalanceListener):
     """Hands rebalances to ``owner._on_assigned`` / ``owner._on_revoked`` (shared with the
     attribution consumer, :mod:`services.attribution.consumer`)."""
@@ -75,7 +102,7 @@ class KafkaSide(ApplyPipeline):
         super().__init__(config, metrics)
         self._unpositioned: set[TopicPartition] = set()  # assigned, paused until positioned
         self._metadata_checked = time.monotonic()
-        self._unassigned_since: float | None = None  # since when the group has not been stable
+        self._join = JoinWatch()
 
     def _poll(self) -> dict[TopicPartition, list[Any]] | None:
         """One poll: the records of positioned partitions, or None when there is nothing to do
@@ -92,9 +119,14 @@ class KafkaSide(ApplyPipeline):
         self._position_assigned()
         if self._holds:
             self._holds.tick(consumer, self._position, can_resume=not self._paused)
-        if consumer.assignment():
-            self._unassigned_since = None
-        elif not batch:
+        if not batch:
+            # Also while partitions are still listed as assigned: during a rebalance kafka-python
+            # keeps the old assignment until the join completes, so a join that never completes
+            # looks assigned (and reads nothing) for ever.
+            self._watch_join()
+            consumer = self._consumer  # a new client when the join was stuck
+            assert consumer is not None
+        if not consumer.assignment() and not batch:
             self._while_unassigned()
             return None
         return {tp: recs for tp, recs in batch.items() if tp not in self._unpositioned and recs}
@@ -110,13 +142,41 @@ class KafkaSide(ApplyPipeline):
         except KafkaError as exc:
             log.warning("no metadata for %s yet (%s)", self.config.topic, exc)
         self._consumer.subscribe([self.config.topic], listener=RebalanceListener(self))
-        self._metadata_checked = self._unassigned_since = time.monotonic()
+        self._metadata_checked = time.monotonic()
+        self._join.joining()
+
+    def _watch_join(self) -> None:
+        """After a poll that read nothing: start over with a new client when the join is stuck
+        (:class:`JoinWatch`)."""
+        assert self._consumer is not None
+        if self._join.stuck(self._consumer):
+            log.warning(
+                "joining group %s has not finished in %.0f s; reconnecting",
+                self.config.group,
+                self._join.stuck_s,
+            )
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        assert self._consumer is not None
+        # Partitions this member still holds state for go as if lost: whichever member gets
+        # them next (this one too) positions them from the offsets in Redis.
+        held = {
+            tp
+            for tp in self._consumer.assignment()
+            if tp.partition in self._position or tp in self._unpositioned
+        }
+        if held:
+            self._on_revoked(held, lost=True)
+        self._consumer.close(autocommit=False)
+        self._consumer = None
+        self._connect()
+        self._subscribe()
 
     def _while_unassigned(self) -> None:
-        """No partitions: wait a little instead of spinning, refresh the topic metadata now and
-        then (kafka-python can join before it knows the topic's partitions, then wait for its
-        periodic metadata refresh), and start over with a new client if joining the group does
-        not finish (seen with kafka-python 3.0 after a join that got no partitions)."""
+        """No partitions: wait a little instead of spinning, and refresh the topic metadata now
+        and then (kafka-python can join before it knows the topic's partitions, then wait for its
+        periodic metadata refresh)."""
         assert self._consumer is not None
         now = time.monotonic()
         if now - self._metadata_checked >= _METADATA_RECHECK_S:
@@ -125,17 +185,6 @@ class KafkaSide(ApplyPipeline):
                 self._consumer.topics()  # a metadata request: a change in partitions triggers a rejoin
             except KafkaError as exc:
                 log.warning("metadata refresh failed (%s)", exc)
-        stable = self._consumer.group_metadata().state == MemberState.STABLE
-        if stable or self._unassigned_since is None:
-            self._unassigned_since = None if stable else now
-        elif now - self._unassigned_since > _JOIN_STUCK_S:
-            log.warning(
-                "joining group %s has not finished in %.0f s; reconnecting", self.config.group, _JOIN_STUCK_S
-            )
-            self._consumer.close(autocommit=False)
-            self._consumer = None
-            self._connect()
-            self._subscribe()
         self._finish_inflight()
         if self._event_log is not None:
             self._finish_roll(main_thread=True)
