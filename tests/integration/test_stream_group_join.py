@@ -1,13 +1,13 @@
 """A rebalance that kafka-python leaves half done is finished by the stream consumer (the real
 broker and Redis).
 
-kafka-python 3.0.12's leader decides it must rejoin when the topic's partitions differ from those
-it last assigned (at every start: its first assignment is made before that metadata, and when
-partitions are added). Once its JoinGroup has come back and it has computed the new assignment,
-that check turns false; a ``poll`` whose timer runs out before the SyncGroup answer leaves the
-join unfinished for good: the member stays out of the group, its revoked partitions are neither
-fetched nor handed back, and nothing is logged above DEBUG. Under load this happened to about one
-consumer start in five (CHANGELOG, round 6). Here the partitions of a running consumer's topic are
+kafka-python 3.0.12's leader decides it must rejoin when the topic's partitions differ from those it
+last assigned (at nearly every start: its first assignment is made before that metadata, and when
+partitions are added). Once its JoinGroup has come back and it has computed the new assignment, that
+check turns false; a ``poll`` whose timer runs out before the SyncGroup answer leaves the join
+unfinished for good: the member stays out of the group, its revoked partitions are neither fetched
+nor handed back, and nothing is logged above DEBUG. This happened to about one consumer start in
+four (docs/FEATURES.md, "Joining the group"). Here the partitions of a running consumer's topic are
 increased and one poll is cut short (timeout 0, as a timer that ran out mid-join); the consumer's
 own poll loop must then get the new assignment.
 """
