@@ -52,7 +52,12 @@ from services.attribution.rule import (
     parse_impression,
 )
 from services.stream.fence import TAKE_PARTITIONS
-from services.stream.kafka_side import JoinWatch, RebalanceListener, group_member_options
+from services.stream.kafka_side import (
+    JoinWatch,
+    RebalanceListener,
+    finish_abandoned_rebalance,
+    group_member_options,
+)
 from services.stream.state import Stopping, retry_redis
 
 log = logging.getLogger(__name__)
@@ -137,6 +142,10 @@ class AttributionConsumer:
             log.warning("poll failed (%s); retrying", exc)
             self._stop.wait(1.0)
             return
+        if finish_abandoned_rebalance(consumer):  # kafka-python 3.0.12's half-done rebalance
+            log.info(
+                "group %s: the rebalance kafka-python left unfinished is joined again", self.config.group
+            )
         if not polled and self._join.stuck(consumer):
             log.warning(
                 "joining group %s has not finished in %.0f s; reconnecting",

@@ -48,13 +48,34 @@ def group_member_options(cfg: Any) -> dict[str, Any]:
     }
 
 
+def finish_abandoned_rebalance(consumer: Any) -> bool:
+    """Ask kafka-python to rejoin when it has left a rebalance half done; True if it asked.
+
+    kafka-python 3.0.12 rejoins while ``need_rejoin()`` holds. When that is because the topic's
+    partitions differ from those the leader last assigned (at every start, its first assignment
+    predates that metadata; and when partitions are added), the check turns false as soon as the
+    leader has computed the next assignment, inside the JoinGroup/SyncGroup exchange. If the
+    ``poll`` timer runs out before the SyncGroup answer, no later poll takes the join's result: the
+    member stays REBALANCING with its revoked partitions held but never fetched, stops heartbeating
+    and is dropped by the broker, and nothing is logged above DEBUG. (Kafka's Java client keeps the
+    rejoin requested in that case: KAFKA-9815.) Called after each poll, while kafka-python is not
+    running the join: ``rejoining`` is set from the revocation until a join completes, so seeing it
+    with no rejoin pending is that state; ``request_rejoin()`` makes the next poll finish the join
+    (or start a new one if its answer came meanwhile). The private coordinator is kafka-python's
+    (pinned in pyproject.toml); a client without one is left alone."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or not getattr(coordinator, "rejoining", False) or coordinator.need_rejoin():
+        return False
+    coordinator.request_rejoin()
+    return True
+
+
 class JoinWatch:
     """Whether a group member's join has been unfinished for longer than ``stuck_s``, read after
     polls that returned nothing (the stream and attribution consumers start over with a new
-    client then). kafka-python 3.0 sometimes never completes a join: seen after a join that got
-    no partitions, and after a member was killed mid-rebalance, when both members had revoked
-    their partitions and neither got any back for minutes. Its ``assignment()`` keeps listing the
-    previous generation's partitions until a join completes, so only the member state tells."""
+    client then). The safety net behind :func:`finish_abandoned_rebalance`, for a join that stays
+    unfinished for any other reason. kafka-python's ``assignment()`` keeps listing the previous
+    generation's partitions until a join completes, so only the member state tells."""
 
     def __init__(self, stuck_s: float = _JOIN_STUCK_S) -> None:
         self.stuck_s = stuck_s
@@ -116,6 +137,8 @@ class KafkaSide(ApplyPipeline):
             log.warning("poll failed (%s); retrying", exc)
             self._stop.wait(1.0)
             return None
+        if finish_abandoned_rebalance(consumer):
+            log.info("group %s: the rebalance kafka-python left unfinished is joined again", cfg.group)
         self._position_assigned()
         if self._holds:
             self._holds.tick(consumer, self._position, can_resume=not self._paused)
