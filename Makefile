@@ -86,10 +86,9 @@ status: ## show whether the local Kafka broker and Redis server are running
 	@infra/redis-cluster.sh status || true
 
 test: install tools ## install, start the services, run the whole test suite (TESTS=path PYTEST_ARGS=... RERUNS=1)
-	@# A failed test runs once more, and the summary counts it as "rerun": a stream consumer
-	@# occasionally applies nothing for minutes after start-up on a freshly created topic (seen in
-	@# 2 of 3 full runs, each time a different integration test; CHANGELOG, "Known issues"). RERUNS=0
-	@# turns this off.
+	@# A failed test runs once more, and the summary counts it as "rerun". It was added for a stream
+	@# consumer stall at start-up, since fixed (CHANGELOG, round 6, "Fixed"); it stays as a guard
+	@# for a suite of real brokers on a shared machine. RERUNS=0 turns it off.
 	@infra/with-services.sh $(VENV_PY) -m pytest -q --reruns $(RERUNS) --reruns-delay 5 $(TESTS) $(PYTEST_ARGS)
 
 fuzz: install ## fuzz the event validator and the ranking requests (FUZZ_SECONDS=300, with atheris)
