@@ -41,6 +41,16 @@ class _FakeConsumer:
     def assignment(self) -> set:
         return set(self._assigned)
 
+    def group_metadata(self):
+        from types import SimpleNamespace
+
+        from kafka.structs import MemberState
+
+        # What JoinWatch reads (30 s of this and the client is replaced; these tests take less).
+        return SimpleNamespace(
+            state=MemberState.REBALANCING if self._coordinator.rejoining else MemberState.STABLE
+        )
+
 
 @pytest.fixture
 def stream_consumer(tmp_path):
