@@ -105,6 +105,7 @@ def test_the_attribution_consumer_also_leaves_a_stuck_join(monkeypatch):
         fresh.append(consumer._consumer)
 
     monkeypatch.setattr(consumer, "_connect", connect)
+    monkeypatch.setattr(consumer, "_plan", lambda p, part: None)  # nothing read: nothing to write
     monkeypatch.setattr(consumer, "_check_fences", lambda: None)
     monkeypatch.setattr(consumer, "_flow_control", lambda: None)
     consumer._poll_once()
