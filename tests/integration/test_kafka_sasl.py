@@ -75,6 +75,26 @@ def _admin(bootstrap: str, password: str = PASSWORD, bootstrap_timeout_ms: int =
     )
 
 
+def _read_all(bootstrap: str, topic: str) -> list:
+    """Every record of ``topic``, read over SCRAM."""
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism=MECHANISM,
+        sasl_plain_username=USER,
+        sasl_plain_password=PASSWORD,
+    )
+    try:
+        return list(consumer)
+    finally:
+        consumer.close()
+
+
 def test_plaintext_clients_are_refused(sasl_broker):
     from kafka.admin import KafkaAdminClient
     from kafka.errors import KafkaError
@@ -87,7 +107,7 @@ def test_plaintext_clients_are_refused(sasl_broker):
 
 def test_replay_and_stream_over_scram(sasl_broker, redis_url, tmp_path):
     import redis
-    from kafka import KafkaConsumer, KafkaProducer
+    from kafka import KafkaProducer
 
     from services.stream.keys import applied_key
 
@@ -142,25 +162,13 @@ def test_replay_and_stream_over_scram(sasl_broker, redis_url, tmp_path):
     assert PASSWORD not in log_path.read_text()
 
     # The dead-letter producer authenticated too: the malformed record is in the DLQ.
-    dlq = KafkaConsumer(
-        f"{topic}.dlq",
-        bootstrap_servers=sasl_broker,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=10_000,
-        security_protocol="SASL_PLAINTEXT",
-        sasl_mechanism=MECHANISM,
-        sasl_plain_username=USER,
-        sasl_plain_password=PASSWORD,
-    )
-    records = list(dlq)
-    dlq.close()
+    records = _read_all(sasl_broker, f"{topic}.dlq")
     assert [r.value for r in records] == [b"{not json"]
 
 
 def test_ranking_impressions_over_scram_and_refused_without_the_password(sasl_broker, caplog):
     """The ranking server's impressions producer (librdkafka) speaks the same SCRAM settings;
     with a wrong password nothing is published and every impression is counted as failed."""
-    from kafka import KafkaConsumer
 
     from recstack.kafka import KafkaSecurity
     from services.ranking.impressions import ImpressionPublisher, kafka_producer_factory
@@ -191,18 +199,7 @@ def test_ranking_impressions_over_scram_and_refused_without_the_password(sasl_br
     assert bad.value("recstack_impressions_failed_total") == 20  # counted, never lost silently
     assert PASSWORD not in caplog.text and "wrong-password" not in caplog.text
 
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=sasl_broker,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=10_000,
-        security_protocol="SASL_PLAINTEXT",
-        sasl_mechanism=MECHANISM,
-        sasl_plain_username=USER,
-        sasl_plain_password=PASSWORD,
-    )
     import json
 
-    ids = sorted(json.loads(r.value)["request_id"] for r in consumer)
-    consumer.close()
+    ids = sorted(json.loads(r.value)["request_id"] for r in _read_all(sasl_broker, topic))
     assert ids == sorted(f"{PASSWORD[:4]}{k:028x}" for k in range(50))
