@@ -286,6 +286,10 @@ def kafka_producer_factory(
                 "bootstrap.servers": bootstrap,
                 "client.id": "recstack-ranking-impressions",
                 "enable.idempotence": True,
+                # The Java client's (and kafka-python's) partitioner: a user's impressions go to
+                # the partition number their events go to, which attribution relies on.
+                # librdkafka's own default (consistent_random, CRC32) would scatter them.
+                "partitioner": "murmur2_random",
                 "acks": "all",
                 "linger.ms": max(0.0, float(linger_ms)),
                 # Uncompressed: the project's kafka-python consumers (attribution, reports) read

@@ -215,3 +215,37 @@ def test_the_state_in_redis_is_written_whole_with_a_generation_and_guards_a_runn
         assert second.generation == 3  # generations never repeat, so replicas see every change
     finally:
         client.close()
+
+
+def test_impressions_land_on_the_partition_of_their_users_events(kafka_bootstrap, fresh_topic):
+    """Attribution joins partition p of the impressions with partition p of the events: the
+    impressions producer (librdkafka) must pick the partition the events' producers (kafka-python,
+    the Java client) pick for the same user, murmur2 of the key."""
+    from kafka.partitioner.default import murmur2
+
+    from recstack.kafka import KafkaSecurity
+    from services.ranking.impressions import ImpressionPublisher, kafka_producer_factory
+    from services.ranking.metrics import RankingMetrics
+
+    topic = fresh_topic(6)
+    metrics = RankingMetrics()
+    publisher = ImpressionPublisher(
+        kafka_producer_factory(kafka_bootstrap, KafkaSecurity(), 5), topic, metrics=metrics
+    )
+    publisher.start()
+    users = [f"user-{k}" for k in range(60)]
+    publisher.offer_many(
+        (f"{k:032x}", u, "A", V1, ["i1"], 1_700_000_000_000, "") for k, u in enumerate(users)
+    )
+    publisher.stop()
+    assert metrics.value("recstack_impressions_published_total") == len(users)
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+    )
+    try:
+        placed = {m.key.decode(): m.partition for m in consumer}
+    finally:
+        consumer.close()
+    expected = {u: (murmur2(u.encode()) & 0x7FFFFFFF) % 6 for u in users}  # kafka-python's default
+    assert placed == expected
+    assert len(set(placed.values())) == 6  # the users spread over every partition
