@@ -52,12 +52,7 @@ from services.attribution.rule import (
     parse_impression,
 )
 from services.stream.fence import TAKE_PARTITIONS
-from services.stream.kafka_side import (
-    JoinWatch,
-    RebalanceListener,
-    finish_abandoned_rebalance,
-    group_member_options,
-)
+from services.stream.kafka_side import JoinWatch, RebalanceListener, group_member_options
 from services.stream.state import Stopping, retry_redis
 
 log = logging.getLogger(__name__)
@@ -142,16 +137,7 @@ class AttributionConsumer:
             log.warning("poll failed (%s); retrying", exc)
             self._stop.wait(1.0)
             return
-        if finish_abandoned_rebalance(consumer):  # kafka-python 3.0.12's half-done rebalance
-            log.info(
-                "group %s: the rebalance kafka-python left unfinished is joined again", self.config.group
-            )
-        if not polled and self._join.stuck(consumer):
-            log.warning(
-                "joining group %s has not finished in %.0f s; reconnecting",
-                self.config.group,
-                self._join.stuck_s,
-            )
+        if self._join.after_poll(consumer, self.config.group, bool(polled)):
             held = {tp for p in self._parts for tp in self._tps(p)}
             if held:  # as if lost: whichever member gets them next re-reads from Redis's offsets
                 self._on_revoked(held, lost=True)

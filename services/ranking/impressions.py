@@ -94,7 +94,6 @@ class ImpressionPublisher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._producer: Any = None
-        self._next_failure_log = 0.0
         # Delivery reports arrive on the sender thread (inside poll/flush): counted here, then
         # added to the Prometheus counters once per poll instead of once per record.
         self._acked = 0
@@ -185,15 +184,13 @@ class ImpressionPublisher:
         if failed:
             self._not_delivered = 0
             self._metrics.impressions_failed.inc(failed)
-            now = time.monotonic()
-            if now >= self._next_failure_log:  # a broker outage fails thousands: one line per 10 s
-                self._next_failure_log = now + 10.0
-                log.warning(
-                    "impressions: %d records not delivered (counted in %s): %s",
-                    failed,
-                    _FAILED_METRIC,
-                    self._last_error,
-                )
+            # A broker outage fails thousands: one line per RATE_LIMIT_S.
+            _rate_limited("delivery").warning(
+                "impressions: %d records not delivered (counted in %s): %s",
+                failed,
+                _FAILED_METRIC,
+                self._last_error,
+            )
 
     def _close(self) -> None:
         left = len(self._buffer)
@@ -233,12 +230,13 @@ class _RateLimit(logging.Filter):
             self._next = now + self._interval_s
             held, self._held = self._held, 0
         if held:
-            record.msg = f"{record.msg} ({held} more librdkafka lines held back)"
+            record.msg = f"{record.msg} ({held} more lines held back)"
         return True
 
 
-def _librdkafka_log() -> logging.Logger:
-    logger = logging.getLogger(f"{__name__}.librdkafka")
+def _rate_limited(name: str) -> logging.Logger:
+    """The child logger ``name`` of this module's, letting through one line per RATE_LIMIT_S."""
+    logger = logging.getLogger(f"{__name__}.{name}")
     if not any(isinstance(f, _RateLimit) for f in logger.filters):
         logger.addFilter(_RateLimit(RATE_LIMIT_S))
     return logger
@@ -299,7 +297,7 @@ def kafka_producer_factory(
                 "message.timeout.ms": int(delivery_timeout_ms),
                 # librdkafka's own log lines (a broker away logs one per reconnect attempt),
                 # at most one per RATE_LIMIT_S.
-                "logger": _librdkafka_log(),
+                "logger": _rate_limited("librdkafka"),
                 **librdkafka_security(security),
             }
         )

@@ -85,6 +85,16 @@ class JoinWatch:
         """A join starts now (after subscribe)."""
         self._since = time.monotonic()
 
+    def after_poll(self, consumer: Any, group: str, read_anything: bool) -> bool:
+        """After each poll: finish a rebalance kafka-python left half done, and say (True) when
+        the client should be replaced because its join is stuck."""
+        if finish_abandoned_rebalance(consumer):
+            log.info("group %s: the rebalance kafka-python left unfinished is joined again", group)
+        if read_anything or not self.stuck(consumer):
+            return False
+        log.warning("joining group %s has not finished in %.0f s; reconnecting", group, self.stuck_s)
+        return True
+
     def stuck(self, consumer: Any) -> bool:
         now = time.monotonic()
         if consumer.group_metadata().state == MemberState.STABLE:
@@ -137,18 +147,16 @@ class KafkaSide(ApplyPipeline):
             log.warning("poll failed (%s); retrying", exc)
             self._stop.wait(1.0)
             return None
-        if finish_abandoned_rebalance(consumer):
-            log.info("group %s: the rebalance kafka-python left unfinished is joined again", cfg.group)
-        self._position_assigned()
-        if self._holds:
-            self._holds.tick(consumer, self._position, can_resume=not self._paused)
-        if not batch:
+        if self._join.after_poll(consumer, cfg.group, bool(batch)):
             # Also while partitions are still listed as assigned: during a rebalance kafka-python
             # keeps the old assignment until the join completes, so a join that never completes
             # looks assigned (and reads nothing) for ever.
-            self._watch_join()
-            consumer = self._consumer  # a new client when the join was stuck
+            self._reconnect()
+            consumer = self._consumer
             assert consumer is not None
+        self._position_assigned()
+        if self._holds:
+            self._holds.tick(consumer, self._position, can_resume=not self._paused)
         if not consumer.assignment() and not batch:
             self._while_unassigned()
             return None
@@ -167,18 +175,6 @@ class KafkaSide(ApplyPipeline):
         self._consumer.subscribe([self.config.topic], listener=RebalanceListener(self))
         self._metadata_checked = time.monotonic()
         self._join.joining()
-
-    def _watch_join(self) -> None:
-        """After a poll that read nothing: start over with a new client when the join is stuck
-        (:class:`JoinWatch`)."""
-        assert self._consumer is not None
-        if self._join.stuck(self._consumer):
-            log.warning(
-                "joining group %s has not finished in %.0f s; reconnecting",
-                self.config.group,
-                self._join.stuck_s,
-            )
-            self._reconnect()
 
     def _reconnect(self) -> None:
         assert self._consumer is not None
